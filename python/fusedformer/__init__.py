@@ -1,0 +1,26 @@
+"""fusedformer: fused Triton and CUDA C++ kernels for the transformer's hot paths, with
+pure-PyTorch references as the CPU path and the oracle of every parity test."""
+
+from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
+from fusedformer.ops import (
+    feed_forward,
+    layer_norm,
+    linear_act,
+    rms_norm,
+    scaled_dot_product_attention,
+    softmax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "feed_forward",
+    "layer_norm",
+    "linear_act",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "softmax",
+    "use_backend",
+]

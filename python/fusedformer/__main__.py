@@ -1,0 +1,3 @@
+from fusedformer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Kernel backends: one module per op family, see fusedformer.backends."""

@@ -1,0 +1,75 @@
+"""Argument validation shared by the ops: each check raises TypeError/ValueError naming the
+op and the argument, before anything reaches a kernel."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(op, name, t, *, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float(op, name, t, *, optional=False):
+    check_tensor(op, name, t, optional=optional)
+    if t is not None and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected one of float16, bfloat16, "
+                        "float32, float64")
+
+
+def check_same_device(op, ref_name, ref, **others):
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_same_dtype(op, ref_name, ref, **others):
+    for name, t in others.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_shape(op, name, t, expected):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+
+
+def check_number(op, name, value, *, low=None, high=None, high_open=False, kind=(int, float)):
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{op}: {name} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{op}: {name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def normalize_dim(op, name, dim, ndim):
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(dim).__name__}")
+    size = max(ndim, 1)
+    if not -size <= dim < size:
+        raise ValueError(f"{op}: {name}={dim} is out of range for a {ndim}-D input")
+    return dim % size
+
+
+def normalized_size(op, x, normalized_shape):
+    """The row length N of a norm over ``normalized_shape`` (the trailing dims of x)."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if isinstance(normalized_shape, torch.Size):
+        normalized_shape = tuple(normalized_shape)
+    if not isinstance(normalized_shape, (tuple, list)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in normalized_shape):
+        raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
+    normalized_shape = tuple(normalized_shape)
+    if len(normalized_shape) == 0 or len(normalized_shape) > x.dim() or \
+            tuple(x.shape[x.dim() - len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"{op}: normalized_shape {normalized_shape} does not match the trailing dims "
+                         f"of input of shape {tuple(x.shape)}")
+    n = 1
+    for s in normalized_shape:
+        n *= s
+    return normalized_shape, n

@@ -1,0 +1,219 @@
+"""ff.scaled_dot_product_attention: torch's SDPA semantics, plus sliding windows and ALiBi.
+
+Shape legend: B batch (all leading dims flattened), H query heads, Hkv key/value heads,
+Lq/Lk query/key lengths, D head dim, Dv value head dim.
+"""
+
+import math
+
+import torch
+
+from fusedformer import backends
+from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
+
+OP = "attention"
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _empty_attention(q, v):
+    B, H, Lq, _ = q.shape
+    out = q.new_zeros(B, H, Lq, v.shape[-1])
+    return out, torch.full((B, H, Lq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
+
+
+def _seed_value(seed):
+    return int(seed.item()) if seed is not None else None
+
+
+@torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool,
+                  scale: float, dropout_p: float, seed: torch.Tensor | None, window_left: int,
+                  window_right: int, alibi_slopes: torch.Tensor | None, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, H, Lq, Dv), lse (B, H, Lq))."""
+    if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
+        return _empty_attention(q, v)
+    out, lse = backends.get_op(backend, "attention_forward")(
+        q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
+    return out.contiguous(), lse.contiguous()
+
+
+@attention_fwd.register_fake
+def _(q, k, v, bias, causal, scale, dropout_p, seed, window_left, window_right, alibi_slopes, backend):
+    B, H, Lq, _ = q.shape
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fusedformer::attention_bwd", mutates_args=())
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                  dropout_p: float, seed: torch.Tensor | None, window_left: int, window_right: int,
+                  alibi_slopes: torch.Tensor | None, bias_requires_grad: bool, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv, dbias in the bias's shape, or an empty tensor)."""
+    if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
+        dbias = torch.zeros_like(bias) if bias_requires_grad and bias is not None else q.new_empty(0)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    dq, dk, dv, dbias = backends.get_op(backend, "attention_backward")(
+        grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
+        (window_left, window_right), alibi_slopes, bias_requires_grad)
+    dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+
+
+@attention_bwd.register_fake
+def _(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed, window_left, window_right,
+      alibi_slopes, bias_requires_grad, backend):
+    dbias = bias.new_empty(bias.shape) if bias_requires_grad and bias is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, causal, scale, dropout_p, seed, wl, wr, alibi, backend = inputs
+    ctx.args = (causal, scale, dropout_p)
+    ctx.window = (wl, wr)
+    ctx.backend = backend
+    ctx.save_for_backward(q, k, v, bias, output[0], output[1], seed, alibi)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse, seed, alibi = ctx.saved_tensors
+    causal, scale, dropout_p = ctx.args
+    bias_grad = bool(ctx.needs_input_grad[3]) and bias is not None and bias.is_floating_point()
+    dq, dk, dv, dbias = attention_bwd(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
+                                      *ctx.window, alibi, bias_grad, ctx.backend)
+    return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# validation and layout: (..., H, L, E) tensors -> (B, H, L, E)
+# --------------------------------------------------------------------------------------------
+
+
+def _as_bhld(t):
+    """(..., H, L, E) -> (B, H, L, E), leading dims flattened; 2-D/3-D inputs get size-1 dims."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
+def _mask_as_4d(mask, batch_shape, H, Lq, Lk):
+    """Broadcastable (..., H|1, Lq|1, Lk|1) mask -> 4-D (B|1, H|1, Lq|1, Lk|1), no copy unless a
+    >4-D batch broadcasts only partly."""
+    full = (*batch_shape, H, Lq, Lk)
+    if mask.dim() > len(full):
+        raise ValueError(f"attention: attn_mask has {mask.dim()} dims, more than the {len(full)} of the "
+                         f"scores {full}")
+    shape = (1,) * (len(full) - mask.dim()) + tuple(mask.shape)
+    for have, want in zip(shape, full):
+        if have not in (1, want):
+            raise ValueError(f"attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to the "
+                             f"scores' shape {full} (batch..., heads, Lq, Lk)")
+    mask = mask.reshape(shape)
+    nb = len(batch_shape)
+    batch = shape[:nb]
+    if all(b == 1 for b in batch):
+        return mask.reshape(1, *shape[nb:])
+    if tuple(batch) != tuple(batch_shape):
+        mask = mask.expand(*batch_shape, *shape[nb:])
+    return mask.reshape(-1, *shape[nb:])
+
+
+def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_float(OP, name, t)
+        if t.dim() < 2:
+            raise ValueError(f"attention: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    check_same_dtype(OP, "query", query, key=key, value=value)
+    check_same_device(OP, "query", query, key=key, value=value, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"attention: query, key and value must have the same number of dims, got "
+                         f"{query.dim()}, {key.dim()} and {value.dim()}")
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"attention: query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(f"attention: key length {key.shape[-2]} != value length {value.shape[-2]}")
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        raise ValueError(f"attention: batch dims differ: query {tuple(query.shape[:-3])}, key "
+                         f"{tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}")
+    if query.dim() >= 3:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv:
+            raise ValueError(f"attention: key has {hk} heads but value has {hv}")
+        if not isinstance(enable_gqa, bool):
+            raise TypeError(f"attention: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+        if hq != hk:
+            if not enable_gqa:
+                raise ValueError(f"attention: query has {hq} heads but key/value have {hk}; pass "
+                                 "enable_gqa=True for grouped-query attention")
+            if hk == 0 or hq % hk:
+                raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of "
+                                 f"key/value heads ({hk})")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attention: attn_mask has dtype {attn_mask.dtype}; expected bool (True = attend) "
+                            "or a float additive mask")
+    check_number(OP, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None:
+        check_number(OP, "scale", scale)
+    if window_size is not None:
+        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+                isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+            raise TypeError(f"attention: window_size must be a (left, right) pair of ints, got {window_size!r}")
+        if min(window_size) < -1:
+            raise ValueError(f"attention: window_size entries must be >= 0, or -1 for no limit, got {window_size}")
+    if alibi_slopes is not None:
+        check_float(OP, "alibi_slopes", alibi_slopes)
+        hq = query.shape[-3] if query.dim() >= 3 else 1
+        bq = math.prod(query.shape[:-3])
+        if tuple(alibi_slopes.shape) not in ((hq,), (bq, hq)):
+            raise ValueError(f"attention: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected "
+                             f"({hq},) or ({bq}, {hq})")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, backend=None, window_size=None,
+                                 alibi_slopes=None):
+    """torch.nn.functional.scaled_dot_product_attention, computed by a fusedformer backend.
+
+    query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev). ``attn_mask`` is a
+    bool mask (True = attend) or a float mask added to the scores, broadcastable to
+    (..., Hq, Lq, Lk); a float mask that requires grad gets its gradient. ``is_causal`` keeps key
+    j <= query i (top-left aligned, as torch) and may be combined with ``attn_mask``. Rows with
+    no key left to attend give zeros (and zero gradients), never NaN.
+
+    Extensions (keyword-only): ``window_size=(left, right)`` keeps i - left <= j <= i + right
+    (-1: unbounded); ``alibi_slopes`` (Hq,) or (batch, Hq) adds -slope * |i - j| in-kernel.
+    Dropout is drawn from Philox seeded by torch's default generator, so torch.manual_seed
+    reproduces it (the mask differs from torch's own dropout stream).
+    """
+    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes)
+    out_shape = (*query.shape[:-1], value.shape[-1])
+    batch_shape = tuple(query.shape[:-3])
+    q, k, v = _as_bhld(query), _as_bhld(key), _as_bhld(value)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    bias = _mask_as_4d(attn_mask, batch_shape, H, Lq, Lk) if attn_mask is not None else None
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32) if q.dtype != torch.float64 else alibi_slopes
+        slopes = slopes.reshape(-1, H) if slopes.dim() == 2 else slopes
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D) if D > 0 else 1.0
+    wl, wr = window_size if window_size is not None else (-1, -1)
+    dropout_p = float(dropout_p)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    # backends judge support on the forward's arguments; the seed's value never matters there
+    args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
+    name = backends.select(OP, q.device, args, backend)
+    out, _ = attention_fwd(q, k, v, bias, is_causal, scale, dropout_p, seed, wl, wr, slopes, name)
+    return out.view(out_shape)

@@ -1,0 +1,121 @@
+"""ff.layer_norm: F.layer_norm, plus the pre-norm block's fused residual add."""
+
+import torch
+
+from fusedformer import backends
+from fusedformer.ops._checks import (
+    check_float,
+    check_number,
+    check_same_device,
+    check_shape,
+    normalized_size,
+)
+
+OP = "layer_norm"
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fusedformer::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   residual: torch.Tensor | None, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, N) -> (y, residual_out or an empty tensor, mean, rstd)."""
+    if x.numel() == 0:
+        M = x.shape[0]
+        res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+        return x.new_empty(x.shape), res, x.new_empty(M, dtype=_stat_dtype(x)), x.new_empty(
+            M, dtype=_stat_dtype(x))
+    y, res, mean, rstd = backends.get_op(backend, "layer_norm_forward")(x, weight, bias, eps, residual)
+    res = res.contiguous() if res is not None else x.new_empty(0)
+    return y.contiguous(), res, mean.contiguous(), rstd.contiguous()
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, residual, backend):
+    M = x.shape[0]
+    res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), res, x.new_empty(M, dtype=_stat_dtype(x)), x.new_empty(M, dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("fusedformer::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                   grad_residual_out: torch.Tensor | None, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight or an empty tensor, dbias or an empty tensor)."""
+    if x.numel() == 0:
+        dx = x.new_empty(x.shape)
+        dw = torch.zeros_like(weight) if weight is not None else x.new_empty(0)
+        db = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
+        return dx, dw, db
+    dx, dw, db = backends.get_op(backend, "layer_norm_backward")(
+        grad_y, x, weight, bias, mean, rstd, grad_residual_out)
+    return (dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0),
+            db.contiguous() if db is not None else x.new_empty(0))
+
+
+@layer_norm_bwd.register_fake
+def _(grad_y, x, weight, bias, mean, rstd, grad_residual_out, backend):
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual, backend = inputs
+    _, res, mean, rstd = output
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    # backward normalizes what the forward normalized: h = x + residual when there is one
+    ctx.save_for_backward(res if residual is not None else x, weight, bias, mean, rstd)
+
+
+def _backward(ctx, grad_y, grad_res, grad_mean, grad_rstd):
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    grad_res = grad_res if ctx.has_residual else None
+    dx, dw, db = layer_norm_bwd(grad_y, h, weight, bias, mean, rstd, grad_res, ctx.backend)
+    dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
+    return (dx, dw if weight is not None else None, db if bias is not None else None, None, dres, None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
+    """Shared by layer_norm and rms_norm: returns the row length N."""
+    check_float(op, "x", x)
+    shape, n = normalized_size(op, x, normalized_shape)
+    for name, t in (("weight", weight), ("bias", bias)):
+        check_float(op, name, t, optional=True)
+        check_shape(op, name, t, shape)
+    check_float(op, "residual", residual, optional=True)
+    check_shape(op, "residual", residual, x.shape)
+    check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual)
+    if eps is not None:
+        check_number(op, "eps", eps, low=0.0)
+    return n
+
+
+def as_rows(t, n):
+    """(..., *normalized_shape) -> (M, N): a view when the layout allows (unit stride in the row)."""
+    rows = t.reshape(-1, n)
+    return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+    """F.layer_norm(x, normalized_shape, weight, bias, eps). With ``residual=`` it normalizes
+    h = x + residual and returns ``(out, h)``: the pre-norm block's add & norm in one pass."""
+    n = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
+    x2 = as_rows(x, n)
+    r2 = as_rows(residual, n) if residual is not None else None
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    name = backends.select(OP, x.device, (x2, w, b, float(eps), r2), backend)
+    y, res, _, _ = layer_norm_fwd(x2, w, b, float(eps), r2, name)
+    if residual is None:
+        return y.view(x.shape)
+    return y.view(x.shape), res.view(x.shape)

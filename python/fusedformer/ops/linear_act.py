@@ -1,0 +1,101 @@
+"""ff.linear_act: act(x @ W^T + b), the first half of a transformer MLP."""
+
+import torch
+
+from fusedformer import backends
+from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
+from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
+
+OP = "linear_act"
+
+
+def output_width(weight, activation):
+    return weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]
+
+
+@torch.library.custom_op("fusedformer::linear_act_fwd", mutates_args=())
+def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> (y (M, N or N/2), preact (M, N))."""
+    if x.numel() == 0 or weight.numel() == 0:
+        y, preact = backends.get_op("reference", "linear_act_forward")(x, weight, bias, activation)
+    else:
+        y, preact = backends.get_op(backend, "linear_act_forward")(x, weight, bias, activation)
+    return y.contiguous(), preact.contiguous()
+
+
+@linear_act_fwd.register_fake
+def _(x, weight, bias, activation, backend):
+    return x.new_empty(x.shape[0], output_width(weight, activation)), x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fusedformer::linear_act_bwd", mutates_args=())
+def linear_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   preact: torch.Tensor, activation: str, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight, dbias or an empty tensor)."""
+    impl = "reference" if x.numel() == 0 or weight.numel() == 0 else backend
+    dx, dw, db = backends.get_op(impl, "linear_act_backward")(grad_y, x, weight, bias, preact, activation)
+    return dx.contiguous(), dw.contiguous(), db.contiguous() if db is not None else x.new_empty(0)
+
+
+@linear_act_bwd.register_fake
+def _(grad_y, x, weight, bias, preact, activation, backend):
+    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation, backend = inputs
+    ctx.activation, ctx.backend = activation, backend
+    ctx.save_for_backward(x, weight, bias, output[1])
+
+
+def _backward(ctx, grad_y, grad_preact):
+    x, weight, bias, preact = ctx.saved_tensors
+    dx, dw, db = linear_act_bwd(grad_y, x, weight, bias, preact, ctx.activation, ctx.backend)
+    return dx, dw, db if bias is not None else None, None, None
+
+
+linear_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias"):
+    check_float(op, "x", x)
+    check_float(op, weight_name, weight)
+    check_float(op, bias_name, bias, optional=True)
+    check_same_device(op, "x", x, **{weight_name: weight, bias_name: bias})
+    check_same_dtype(op, "x", x, **{weight_name: weight, bias_name: bias})
+    if not isinstance(activation, str):
+        raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim, got a 0-D tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: {weight_name} must be 2-D (out_features, in_features), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: {weight_name} has shape {tuple(weight.shape)} but x has {x.shape[-1]} "
+                         f"features; expected ({weight.shape[0]}, {x.shape[-1]})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: {bias_name} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if activation in GATED_ACTIVATIONS and weight.shape[0] % 2:
+        raise ValueError(f"{op}: activation {activation!r} needs an even number of {weight_name} rows "
+                         f"([gate; up]), got {weight.shape[0]}")
+
+
+def linear_act_rows(x2, weight, bias, activation, backend):
+    """linear_act on 2-D (M, K) rows, x2 already validated."""
+    name = backends.select(OP, x2.device, (x2, weight, bias, activation), backend)
+    return linear_act_fwd(x2, weight, bias, activation, name)[0]
+
+
+def linear_act(x, weight, bias=None, activation="gelu", *, backend=None):
+    """act(x @ weight^T + bias) for x (..., K), weight (N, K), bias (N,). Activations: relu,
+    gelu (erf), gelu_tanh, silu, identity, and gated swiglu / geglu, for which weight stacks
+    [gate; up] (N = 2F) and the result act(gate) * up is (..., F)."""
+    validate_linear(OP, x, weight, bias, activation)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = linear_act_rows(x2, weight, bias, activation, backend)
+    return y.view(*x.shape[:-1], y.shape[-1])

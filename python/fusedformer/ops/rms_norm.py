@@ -1,0 +1,76 @@
+"""ff.rms_norm: F.rms_norm, plus the pre-norm block's fused residual add."""
+
+import torch
+
+from fusedformer import backends
+from fusedformer.ops.layer_norm import _stat_dtype, as_rows, validate_norm
+
+OP = "rms_norm"
+
+
+@torch.library.custom_op("fusedformer::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, N) -> (y, residual_out or an empty tensor, rstd)."""
+    if x.numel() == 0:
+        res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+        return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
+    y, res, rstd = backends.get_op(backend, "rms_norm_forward")(x, weight, eps, residual)
+    res = res.contiguous() if res is not None else x.new_empty(0)
+    return y.contiguous(), res, rstd.contiguous()
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, residual, backend):
+    res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
+
+
+@torch.library.custom_op("fusedformer::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+                 grad_residual_out: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx, dweight or an empty tensor)."""
+    if x.numel() == 0:
+        return x.new_empty(x.shape), torch.zeros_like(weight) if weight is not None else x.new_empty(0)
+    dx, dw = backends.get_op(backend, "rms_norm_backward")(grad_y, x, weight, rstd, grad_residual_out)
+    return dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0)
+
+
+@rms_norm_bwd.register_fake
+def _(grad_y, x, weight, rstd, grad_residual_out, backend):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, eps, residual, backend = inputs
+    _, res, rstd = output
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(res if residual is not None else x, weight, rstd)
+
+
+def _backward(ctx, grad_y, grad_res, grad_rstd):
+    h, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd(grad_y, h, weight, rstd, grad_res if ctx.has_residual else None, ctx.backend)
+    dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
+    return dx, dw if weight is not None else None, None, dres, None
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backend=None):
+    """F.rms_norm(x, normalized_shape, weight, eps): x * rsqrt(mean(x^2) + eps) * weight, eps
+    defaulting to torch.finfo(x.dtype).eps. With ``residual=`` it normalizes h = x + residual and
+    returns ``(out, h)``."""
+    n = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    x2 = as_rows(x, n)
+    r2 = as_rows(residual, n) if residual is not None else None
+    w = weight.reshape(n) if weight is not None else None
+    name = backends.select(OP, x.device, (x2, w, eps, r2), backend)
+    y, res, _ = rms_norm_fwd(x2, w, eps, r2, name)
+    if residual is None:
+        return y.view(x.shape)
+    return y.view(x.shape), res.view(x.shape)

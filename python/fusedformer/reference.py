@@ -1,0 +1,398 @@
+"""Pure-PyTorch forward and backward of every op: the CPU path and the oracle of every test.
+
+This module *is* the ``reference`` backend: it implements the op table of ``backends.py`` with
+the same names and signatures as the Triton and CUDA backends. Backward passes are written out
+by hand (no autograd), so each kernel's backward is checked against an independent derivation,
+and autograd of plain PyTorch checks this file in turn (tests/test_reference.py).
+
+Low-precision inputs are computed in float32 and cast back, as the kernels do; float64 stays
+float64, which is how the tests build their oracle.
+
+Shape legend: B batch, H query heads, G = H // Hkv (GQA group), Lq/Lk query/key lengths,
+D head dim (Dv for values), M rows, N row length, K/F GEMM inner/outer sizes.
+"""
+
+import math
+
+import torch
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "identity")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------------------------
+
+
+def softmax_forward(x, dim):
+    """y = exp(x - max) / sum(exp(x - max)) along ``dim``. All -inf rows give NaN, as torch."""
+    xf = x.to(_compute_dtype(x))
+    m = xf.amax(dim=dim, keepdim=True) if xf.shape[dim] > 0 else xf.sum(dim=dim, keepdim=True)
+    e = torch.exp(xf - m)
+    return (e / e.sum(dim=dim, keepdim=True)).to(x.dtype)
+
+
+def softmax_backward(grad_y, y, dim):
+    """dx = y * (dy - sum(dy * y))."""
+    yf, gf = y.to(_compute_dtype(y)), grad_y.to(_compute_dtype(y))
+    return (yf * (gf - (gf * yf).sum(dim=dim, keepdim=True))).to(y.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# layer norm and RMS norm, over the last dim of a 2-D (M, N) input
+# --------------------------------------------------------------------------------------------
+
+
+def _add_residual(x, residual):
+    """The pre-norm block's h = x + residual; h is kept in the residual's dtype."""
+    if residual is None:
+        return x.to(_compute_dtype(x)), None
+    h = x.to(_compute_dtype(x)) + residual.to(_compute_dtype(x))
+    return h, h.to(residual.dtype)
+
+
+def layer_norm_forward(x, weight, bias, eps, residual=None):
+    """y = (h - mean) * rstd * weight + bias, h = x (+ residual), rstd = 1 / sqrt(var + eps).
+
+    Returns (y, residual_out, mean, rstd): residual_out is h (None without residual), mean and
+    rstd are float32 (float64 for float64 input) of shape (M,).
+    """
+    h, residual_out = _add_residual(x, residual)
+    mean = h.mean(dim=-1)
+    var = ((h - mean[:, None]) ** 2).mean(dim=-1)
+    rstd = torch.rsqrt(var + eps)
+    y = (h - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(h.dtype)
+    if bias is not None:
+        y = y + bias.to(h.dtype)
+    return y.to(x.dtype), residual_out, mean, rstd
+
+
+def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
+    """With xhat = (x - mean) * rstd and g = dy * weight:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ grad_residual_out),
+    dweight = sum_rows(dy * xhat), dbias = sum_rows(dy).
+
+    ``x`` is the normalized input: h = x + residual when the forward had a residual.
+    """
+    cd = _compute_dtype(x)
+    xf, dy = x.to(cd), grad_y.to(cd)
+    xhat = (xf - mean[:, None].to(cd)) * rstd[:, None].to(cd)
+    g = dy * weight.to(cd) if weight is not None else dy
+    dx = rstd[:, None].to(cd) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_residual_out is not None:
+        dx = dx + grad_residual_out.to(cd)
+    dweight = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    dbias = dy.sum(0).to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dweight, dbias
+
+
+def rms_norm_forward(x, weight, eps, residual=None):
+    """y = h * rstd * weight, rstd = 1 / sqrt(mean(h^2) + eps). Returns (y, residual_out, rstd)."""
+    h, residual_out = _add_residual(x, residual)
+    rstd = torch.rsqrt((h * h).mean(dim=-1) + eps)
+    y = h * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(h.dtype)
+    return y.to(x.dtype), residual_out, rstd
+
+
+def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
+    """With xhat = x * rstd and g = dy * weight: dx = rstd * (g - xhat * mean(g * xhat)),
+    dweight = sum_rows(dy * xhat)."""
+    cd = _compute_dtype(x)
+    xf, dy = x.to(cd), grad_y.to(cd)
+    xhat = xf * rstd[:, None].to(cd)
+    g = dy * weight.to(cd) if weight is not None else dy
+    dx = rstd[:, None].to(cd) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_residual_out is not None:
+        dx = dx + grad_residual_out.to(cd)
+    dweight = (dy * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    return dx.to(x.dtype), dweight
+
+
+# --------------------------------------------------------------------------------------------
+# activations and linear_act: y = act(x @ W^T + b)
+# --------------------------------------------------------------------------------------------
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu(h):
+    return 0.5 * h * (1.0 + torch.erf(h * _INV_SQRT_2))
+
+
+def _gelu_grad(h):
+    return 0.5 * (1.0 + torch.erf(h * _INV_SQRT_2)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+
+
+def _gelu_tanh(h):
+    return 0.5 * h * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3)))
+
+
+def _gelu_tanh_grad(h):
+    t = torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3))
+    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * h * h)
+
+
+def _silu(h):
+    return h * torch.sigmoid(h)
+
+
+def _silu_grad(h):
+    s = torch.sigmoid(h)
+    return s * (1.0 + h * (1.0 - s))
+
+
+def _relu_grad(h):
+    # NaN stays NaN in the gradient, as torch's relu backward keeps it through dy * 1.
+    return torch.where(torch.isnan(h), h, (h > 0).to(h.dtype))
+
+
+# name -> (act, act') of the elementwise activations; gated ones use (gate-act, gate-act').
+_ELEMENTWISE = {
+    "relu": (torch.relu, _relu_grad),
+    "gelu": (_gelu, _gelu_grad),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
+    "silu": (_silu, _silu_grad),
+    "identity": (torch.clone, torch.ones_like),  # a copy: y and the saved preact never alias
+    "swiglu": (_silu, _silu_grad),
+    "geglu": (_gelu, _gelu_grad),
+}
+
+
+def activation_forward(h, activation):
+    """act(h); for gated activations h is (..., 2F): gate = h[..., :F], up = h[..., F:]."""
+    act, _ = _ELEMENTWISE[activation]
+    if activation in GATED_ACTIVATIONS:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+def activation_backward(grad_y, h, activation):
+    """dL/dh given dL/dy for y = act(h) (gated: dgate = dy * up * act'(gate), dup = dy * act(gate))."""
+    act, act_grad = _ELEMENTWISE[activation]
+    if activation in GATED_ACTIVATIONS:
+        gate, up = h.chunk(2, dim=-1)
+        return torch.cat([grad_y * up * act_grad(gate), grad_y * act(gate)], dim=-1)
+    return grad_y * act_grad(h)
+
+
+def linear_act_forward(x, weight, bias, activation):
+    """y = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,) or None.
+
+    Returns (y, preact) with preact = x @ weight^T + bias (M, N) in x's dtype, saved for the
+    backward. Gated activations give y of width N // 2.
+    """
+    cd = _compute_dtype(x)
+    h = x.to(cd) @ weight.to(cd).t()
+    if bias is not None:
+        h = h + bias.to(cd)
+    return activation_forward(h, activation).to(x.dtype), h.to(x.dtype)
+
+
+def linear_act_backward(grad_y, x, weight, bias, preact, activation):
+    """dh = act'(h) * dy; dx = dh @ weight, dweight = dh^T @ x, dbias = sum_rows(dh).
+
+    ``preact`` may be None: it is then recomputed from x, weight and bias.
+    """
+    cd = _compute_dtype(x)
+    if preact is None:
+        h = x.to(cd) @ weight.to(cd).t()
+        if bias is not None:
+            h = h + bias.to(cd)
+    else:
+        h = preact.to(cd)
+    dh = activation_backward(grad_y.to(cd), h, activation)
+    dx = dh @ weight.to(cd)
+    dweight = dh.t() @ x.to(cd)
+    dbias = dh.sum(0).to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dweight.to(weight.dtype), dbias
+
+
+def feed_forward(x, w1, b1, w2, b2, activation):
+    """act(x @ w1^T + b1) @ w2^T + b2, the transformer's position-wise MLP (forward only)."""
+    hidden, _ = linear_act_forward(x, w1, b1, activation)
+    y, _ = linear_act_forward(hidden, w2, b2, "identity")
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# dropout randomness: Philox4x32-10, shared bit for bit by every backend
+# --------------------------------------------------------------------------------------------
+# Element (b, h, i, j) of the attention probabilities is kept iff
+#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[0]
+#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * Lk + j.
+# This is the stream tl.randint(seed, off) produces, so kernels and this reference agree exactly.
+
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a, b):
+    """(a * b) >> 32 and (a * b) & 0xffffffff for int64 tensors holding uint32 values (a) and a
+    uint32 constant (b), without overflowing int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_lo, p_hi = a * b_lo, a * b_hi  # each < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi, lo
+
+
+def philox_uint32(seed, offset):
+    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    offset = offset.to(torch.int64)
+    c0, c1 = offset & _M32, (offset >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def dropout_threshold(p):
+    """uint32 threshold below which a random draw drops the element: round(p * 2^32)."""
+    return min(int(round(p * 4294967296.0)), 4294967295)
+
+
+def attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cpu"):
+    """The (B, H, Lq, Lk) bool keep-mask of attention dropout for ``seed``."""
+    off = torch.arange(B * H * Lq * Lk, device=device, dtype=torch.int64).view(B, H, Lq, Lk)
+    return philox_uint32(seed, off) >= dropout_threshold(p)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, device, dtype):
+    """Everything added to the scaled scores, as one float (.., Lq, Lk) tensor broadcastable to
+    (B, H, Lq, Lk): -inf where a bool mask, the causal rule or the window forbids a key, the float
+    bias where given, and -slope * |i - j| for ALiBi."""
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    left, right = window
+    if left >= 0:
+        allowed &= j >= i - left
+    if right >= 0:
+        allowed &= j <= i + right
+    total = torch.zeros(Lq, Lk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            total = total.masked_fill(~bias, float("-inf"))
+        else:
+            total = total + bias.to(dtype)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        total = total - slopes * (i - j).abs().to(dtype)
+    return total
+
+
+def _expand_kv(t, group):
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
+    """Returns (s, p, lse) in the compute dtype; rows with nothing to attend get p = 0, lse = -inf."""
+    cd = _compute_dtype(q)
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    k = _expand_kv(k.to(cd), H // k.shape[1])
+    s = scale * (q.to(cd) @ k.transpose(-1, -2))
+    s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
+    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd)
+    dead = torch.isneginf(lse)
+    p = torch.exp(s - torch.where(dead, 0.0, lse)[..., None])
+    p = torch.where(dead[..., None], 0.0, p)
+    return s, p, lse
+
+
+def _dropout_scale(q, k, dropout_p, seed, dropout_mask):
+    """keep / (1 - p) as a (B, H, Lq, Lk) tensor, or None without dropout."""
+    if dropout_p <= 0.0:
+        return None
+    B, H, Lq, _ = q.shape
+    if dropout_mask is None:
+        dropout_mask = attention_dropout_keep(int(seed), B, H, Lq, k.shape[2], dropout_p, q.device)
+    return dropout_mask.to(_compute_dtype(q)) / (1.0 - dropout_p)
+
+
+def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1),
+                      alibi_slopes=None, dropout_mask=None):
+    """out = dropout(softmax(scale * q k^T + bias)) v, with lse = logsumexp of those scores.
+
+    q (B, H, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); H a multiple of Hkv (GQA: query head
+    h reads kv head h // (H // Hkv)). ``bias`` is None, a bool mask (True = attend) or a float
+    additive bias, 4-D and broadcastable to (B, H, Lq, Lk). ``causal`` keeps j <= i (top-left
+    aligned, as torch). ``window`` = (left, right) keeps i - left <= j <= i + right (-1: no
+    limit). ``alibi_slopes`` (H,) or (B, H) adds -slope * |i - j|. Dropout keeps the elements
+    of ``attention_dropout_keep(seed, ...)`` (or the given bool ``dropout_mask``) and scales by
+    1 / (1 - p). Rows with no key to attend give 0 and lse = -inf. Returns (out, lse), lse
+    float32 (float64 for float64 input) of shape (B, H, Lq).
+    """
+    _, p, lse = _attention_probs(q, k, bias, causal, scale, window, alibi_slopes)
+    drop = _dropout_scale(q, k, dropout_p, seed, dropout_mask)
+    if drop is not None:
+        p = p * drop
+    cd = _compute_dtype(q)
+    out = p @ _expand_kv(v.to(cd), q.shape[1] // v.shape[1])
+    return out.to(q.dtype), lse
+
+
+def _sum_to_shape(t, shape):
+    """Sum a (B, H, Lq, Lk) gradient over the dims a broadcast bias had as size 1."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and t.shape[d] != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p=0.0, seed=None,
+                       window=(-1, -1), alibi_slopes=None, bias_requires_grad=False, dropout_mask=None):
+    """With P = softmax(S), Z = P * keep / (1 - p) and delta = rowsum(dO * O):
+    dV = Z^T dO, dZ = dO V^T, dP = dZ * keep / (1 - p), dS = P * (dP - delta),
+    dQ = scale * dS K, dK = scale * dS^T Q, dbias = dS summed over the bias's broadcast dims.
+    GQA sums dK, dV over each kv head's group. Returns (dq, dk, dv, dbias); dbias is None unless
+    ``bias_requires_grad`` (a float bias only)."""
+    cd = _compute_dtype(q)
+    B, H, Lq, _ = q.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    _, p, _ = _attention_probs(q, k, bias, causal, scale, window, alibi_slopes)
+    drop = _dropout_scale(q, k, dropout_p, seed, dropout_mask)
+    z = p * drop if drop is not None else p
+    do = grad_out.to(cd)
+    kx, vx = _expand_kv(k.to(cd), group), _expand_kv(v.to(cd), group)
+    dv = z.transpose(-1, -2) @ do
+    dp = do @ vx.transpose(-1, -2)
+    if drop is not None:
+        dp = dp * drop
+    delta = (do * out.to(cd)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = scale * (ds @ kx)
+    dk = scale * (ds.transpose(-1, -2) @ q.to(cd))
+    if group > 1:
+        dk = dk.view(B, Hkv, group, *dk.shape[2:]).sum(2)
+        dv = dv.view(B, Hkv, group, *dv.shape[2:]).sum(2)
+    dbias = None
+    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
+        dbias = _sum_to_shape(ds, bias.shape).to(bias.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
