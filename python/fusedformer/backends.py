@@ -29,7 +29,6 @@ why; ``auto`` falls through and never fails while the reference can run.
 """
 
 import contextlib
-import functools
 import importlib
 import os
 
@@ -53,6 +52,22 @@ class BackendUnavailableError(ValueError):
 
 
 _context_stack = []
+
+# Availability and module lookups never change within a process: cached in plain dicts (not
+# functools.lru_cache, which torch.compile traces around with a warning).
+_cache = {}
+
+
+def _cached(fn):
+    def wrapper(*args):
+        key = (fn.__name__, *args)
+        if key not in _cache:
+            _cache[key] = fn(*args)
+        return _cache[key]
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -92,7 +107,7 @@ def requested_backend(backend=None):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def _triton_import_error():
     try:
         import triton  # noqa: F401
@@ -105,11 +120,11 @@ def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def _cuda_extension_error():
     try:
         from fusedformer import _C  # noqa: F401
-    except ImportError as exc:
+    except ImportError:
         return "fusedformer._C is not built (no nvcc at install time, or FUSEDFORMER_BUILD_CUDA=0)"
     return None
 
@@ -149,7 +164,7 @@ def unavailable_reason(name, device):
     raise ValueError(f"unknown backend {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@_cached
 def _family_module(name, family):
     """The module implementing ``family`` on backend ``name``, or the reason there is none."""
     if name == "reference":

@@ -130,6 +130,12 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
         check_float(OP, name, t)
         if t.dim() < 2:
             raise ValueError(f"attention: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attention: attn_mask has dtype {attn_mask.dtype}; expected bool (True = attend) "
+                            "or a float additive mask")
     check_same_dtype(OP, "query", query, key=key, value=value)
     check_same_device(OP, "query", query, key=key, value=value, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
     if not (query.dim() == key.dim() == value.dim()):
@@ -155,12 +161,6 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             if hk == 0 or hq % hk:
                 raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of "
                                  f"key/value heads ({hk})")
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attention: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attention: attn_mask has dtype {attn_mask.dtype}; expected bool (True = attend) "
-                            "or a float additive mask")
     check_number(OP, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
     if not isinstance(is_causal, bool):
         raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
