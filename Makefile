@@ -26,7 +26,7 @@ $(STAMP): setup.py pyproject.toml
 	  if [ -n "$$missing" ]; then $(VPY) -m pip install -q $$missing || echo "fusedformer: could not install $$missing (offline?); tests needing them skip"; fi; \
 	else \
 	  $(PYTHON) -m venv $(VENV); \
-	  $(VPY) -m pip install -q --upgrade pip; \
+	  $(VPY) -m pip install -q --upgrade pip "setuptools>=70" wheel; \
 	  $(VPY) -m pip install -q $(TORCH_PIN) $(CPU_PINS) $(TEST_DEPS); \
 	fi
 	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .

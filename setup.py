@@ -58,17 +58,22 @@ class CudaExtension(Extension):
 
 
 class BuildExt(build_ext):
-    def build_extension(self, ext):
-        if not isinstance(ext, CudaExtension):
-            return super().build_extension(ext)
-        forced = os.environ.get("FUSEDFORMER_BUILD_CUDA") == "1"
-        try:
-            self._build_cuda(ext)
-        except Exception as exc:  # a broken toolchain must not break `pip install`
-            if forced:
-                raise
-            _log(f"CUDA build failed ({exc}); installing without fusedformer._C "
-                 "(set FUSEDFORMER_BUILD_CUDA=1 to make this fatal)")
+    def build_extensions(self):
+        failed = []
+        for ext in self.extensions:
+            if not isinstance(ext, CudaExtension):
+                self.build_extension(ext)
+                continue
+            try:
+                self._build_cuda(ext)
+            except Exception as exc:  # a broken toolchain must not break `pip install`
+                if os.environ.get("FUSEDFORMER_BUILD_CUDA") == "1":
+                    raise
+                _log(f"CUDA build failed ({exc}); installing without fusedformer._C "
+                     "(set FUSEDFORMER_BUILD_CUDA=1 to make this fatal)")
+                failed.append(ext)
+        # what failed is not installed: setuptools must not look for its output
+        self.extensions = [ext for ext in self.extensions if ext not in failed]
 
     def _build_cuda(self, ext):
         import pybind11
@@ -131,6 +136,9 @@ def cuda_extensions():
         return []
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
     sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+    if not sources:
+        _log("csrc/ has no sources: nothing to build for fusedformer._C")
+        return []
     return [CudaExtension("fusedformer._C", sources=sources)]
 
 
