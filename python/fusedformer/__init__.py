@@ -24,3 +24,5 @@ __all__ = [
     "softmax",
     "use_backend",
 ]
+
+from fusedformer import models, nn  # noqa: E402, F401  (subpackages: ff.nn.*, ff.models.*)

@@ -1,0 +1,63 @@
+"""TransformerDecoderLayer: torch.nn.TransformerDecoderLayer on fusedformer ops."""
+
+import torch
+import torch.nn.functional as F
+
+from fusedformer.nn.feed_forward import activation_name, mlp
+from fusedformer.nn.layer_norm import LayerNorm
+from fusedformer.nn.multihead_attention import MultiheadAttention
+
+
+class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+    """Drop-in for ``torch.nn.TransformerDecoderLayer`` (same constructor, defaults, state_dict, forward).
+
+    Post-norm (``norm_first=False``):
+        x = norm1(x + SelfAttn(x));  x = norm2(x + CrossAttn(x, memory));  x = norm3(x + FF(x))
+    Pre-norm (``norm_first=True``):
+        x = x + SelfAttn(norm1(x));  x = x + CrossAttn(norm2(x), memory);  x = x + FF(norm3(x))
+    (each sublayer output goes through its dropout before the add). Every add & norm runs as one
+    fused ff.layer_norm(..., residual=) call.
+    """
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu, layer_norm_eps=1e-5,
+                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            backend=backend, **factory)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                                 batch_first=batch_first, backend=backend, **factory)
+        for name in ("norm1", "norm2", "norm3"):
+            setattr(self, name, LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory))
+        self.backend = backend
+        self._act = activation_name(activation)
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
+                           need_weights=False)[0]
+        return self.dropout1(x)
+
+    def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
+        x = self.multihead_attn(x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                                is_causal=is_causal, need_weights=False)[0]
+        return self.dropout2(x)
+
+    def _ff_block(self, x):
+        act = self._act if self._act is not None else self.activation
+        return self.dropout3(mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                                 act, self.dropout.p, self.training, self.backend))
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
+        if self.norm_first:
+            h = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            h, x = self.norm2(h, residual=x)
+            h = self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+            h, x = self.norm3(h, residual=x)
+            return x + self._ff_block(h)
+        x = self.norm1(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), residual=x)[0]
+        x = self.norm2(self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal),
+                       residual=x)[0]
+        return self.norm3(self._ff_block(x), residual=x)[0]

@@ -1,0 +1,52 @@
+"""TransformerEncoderLayer: torch.nn.TransformerEncoderLayer on fusedformer ops."""
+
+import torch
+import torch.nn.functional as F
+
+from fusedformer.nn.feed_forward import activation_name, mlp
+from fusedformer.nn.layer_norm import LayerNorm
+from fusedformer.nn.multihead_attention import MultiheadAttention
+
+
+class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+    """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor, defaults, state_dict, forward).
+
+    Post-norm (``norm_first=False``, torch's default):
+        x = norm1(x + dropout1(SelfAttn(x)));  x = norm2(x + dropout2(FF(x)))
+    Pre-norm (``norm_first=True``):
+        x = x + dropout1(SelfAttn(norm1(x)));  x = x + dropout2(FF(norm2(x)))
+    with FF(x) = linear2(dropout(act(linear1(x)))). Every add & norm runs as one fused
+    ff.layer_norm(..., residual=) call; FF is one ff.feed_forward when no dropout is drawn and the
+    activation is relu/gelu (any other callable runs between two ff.linear_act GEMMs).
+    """
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu, layer_norm_eps=1e-5,
+                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                            backend=backend, **factory)
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
+        self.backend = backend
+        self._act = activation_name(activation)
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                           is_causal=is_causal)[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x):
+        act = self._act if self._act is not None else self.activation
+        return self.dropout2(mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                                 act, self.dropout.p, self.training, self.backend))
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
+        if self.norm_first:
+            h = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            h, x = self.norm2(h, residual=x)  # x += attention; h = norm2(x)
+            return x + self._ff_block(h)
+        x = self.norm1(self._sa_block(x, src_mask, src_key_padding_mask, is_causal), residual=x)[0]
+        return self.norm2(self._ff_block(x), residual=x)[0]
