@@ -35,9 +35,9 @@ def mlp(x, w1, b1, w2, b2, activation, dropout, training, backend):
     activation is fused and no dropout is drawn; otherwise linear_act, activation, dropout, linear_act.
     ``activation`` is a fused activation name, a name of ``_EXTRA_GATED``, or a callable."""
     if isinstance(activation, str) and activation in _EXTRA_GATED:
-        gate, up = w1.chunk(2), b1.chunk(2) if b1 is not None else (None, None)
-        h = linear_act(x, gate[0], up[0], _EXTRA_GATED[activation], backend=backend) * linear_act(
-            x, gate[1], up[1], "identity", backend=backend)
+        (w_gate, w_up), (b_gate, b_up) = w1.chunk(2), (b1.chunk(2) if b1 is not None else (None, None))
+        h = linear_act(x, w_gate, b_gate, _EXTRA_GATED[activation], backend=backend) * linear_act(
+            x, w_up, b_up, "identity", backend=backend)
     elif isinstance(activation, str) and (dropout == 0.0 or not training):
         return feed_forward(x, w1, b1, w2, b2, activation, backend=backend)
     elif isinstance(activation, str):

@@ -1,0 +1,146 @@
+"""ViT: the vision transformer (pre-norm encoder over image patches) with a classification head."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fusedformer.models._common import hf_dtype, load_mapped
+from fusedformer.nn import Attention, FeedForward, LayerNorm
+from fusedformer.ops import linear_act
+
+
+@dataclass
+class ViTConfig:
+    """ViT's hyperparameters (Hugging Face ViTConfig names); ``num_labels`` 0 means no classifier."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True
+    num_labels: int = 0
+    backend: str | None = None
+
+
+class ViTLayer(torch.nn.Module):
+    """Pre-norm: x = x + Attn(ln_1(x)); x = x + MLP(ln_2(x)); the middle add & norm fused."""
+
+    def __init__(self, c):
+        super().__init__()
+        b = c.backend
+        self.ln_1 = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, backend=b)
+        self.attn = Attention(c.hidden_size, c.num_attention_heads, bias=c.qkv_bias, out_bias=True,
+                              dropout=c.attention_probs_dropout_prob, backend=b)
+        self.ln_2 = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, backend=b)
+        self.mlp = FeedForward(c.hidden_size, c.intermediate_size, c.hidden_act, backend=b)
+        self.dropout = c.hidden_dropout_prob
+
+    def forward(self, x):
+        h, x = self.ln_2(F.dropout(self.attn(self.ln_1(x)), self.dropout, self.training), residual=x)
+        return x + F.dropout(self.mlp(h), self.dropout, self.training)
+
+
+class ViT(torch.nn.Module):
+    """ViT: non-overlapping p x p patches, each flattened (C, p, p) and projected (the patch
+    embedding, a Conv2d with stride p computed as one GEMM), a learned [CLS] token prepended,
+    learned position embeddings added, pre-norm encoder layers, a final LayerNorm.
+
+    forward(pixel_values (B, C, H, W)) -> last_hidden_state (B, 1 + H W / p^2, hidden);
+    ``classify(pixel_values)`` -> logits (B, num_labels) from the [CLS] token's final state.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        if c.image_size % c.patch_size:
+            raise ValueError(f"ViT: image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+        n_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_embed = torch.nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, c.hidden_size) * 0.02)
+        self.position_embeddings = torch.nn.Parameter(torch.randn(1, n_patches + 1, c.hidden_size) * 0.02)
+        self.layers = torch.nn.ModuleList(ViTLayer(c) for _ in range(c.num_hidden_layers))
+        self.ln_f = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, backend=c.backend)
+        self.classifier = torch.nn.Linear(c.hidden_size, c.num_labels) if c.num_labels else None
+
+    def patchify(self, pixel_values):
+        """(B, C, H, W) -> (B, H/p * W/p, C * p * p), rows in the Conv2d weight's (C, p, p) order."""
+        c = self.config
+        p = c.patch_size
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c.num_channels, c.image_size, c.image_size):
+            raise ValueError(f"ViT: pixel_values has shape {tuple(pixel_values.shape)}, expected "
+                             f"(B, {c.num_channels}, {c.image_size}, {c.image_size})")
+        B = pixel_values.shape[0]
+        x = pixel_values.unfold(2, p, p).unfold(3, p, p)  # (B, C, H/p, W/p, p, p)
+        return x.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, c.num_channels * p * p)
+
+    def forward(self, pixel_values):
+        c = self.config
+        w = self.patch_embed.weight.reshape(c.hidden_size, -1)
+        x = linear_act(self.patchify(pixel_values), w, self.patch_embed.bias, "identity", backend=c.backend)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embeddings
+        x = F.dropout(x, c.hidden_dropout_prob, self.training)
+        for layer in self.layers:
+            x = layer(x)
+        return self.ln_f(x)
+
+    def classify(self, pixel_values):
+        if self.classifier is None:
+            raise ValueError("ViT.classify: this ViT has no classifier (config.num_labels is 0)")
+        h = self(pixel_values)[:, 0]
+        return linear_act(h, self.classifier.weight, self.classifier.bias, "identity", backend=self.config.backend)
+
+    @classmethod
+    def from_hf(cls, hf_model, backend=None):
+        """A ViT holding the weights of a Hugging Face ViTModel (last_hidden_state) or
+        ViTForImageClassification (logits through ``classify``)."""
+        hf = getattr(hf_model, "vit", hf_model)
+        hc = hf.config
+        if hc.hidden_act not in ("gelu", "relu", "gelu_new", "silu"):
+            raise ValueError(f"ViT.from_hf: unsupported hidden_act {hc.hidden_act!r}")
+        head = getattr(hf_model, "classifier", None)
+        head = head if isinstance(head, torch.nn.Linear) else None
+        config = ViTConfig(image_size=hc.image_size, patch_size=hc.patch_size, num_channels=hc.num_channels,
+                           hidden_size=hc.hidden_size, num_hidden_layers=hc.num_hidden_layers,
+                           num_attention_heads=hc.num_attention_heads, intermediate_size=hc.intermediate_size,
+                           hidden_act="gelu_tanh" if hc.hidden_act == "gelu_new" else hc.hidden_act,
+                           hidden_dropout_prob=hc.hidden_dropout_prob,
+                           attention_probs_dropout_prob=hc.attention_probs_dropout_prob,
+                           layer_norm_eps=hc.layer_norm_eps, qkv_bias=hc.qkv_bias,
+                           num_labels=head.out_features if head is not None else 0, backend=backend)
+        model = cls(config).to(hf_dtype(hf))
+        sd = dict(hf.state_dict())
+        m = {"patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
+             "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
+             "cls_token": "embeddings.cls_token", "position_embeddings": "embeddings.position_embeddings",
+             "ln_f.weight": "layernorm.weight", "ln_f.bias": "layernorm.bias"}
+        if head is not None:
+            sd["classifier.weight"], sd["classifier.bias"] = head.weight, head.bias
+            m["classifier.weight"], m["classifier.bias"] = "classifier.weight", "classifier.bias"
+        # transformers >= 5 names layers.{i}.attention.q_proj / mlp.fc1; earlier versions
+        # encoder.layer.{i}.attention.attention.query / intermediate.dense
+        if any(k.startswith("layers.") for k in sd):
+            prefix = "layers"
+            names = {"ln_1": "layernorm_before", "attn.q_proj": "attention.q_proj", "attn.k_proj": "attention.k_proj",
+                     "attn.v_proj": "attention.v_proj", "attn.o_proj": "attention.o_proj", "ln_2": "layernorm_after",
+                     "mlp.w1": "mlp.fc1", "mlp.w2": "mlp.fc2"}
+        else:
+            prefix = "encoder.layer"
+            names = {"ln_1": "layernorm_before", "attn.q_proj": "attention.attention.query",
+                     "attn.k_proj": "attention.attention.key", "attn.v_proj": "attention.attention.value",
+                     "attn.o_proj": "attention.output.dense", "ln_2": "layernorm_after",
+                     "mlp.w1": "intermediate.dense", "mlp.w2": "output.dense"}
+        for i in range(hc.num_hidden_layers):
+            for ours, theirs in names.items():
+                for t in ("weight", "bias"):
+                    key = f"{prefix}.{i}.{theirs}.{t}"
+                    if key in sd:
+                        m[f"layers.{i}.{ours}.{t}"] = key
+        return load_mapped(model, sd, m)

@@ -1,0 +1,329 @@
+"""fusedformer.models against Hugging Face transformers: weights imported with from_hf give the
+same outputs and gradients (float64 and float32, reference backend), GPT's KV cache and greedy
+generation match, the models train, compile (fullgraph) and run under DDP. Hugging Face models
+are built from small random configs; nothing is downloaded."""
+
+import os
+import types
+
+import fusedformer as ff
+import pytest
+import torch
+import torch.nn.functional as F
+from fusedformer import backends
+from fusedformer.models import GPT, T5, Bert, BertConfig, GPTConfig, ViT
+
+transformers = pytest.importorskip("transformers")
+
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+DTYPES = [torch.float64, torch.float32]
+
+
+def _close(a, b, dtype):
+    torch.testing.assert_close(a, b, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def _hf(model, dtype):
+    torch.manual_seed(0)
+    return model.to(dtype).eval()
+
+
+def _grad_check(ours_out, hf_out, pairs, dtype):
+    """Backprop the same random cotangent through both; compare the listed parameter gradients."""
+    g = torch.randn_like(ours_out)
+    (ours_out * g).sum().backward()
+    (hf_out * g).sum().backward()
+    for ours, theirs, transform in pairs:
+        assert ours.grad is not None and theirs.grad is not None
+        _close(ours.grad, transform(theirs.grad), dtype)
+
+
+def _ids(B, L, vocab, seed=1):
+    return torch.randint(0, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# BERT
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_bert(cls=None, dtype=torch.float64):
+    config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=40, max_position_embeddings=24, type_vocab_size=2)
+    return _hf((cls or transformers.BertForMaskedLM)(config), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bert_matches_hf_masked_lm(dtype):
+    hf = _hf_bert(dtype=dtype)
+    ours = Bert.from_hf(hf).eval()
+    ids, types = _ids(2, 11, 97), _ids(2, 11, 2, seed=2)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    hidden = ours(ids, attention_mask=mask, token_type_ids=types)
+    _close(hidden, out.hidden_states[-1], dtype)
+    logits = ours.mlm_head(hidden)
+    _close(logits, out.logits, dtype)
+    _grad_check(logits, out.logits, [
+        (ours.word_embeddings.weight, hf.bert.embeddings.word_embeddings.weight, lambda t: t),
+        (ours.layers[0].attn.q_proj.weight, hf.bert.encoder.layer[0].attention.self.query.weight, lambda t: t),
+        (ours.layers[1].ln_2.bias, hf.bert.encoder.layer[1].output.LayerNorm.bias, lambda t: t),
+        (ours.mlm_head.bias, hf.cls.predictions.bias, lambda t: t)], dtype)
+
+
+def test_bert_model_with_pooler_and_default_token_types():
+    hf = _hf_bert(transformers.BertModel)
+    ours = Bert.from_hf(hf).eval()
+    ids = _ids(3, 9, 97)
+    out = hf(input_ids=ids)
+    hidden = ours(ids)
+    _close(hidden, out.last_hidden_state, torch.float64)
+    _close(ours.pool(hidden), out.pooler_output, torch.float64)
+
+
+def test_bert_bad_input_names_the_argument():
+    ours = Bert(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="input_ids"):
+        ours(torch.tensor([[1, 50]]))
+    with pytest.raises(TypeError, match="input_ids"):
+        ours(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours(torch.ones(1, 17, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------
+# GPT
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_gpt(dtype=torch.float64):
+    config = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return _hf(transformers.GPT2LMHeadModel(config), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_matches_hf_logits_and_grads(dtype):
+    hf = _hf_gpt(dtype)
+    ours = GPT.from_hf(hf).eval()
+    ids = _ids(2, 13, 101)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding
+    ref = hf(input_ids=ids, attention_mask=mask).logits
+    logits = ours(ids, attention_mask=mask)
+    _close(logits, ref, dtype)
+    E = 32
+    _grad_check(logits, ref, [
+        (ours.wte.weight, hf.transformer.wte.weight, lambda t: t),
+        (ours.wpe.weight, hf.transformer.wpe.weight, lambda t: t),
+        (ours.h[0].attn.k_proj.weight, hf.transformer.h[0].attn.c_attn.weight, lambda t: t[:, E:2 * E].t()),
+        (ours.h[1].mlp.w2.weight, hf.transformer.h[1].mlp.c_proj.weight, lambda t: t.t()),
+        (ours.h[1].ln_2.weight, hf.transformer.h[1].ln_2.weight, lambda t: t)], dtype)
+
+
+def test_gpt_kv_cache_matches_full_forward_and_hf_cache():
+    hf = _hf_gpt()
+    ours = GPT.from_hf(hf).eval()
+    ids = _ids(2, 12, 101)
+    full = ours(ids)
+    logits, cache = ours(ids[:, :7], use_cache=True)
+    assert len(cache) == 2 and cache[0][0].shape == (2, 4, 7, 8)
+    pieces = [logits]
+    for t in range(7, 12):
+        logits, cache = ours(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        pieces.append(logits)
+    _close(torch.cat(pieces, dim=1), full, torch.float64)
+    _close(full, hf(input_ids=ids).logits, torch.float64)
+
+
+def test_gpt_greedy_generate_equals_hf():
+    hf = _hf_gpt(torch.float32)
+    ours = GPT.from_hf(hf)
+    ids = _ids(2, 5, 101)
+    expect = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    got = ours.generate(ids, max_new_tokens=8)
+    assert got.shape == (2, 13)
+    assert torch.equal(got, expect)
+
+
+def test_gpt_sampling_reproducible_and_top_k_one_is_greedy():
+    ours = GPT(GPTConfig(vocab_size=61, n_layer=2, n_head=4, n_embd=32, n_positions=32))
+    ids = _ids(3, 4, 61)
+    a = ours.generate(ids, 6, do_sample=True, temperature=0.7, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = ours.generate(ids, 6, do_sample=True, temperature=0.7, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(a[:, :4], ids)
+    assert torch.equal(ours.generate(ids, 6, do_sample=True, top_k=1), ours.generate(ids, 6))
+    with pytest.raises(ValueError, match="temperature"):
+        ours.generate(ids, 2, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="n_positions"):
+        ours.generate(ids, 40)
+
+
+def test_gpt_and_bert_train_a_few_steps():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=32, n_positions=32))
+    bert = Bert(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=32))
+    ids = _ids(4, 16, 64)
+    for model, loss_fn in ((gpt, lambda: F.cross_entropy(gpt(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())),
+                           (bert, lambda: F.cross_entropy(bert.mlm_logits(ids).flatten(0, 1), ids.flatten()))):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_gpt_under_compile_fullgraph():
+    torch._dynamo.reset()
+    gpt = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, n_positions=16)).eval()
+    ids = _ids(2, 7, 50)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    compiled = torch.compile(gpt, fullgraph=True, backend="aot_eager")
+    _close(compiled(ids, attention_mask=mask), gpt(ids, attention_mask=mask), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# T5 and ViT
+# --------------------------------------------------------------------------------------------
+
+
+def _rms_norm_in_input_dtype(self, h):
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _t5_norms_in_input_dtype(hf):
+    """Hugging Face's T5LayerNorm takes the variance in float32 even for float64 input (a 1e-7
+    error); for the float64 comparison the oracle computes it in float64, same formula."""
+    for module in hf.modules():
+        if type(module).__name__ == "T5LayerNorm":
+            module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+
+
+@pytest.mark.parametrize("ff_proj,dtype", [("gated-gelu", torch.float64), ("relu", torch.float64),
+                                           ("gated-gelu", torch.float32)])
+def test_t5_matches_hf(ff_proj, dtype):
+    config = transformers.T5Config(vocab_size=83, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=3,
+                                   num_heads=4, relative_attention_num_buckets=8,
+                                   relative_attention_max_distance=20, feed_forward_proj=ff_proj,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    hf = _hf(transformers.T5ForConditionalGeneration(config), dtype)
+    if dtype == torch.float64:
+        _t5_norms_in_input_dtype(hf)
+    ours = T5.from_hf(hf).eval()
+    ids, dec = _ids(2, 14, 83), _ids(2, 9, 83, seed=5)
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[0, 10:] = 0
+    dec_mask = torch.ones(2, 9, dtype=torch.long)
+    dec_mask[1, 6:] = 0
+    ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+    logits = ours(ids, dec, attention_mask=mask, decoder_attention_mask=dec_mask)
+    _close(logits, ref, dtype)
+    _grad_check(logits, ref, [
+        (ours.shared.weight, hf.shared.weight, lambda t: t),
+        (ours.encoder.relative_bias.relative_attention_bias.weight,
+         hf.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight, lambda t: t),
+        (ours.decoder.relative_bias.relative_attention_bias.weight,
+         hf.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight, lambda t: t),
+        (ours.decoder.blocks[2].cross_attn.v_proj.weight, hf.decoder.block[2].layer[1].EncDecAttention.v.weight,
+         lambda t: t)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vit_matches_hf_classifier_and_hidden(dtype):
+    config = transformers.ViTConfig(image_size=12, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=40, num_labels=5)
+    hf = _hf(transformers.ViTForImageClassification(config), dtype)
+    ours = ViT.from_hf(hf).eval()
+    pixels = torch.randn(2, 3, 12, 12, dtype=dtype)
+    out = hf(pixel_values=pixels, output_hidden_states=True)
+    hidden = ours(pixels)
+    assert hidden.shape == (2, 10, 32)
+    _close(hidden, hf.vit.layernorm(out.hidden_states[-1]), dtype)
+    logits = ours.classify(pixels)
+    _close(logits, out.logits, dtype)
+    _grad_check(logits, out.logits, [
+        (ours.patch_embed.weight, hf.vit.embeddings.patch_embeddings.projection.weight, lambda t: t),
+        (ours.cls_token, hf.vit.embeddings.cls_token, lambda t: t),
+        (ours.ln_f.weight, hf.vit.layernorm.weight, lambda t: t)], dtype)
+    vit_model = _hf(transformers.ViTModel(config, add_pooling_layer=False), dtype)
+    _close(ViT.from_hf(vit_model).eval()(pixels), vit_model(pixel_values=pixels).last_hidden_state, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# DDP and the triton backend
+# --------------------------------------------------------------------------------------------
+
+
+def _tiny_gpt():
+    torch.manual_seed(7)
+    return GPT(GPTConfig(vocab_size=40, n_layer=2, n_head=2, n_embd=16, n_positions=16, dropout=0.0))
+
+
+def _gpt_loss(model, ids):
+    return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_tiny_gpt())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ids = _ids(4, 9, 40)
+        for _ in range(2):
+            opt.zero_grad()
+            _gpt_loss(model, ids[rank * 2:(rank + 1) * 2]).backward()
+            opt.step()
+        if rank == 0:
+            torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model = _tiny_gpt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = _ids(4, 9, 40)
+    for _ in range(2):
+        opt.zero_grad()
+        _gpt_loss(model, ids).backward()  # the mean over both halves = DDP's averaged gradient
+        opt.step()
+    ddp_state = torch.load(tmp_path / "ddp.pt")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, atol=1e-6, rtol=1e-5)
+
+
+def _triton_reason(*families):
+    for family in families:
+        reason = backends.unsupported_reason("triton", family, "cpu")
+        if reason is not None:
+            return f"triton {family}: {reason}"
+    return None
+
+
+@pytest.mark.skipif(_triton_reason("attention", "layer_norm", "linear_act") is not None,
+                    reason=str(_triton_reason("attention", "layer_norm", "linear_act")))
+def test_gpt_on_triton_backend_matches_reference():
+    gpt = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=32, n_positions=16)).eval()
+    ids = _ids(1, 5, 32)
+    ref = gpt(ids)
+    with ff.use_backend("triton"):
+        out = gpt(ids)
+    _close(out, ref, torch.float32)
