@@ -210,17 +210,19 @@ def _t5_norms_in_input_dtype(hf):
             module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
 
 
-@pytest.mark.parametrize("ff_proj,dtype", [("gated-gelu", torch.float64), ("relu", torch.float64),
-                                           ("gated-gelu", torch.float32)])
-def test_t5_matches_hf(ff_proj, dtype):
+# tie_word_embeddings=False is how T5 v1.1 configs say "do not scale the decoder output"
+@pytest.mark.parametrize("ff_proj,dtype,extra", [("gated-gelu", torch.float64, {"tie_word_embeddings": False}),
+                                                 ("relu", torch.float64, {}), ("gated-gelu", torch.float32, {})])
+def test_t5_matches_hf(ff_proj, dtype, extra):
     config = transformers.T5Config(vocab_size=83, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=3,
-                                   num_heads=4, relative_attention_num_buckets=8,
+                                   num_heads=4, **extra, relative_attention_num_buckets=8,
                                    relative_attention_max_distance=20, feed_forward_proj=ff_proj,
                                    decoder_start_token_id=0, pad_token_id=0)
     hf = _hf(transformers.T5ForConditionalGeneration(config), dtype)
     if dtype == torch.float64:
         _t5_norms_in_input_dtype(hf)
     ours = T5.from_hf(hf).eval()
+    assert ours.config.scale_decoder_outputs == extra.get("tie_word_embeddings", True)
     ids, dec = _ids(2, 14, 83), _ids(2, 9, 83, seed=5)
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[0, 10:] = 0
