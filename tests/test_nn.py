@@ -280,7 +280,13 @@ def test_decoder_layer_matches_torch(kwargs):
 def test_transformer_matches_torch(norm_first):
     kwargs = dict(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=20, dropout=0.0,
                   norm_first=norm_first, dtype=torch.float64)
-    ours, theirs = ff.nn.Transformer(**kwargs), torch.nn.Transformer(**kwargs)
+    torch.manual_seed(5)
+    ours = ff.nn.Transformer(**kwargs)
+    torch.manual_seed(5)
+    theirs = torch.nn.Transformer(**kwargs)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name  # same seed, same initial weights as torch
+    assert isinstance(ours.encoder.norm, ff.nn.LayerNorm) and isinstance(ours.decoder, ff.nn.TransformerDecoder)
     assert isinstance(ours.encoder.layers[1], ff.nn.TransformerEncoderLayer)
     assert isinstance(ours.decoder.layers[1].multihead_attn, ff.nn.MultiheadAttention)
     _twin(ours, theirs)
@@ -496,12 +502,13 @@ def test_attention_block_under_compile_fullgraph():
     _close(compiled(x), attn(x), torch.float32)
 
 
-def _triton_skip(family):
-    reason = backends.unsupported_reason("triton", family, "cpu")
-    return pytest.mark.skipif(reason is not None, reason=f"triton {family}: {reason}")
+def _triton_skip(*families):
+    """Skip unless the triton backend runs every op family the module calls."""
+    reasons = [f"triton {f}: {r}" for f in families if (r := backends.unsupported_reason("triton", f, "cpu"))]
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
 
-@_triton_skip("attention")
+@_triton_skip("attention", "linear_act")
 def test_mha_on_triton_backend_matches_reference():
     ours, _ = _mha_pair(16, 2, batch_first=True)
     ours = ours.float()
@@ -520,6 +527,22 @@ def test_layer_norm_on_triton_backend_matches_reference():
     y, h = norm(x, residual=r)
     _close(y, F.layer_norm(x + r, (24,), norm.weight, norm.bias), torch.float32)
     _close(h, x + r, torch.float32)
+
+
+def test_building_blocks_reject_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        ff.nn.Attention(10, 4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ff.nn.Attention(16, 4, 3)
+    with pytest.raises(ValueError, match="norm"):
+        ff.nn.Residual(torch.nn.Identity(), 8, norm="batch")
+    with pytest.raises(ValueError, match="even"):
+        ff.nn.RotaryEmbedding(5)
+    with pytest.raises(ValueError, match="rotary dim"):
+        rope = ff.nn.RotaryEmbedding(8)
+        rope(torch.randn(1, 2, 6), torch.randn(1, 2, 6))
+    with pytest.raises(TypeError, match="activation"):
+        ff.nn.TransformerEncoderLayer(8, 2, activation=3)
 
 
 def test_reference_attention_agrees_with_naive_formula():

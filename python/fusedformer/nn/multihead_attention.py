@@ -72,8 +72,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     it is the hint that the mask is causal and the mask is used as given. ``need_weights=True``
     (torch's default) computes the attention explicitly and returns the weights, averaged over
     heads or per head (N, H, L, S); pass ``need_weights=False`` for the fused path. Dropout on the
-    attention weights is drawn from fusedformer's Philox stream (same rate, different mask from
-    torch). Rows where every key is masked give zeros instead of torch's NaN.
+    attention weights: the fused path draws it from fusedformer's Philox stream, the explicit path
+    from torch's (same rate, different masks than torch.nn). Rows where every key is masked give
+    zeros instead of torch's NaN.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,

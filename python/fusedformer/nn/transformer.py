@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.transformer_decoder_layer import TransformerDecoderLayer
-from fusedformer.nn.transformer_encoder_layer import TransformerEncoderLayer
+from fusedformer.nn.transformer_encoder_layer import TransformerEncoderLayer, adopt
 
 
 class TransformerEncoder(torch.nn.TransformerEncoder):
@@ -42,19 +42,22 @@ class Transformer(torch.nn.Transformer):
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
                  dropout=0.1, activation=F.relu, custom_encoder=None, custom_decoder=None, layer_norm_eps=1e-5,
                  batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
-        factory = {"device": device, "dtype": dtype}
-        if custom_encoder is None:
-            layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
-                                            batch_first, norm_first, bias, backend=backend, **factory)
-            norm = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
-            # no nested-tensor fast path here: masks reach the fused attention as masks
-            custom_encoder = TransformerEncoder(layer, num_encoder_layers, norm, enable_nested_tensor=False)
-        if custom_decoder is None:
-            layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
-                                            batch_first, norm_first, bias, backend=backend, **factory)
-            norm = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
-            custom_decoder = TransformerDecoder(layer, num_decoder_layers, norm)
         super().__init__(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout,
                          activation, custom_encoder, custom_decoder, layer_norm_eps, batch_first, norm_first, bias,
                          device, dtype)
+        # torch built (and initialized) its own stacks: turn them into fusedformer's in place, so a
+        # seed gives the same weights as torch.nn.Transformer
+        if custom_encoder is None:
+            _fuse_stack(self.encoder, TransformerEncoder, TransformerEncoderLayer, backend)
+        if custom_decoder is None:
+            _fuse_stack(self.decoder, TransformerDecoder, TransformerDecoderLayer, backend)
         self.backend = backend
+
+
+def _fuse_stack(stack, stack_cls, layer_cls, backend):
+    stack.__class__ = stack_cls
+    for layer in stack.layers:
+        layer.__class__ = layer_cls
+        layer._fuse(backend)
+    if stack.norm is not None:
+        adopt(stack.norm, LayerNorm, backend)

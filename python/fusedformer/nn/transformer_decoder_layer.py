@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from fusedformer.nn.feed_forward import activation_name, mlp
 from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.multihead_attention import MultiheadAttention
+from fusedformer.nn.transformer_encoder_layer import adopt
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
@@ -23,15 +24,16 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                  batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
-        factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
-                                            backend=backend, **factory)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
-                                                 batch_first=batch_first, backend=backend, **factory)
-        for name in ("norm1", "norm2", "norm3"):
-            setattr(self, name, LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory))
+        self._fuse(backend)
+
+    def _fuse(self, backend):
+        """torch's submodules -> their fusedformer subclasses in place (see TransformerEncoderLayer)."""
+        for attn in (self.self_attn, self.multihead_attn):
+            adopt(attn, MultiheadAttention, backend)
+        for norm in (self.norm1, self.norm2, self.norm3):
+            adopt(norm, LayerNorm, backend)
         self.backend = backend
-        self._act = activation_name(activation)
+        self._act = activation_name(self.activation)
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,

@@ -8,6 +8,14 @@ from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.multihead_attention import MultiheadAttention
 
 
+def adopt(module, cls, backend):
+    """Make a torch.nn module an instance of its fusedformer subclass ``cls`` in place (the
+    subclasses add only ``backend`` and override ``forward``)."""
+    module.__class__ = cls
+    module.backend = backend
+    return module
+
+
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor, defaults, state_dict, forward).
 
@@ -24,13 +32,16 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                  batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
                          norm_first, bias, device, dtype)
-        factory = {"device": device, "dtype": dtype}
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
-                                            backend=backend, **factory)
-        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
-        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, backend=backend, **factory)
+        self._fuse(backend)
+
+    def _fuse(self, backend):
+        """Turn torch's submodules (built, and randomly initialized, exactly as torch does) into
+        their fusedformer subclasses in place: same parameters, same RNG draws as torch.nn."""
+        adopt(self.self_attn, MultiheadAttention, backend)
+        adopt(self.norm1, LayerNorm, backend)
+        adopt(self.norm2, LayerNorm, backend)
         self.backend = backend
-        self._act = activation_name(activation)
+        self._act = activation_name(self.activation)
 
     def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
         x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
