@@ -100,9 +100,9 @@ def test_bert_bad_input_names_the_argument():
 # --------------------------------------------------------------------------------------------
 
 
-def _hf_gpt(dtype=torch.float64):
+def _hf_gpt(dtype=torch.float64, **kwargs):
     config = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                                     bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs)
     return _hf(transformers.GPT2LMHeadModel(config), dtype)
 
 
@@ -141,13 +141,21 @@ def test_gpt_kv_cache_matches_full_forward_and_hf_cache():
 
 
 def test_gpt_greedy_generate_equals_hf():
-    hf = _hf_gpt(torch.float32)
+    # a wide init makes the argmax decisive (the default 0.02 gives near-uniform logits that repeat
+    # one token); float64 leaves no near-ties to rounding
+    hf = _hf_gpt(initializer_range=0.3)
     ours = GPT.from_hf(hf)
-    ids = _ids(2, 5, 101)
-    expect = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    got = ours.generate(ids, max_new_tokens=8)
-    assert got.shape == (2, 13)
+    ids = _ids(3, 6, 100) + 1
+    mask = torch.ones_like(ids)
+    mask[1, :2], ids[1, :2] = 0, 0  # left padding: positions count real tokens only, as HF
+    mask[2, :5], ids[2, :5] = 0, 0
+    expect = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = ours.generate(ids, max_new_tokens=10, attention_mask=mask)
+    assert got.shape == (3, 16) and len(set(got[0, 6:].tolist())) > 2
     assert torch.equal(got, expect)
+    unpadded = ids[:1]
+    assert torch.equal(ours.generate(unpadded, 10), hf.generate(unpadded, attention_mask=torch.ones_like(unpadded),
+                                                                max_new_tokens=10, do_sample=False))
 
 
 def test_gpt_sampling_reproducible_and_top_k_one_is_greedy():

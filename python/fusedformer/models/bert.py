@@ -125,6 +125,9 @@ class Bert(torch.nn.Module):
         if hc.hidden_act not in ("gelu", "relu", "gelu_new", "silu"):
             raise ValueError(f"Bert.from_hf: unsupported hidden_act {hc.hidden_act!r}")
         act = "gelu_tanh" if hc.hidden_act == "gelu_new" else hc.hidden_act
+        if getattr(hc, "is_decoder", False) or getattr(hc, "add_cross_attention", False):
+            raise ValueError("Bert.from_hf: only the encoder configuration is supported (is_decoder / "
+                             "add_cross_attention are set)")
         if getattr(hc, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("Bert.from_hf: only absolute position embeddings are supported")
         config = BertConfig(vocab_size=hc.vocab_size, hidden_size=hc.hidden_size,
@@ -165,4 +168,4 @@ class Bert(torch.nn.Module):
                       "mlm_head.ln.bias": "h.transform.LayerNorm.bias", "mlm_head.bias": "h.bias"})
         else:
             m.update({k: v for k, v in own.items() if k.startswith("mlm_head.")})
-        return load_mapped(model, sd, m)
+        return load_mapped(model, sd, m).train(hf_model.training)

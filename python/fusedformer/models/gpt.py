@@ -51,7 +51,8 @@ class GPT(torch.nn.Module):
     forward(input_ids, attention_mask=None, past_key_values=None, use_cache=False) -> logits
     (B, L, vocab), or (logits, cache) with use_cache; ``attention_mask`` (B, S_past + L) marks
     tokens 1 and padding 0; the cache is a tuple of per-layer (K, V), each (B, H, S, D).
-    Positions are 0 .. S - 1 whatever the padding, as Hugging Face's GPT-2.
+    Positions are S_past .. S_past + L - 1 whatever the padding, as Hugging Face's GPT-2 forward,
+    unless ``position_ids`` (B, L) are given.
     """
 
     def __init__(self, config):
@@ -70,15 +71,18 @@ class GPT(torch.nn.Module):
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None):
         c = self.config
         check_ids("input_ids", input_ids, c.vocab_size)
         B, L = input_ids.shape
         past = past_key_values[0][0].shape[2] if past_key_values else 0
         if past + L > c.n_positions:
             raise ValueError(f"GPT: {past + L} positions exceed n_positions={c.n_positions}")
-        pos = torch.arange(past, past + L, device=input_ids.device)
-        x = F.dropout(self.wte(input_ids) + self.wpe(pos), c.dropout, self.training)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=input_ids.device)
+        elif position_ids.shape[-1] != L:
+            raise ValueError(f"GPT: position_ids has shape {tuple(position_ids.shape)}, expected (B, {L})")
+        x = F.dropout(self.wte(input_ids) + self.wpe(position_ids), c.dropout, self.training)
         mask = padding_mask(attention_mask, B, past + L, input_ids.device)
         caches = []
         for i, block in enumerate(self.h):
@@ -92,7 +96,9 @@ class GPT(torch.nn.Module):
                  generator=None):
         """Append ``max_new_tokens`` tokens to ``input_ids`` (B, L), one forward per token on the KV
         cache. Greedy (argmax) by default; ``do_sample=True`` samples from softmax(logits /
-        temperature), restricted to the ``top_k`` most likely tokens when given. Returns (B, L + new)."""
+        temperature), restricted to the ``top_k`` most likely tokens when given. With a left-padded
+        batch, pass its ``attention_mask``: positions then count real tokens only, as Hugging Face's
+        generate does. Returns (B, L + new)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
@@ -103,9 +109,12 @@ class GPT(torch.nn.Module):
         self.eval()
         try:
             ids, cache, mask = input_ids, None, attention_mask
-            step = input_ids
+            step, pos = input_ids, None
+            if mask is not None:  # padding takes no position: the first real token is at 0
+                pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
             for _ in range(max_new_tokens):
-                logits, cache = self(step, attention_mask=mask, past_key_values=cache, use_cache=True)
+                logits, cache = self(step, attention_mask=mask, past_key_values=cache, use_cache=True,
+                                     position_ids=pos)
                 logits = logits[:, -1].float()
                 if do_sample:
                     logits = logits / temperature
@@ -118,6 +127,7 @@ class GPT(torch.nn.Module):
                 ids, step = torch.cat([ids, nxt], dim=1), nxt
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                    pos = pos[:, -1:] + 1
             return ids
         finally:
             self.train(was_training)
@@ -133,6 +143,8 @@ class GPT(torch.nn.Module):
             raise ValueError("GPT.from_hf: the model's lm_head is not tied to its token embedding (wte)")
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"):
             raise ValueError(f"GPT.from_hf: unsupported activation_function {hc.activation_function!r}")
+        if getattr(hc, "add_cross_attention", False):
+            raise ValueError("GPT.from_hf: GPT-2 with cross-attention is not supported")
         if not hc.scale_attn_weights or hc.scale_attn_by_inverse_layer_idx or hc.reorder_and_upcast_attn:
             raise ValueError("GPT.from_hf: only GPT-2's default attention scaling 1/sqrt(head_dim) is supported")
         act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hc.activation_function,
@@ -159,4 +171,4 @@ class GPT(torch.nn.Module):
             m[q + "mlp.w2.bias"] = p + "mlp.c_proj.bias"
             for ln in ("ln_1", "ln_2"):
                 m[q + f"{ln}.weight"], m[q + f"{ln}.bias"] = p + f"{ln}.weight", p + f"{ln}.bias"
-        return load_mapped(model, sd, m)
+        return load_mapped(model, sd, m).train(hf_model.training)

@@ -172,4 +172,4 @@ class T5(torch.nn.Module):
                                                     sd[f"{f}DenseReluDense.wi_1.weight"]]) if gated
                                          else f"{f}DenseReluDense.wi.weight")
                 m[f"{q}ff.w2.weight"] = f"{f}DenseReluDense.wo.weight"
-        return load_mapped(model, sd, m)
+        return load_mapped(model, sd, m).train(hf_model.training)

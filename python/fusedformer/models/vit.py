@@ -143,4 +143,4 @@ class ViT(torch.nn.Module):
                     key = f"{prefix}.{i}.{theirs}.{t}"
                     if key in sd:
                         m[f"layers.{i}.{ours}.{t}"] = key
-        return load_mapped(model, sd, m)
+        return load_mapped(model, sd, m).train(hf_model.training)
