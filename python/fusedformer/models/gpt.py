@@ -105,6 +105,10 @@ class GPT(torch.nn.Module):
             raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        check_ids("input_ids", input_ids, self.config.vocab_size)
+        if input_ids.shape[1] + max_new_tokens > self.config.n_positions:
+            raise ValueError(f"generate: {input_ids.shape[1]} + {max_new_tokens} new tokens exceed n_positions="
+                             f"{self.config.n_positions}")
         was_training = self.training
         self.eval()
         try:
