@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fusedformer import backends
 from fusedformer.models import GPT, T5, Bert, BertConfig, GPTConfig, ViT
+from fusedformer.parity import FLOOR
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,6 +269,27 @@ def test_vit_matches_hf_classifier_and_hidden(dtype):
         (ours.ln_f.weight, hf.vit.layernorm.weight, lambda t: t)], dtype)
     vit_model = _hf(transformers.ViTModel(config, add_pooling_layer=False), dtype)
     _close(ViT.from_hf(vit_model).eval()(pixels), vit_model(pixel_values=pixels).last_hidden_state, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_low_precision_within_2x_of_hf_error(family, dtype):
+    """Against the float64 Hugging Face model as oracle, our low-precision error stays within
+    2x of Hugging Face's own error in that dtype plus the parity floor (fusedformer.parity's rule)."""
+    hf64 = _hf_gpt() if family == "gpt" else _hf_bert()
+    ids = _ids(2, 10, 97)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+
+    def logits(m):
+        return (m(input_ids=ids, attention_mask=mask).logits if isinstance(m, transformers.PreTrainedModel)
+                else m(ids, attention_mask=mask) if family == "gpt" else m.mlm_logits(ids, attention_mask=mask))
+
+    oracle = logits(hf64)
+    ours = (GPT if family == "gpt" else Bert).from_hf(hf64).to(dtype)
+    err = (logits(ours).double() - oracle).abs().max().item()
+    torch_err = (logits(hf64.to(dtype)).double() - oracle).abs().max().item()
+    assert err <= 2 * torch_err + FLOOR[dtype] * max(1.0, oracle.abs().max().item()), (err, torch_err)
 
 
 # --------------------------------------------------------------------------------------------
