@@ -529,6 +529,25 @@ def test_layer_norm_on_triton_backend_matches_reference():
     _close(h, x + r, torch.float32)
 
 
+def test_from_torch_twin_shares_parameters_and_matches():
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16, dtype=torch.float64),
+        torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 24, 0.0, F.gelu, batch_first=True,
+                                                                     dtype=torch.float64), 2,
+                                    enable_nested_tensor=False),
+        torch.nn.RMSNorm(16, dtype=torch.float64))
+    twin = ff.nn.from_torch(model, backend="reference")
+    assert isinstance(twin[1], ff.nn.TransformerEncoder) and isinstance(twin[2], ff.nn.RMSNorm)
+    assert isinstance(twin[1].layers[0].self_attn, ff.nn.MultiheadAttention)
+    assert type(model[1].layers[0].self_attn) is torch.nn.MultiheadAttention  # the original is untouched
+    assert twin[1].layers[0].linear1.weight is model[1].layers[0].linear1.weight
+    assert list(twin.state_dict()) == list(model.state_dict())
+    _compare(twin, model, [torch.randn(2, 5, 16, dtype=torch.float64)])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ff.nn.from_torch(3)
+
+
 def test_building_blocks_reject_bad_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         ff.nn.Attention(10, 4)

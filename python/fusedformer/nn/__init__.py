@@ -4,11 +4,13 @@ Drop-ins (same constructor, forward, defaults, extra_repr and state_dict as torc
 RMSNorm, MultiheadAttention, TransformerEncoderLayer, TransformerDecoderLayer, TransformerEncoder,
 TransformerDecoder, Transformer. Building blocks: Attention (self/cross, grouped-query, KV cache),
 FeedForward (plain and gated), Residual (pre/post-norm), positional encodings (sinusoidal,
-learned, rotary, ALiBi, T5 relative position bias).
+learned, rotary, ALiBi, T5 relative position bias). ``from_torch(module)`` gives the drop-in twin
+of a torch.nn module, sharing its parameters.
 """
 
 from fusedformer.nn.alibi import alibi_bias, alibi_slopes
 from fusedformer.nn.attention import Attention
+from fusedformer.nn.convert import from_torch
 from fusedformer.nn.feed_forward import FeedForward
 from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.multihead_attention import MultiheadAttention
@@ -39,6 +41,7 @@ __all__ = [
     "TransformerEncoderLayer",
     "alibi_bias",
     "alibi_slopes",
+    "from_torch",
     "relative_position_bucket",
     "sinusoidal_table",
 ]
