@@ -553,6 +553,8 @@ def test_building_blocks_reject_bad_arguments():
         ff.nn.Attention(10, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
         ff.nn.Attention(16, 4, 3)
+    with pytest.raises(ValueError, match="memory"):
+        ff.nn.Attention(16, 4, cross=True)(torch.randn(1, 3, 16), memory=torch.randn(3, 16))
     with pytest.raises(ValueError, match="norm"):
         ff.nn.Residual(torch.nn.Identity(), 8, norm="batch")
     with pytest.raises(ValueError, match="even"):

@@ -34,8 +34,7 @@ class Attention(torch.nn.Module):
 
     def __init__(self, d_model, num_heads, num_kv_heads=None, *, head_dim=None, kv_dim=None, bias=True,
                  out_bias=None, dropout=0.0, causal=False, cross=False, scale=None, rotary=None, alibi=False,
-                 backend=None,
-                 device=None, dtype=None):
+                 backend=None, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
@@ -68,6 +67,10 @@ class Attention(torch.nn.Module):
         return t.view(B, L, n, self.head_dim).transpose(1, 2)
 
     def forward(self, x, memory=None, attn_mask=None, position_bias=None, past_key_value=None, use_cache=False):
+        for name, t in (("x", x), ("memory", memory)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 3):
+                raise ValueError(f"Attention: {name} must be a 3-D (batch, length, features) tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         B, L, _ = x.shape
         q_BHLD = self._heads(self._proj(x, self.q_proj), self.num_heads)
         past_len = 0
