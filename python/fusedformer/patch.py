@@ -183,9 +183,10 @@ def _norm_forward(kind, eps_name, backend):
     return forward
 
 
-def _probe_norm(module, eps_name):
+def _probe_norm(module, eps_name, backend):
     """Which norm the module's forward computes on a random input with random affine
-    parameters: 'rms', 'layer' or None. The parameters are restored bit for bit."""
+    parameters: 'rms', 'layer' or None (also None when the fused replacement disagrees with the
+    module). The parameters are restored bit for bit."""
     w, b = module.weight, getattr(module, "bias", None)
     shape = tuple(w.shape) if w is not None else tuple(module.normalized_shape)
     eps = getattr(module, eps_name)
@@ -212,11 +213,10 @@ def _probe_norm(module, eps_name):
             rms = rms * w.double() if w is not None else rms
             lay = F.layer_norm(x64, shape, w.double() if w is not None else None,
                                b.double() if b is not None else None, eps)
-            if b is None and _close(y, rms, dtype):
-                return "rms"
-            if _close(y, lay, dtype):
-                return "layer"
-            return None
+            kind = "rms" if b is None and _close(y, rms, dtype) else "layer" if _close(y, lay, dtype) else None
+            if kind is not None and not _close(y, _norm_forward(kind, eps_name, backend)(module, x), dtype):
+                return None
+            return kind
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)
@@ -520,10 +520,12 @@ def _patch_modules(model, ops, backend, verify, report, log, hf):
                 diff, tol, ok = _compare(ref, _run_module(module, probe), _float_param(module).dtype)
                 if not ok:
                     raise PatchVerificationError(f"patch: {label} ({typ.__name__}) differs after the swap "
-                                                 f"(max abs diff {diff:.3g} > {tol:.3g})", report)
+                                                 f"(max abs diff {diff:.3g} > {tol:.3g}); the model was left "
+                                                 "unpatched", report)
             report.replaced.append((label, typ.__name__, f"fusedformer.nn.{cls.__name__}"))
-            for sub in module.modules():
-                done.add(id(sub))
+            # a stack swaps only its own forward: its layers and final norm come next in the walk
+            subs = [module] if cls in (ffnn.TransformerEncoder, ffnn.TransformerDecoder) else module.modules()
+            done.update(id(sub) for sub in subs)
             continue
         if isinstance(module, (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer,
                                torch.nn.TransformerDecoderLayer)):
@@ -560,7 +562,8 @@ def _patch_modules(model, ops, backend, verify, report, log, hf):
 def _run_module(module, probe):
     args, kwargs = probe
     with _eval_no_grad(module):
-        return [t.detach().clone() for t in _output_tensors(module(*args, **kwargs))]
+        # forward, not __call__: the user's hooks do not fire for the probes
+        return [t.detach().clone() for t in _output_tensors(module.forward(*args, **kwargs))]
 
 
 def _try_norm(module, label, backend, report, log):
@@ -579,7 +582,7 @@ def _try_norm(module, label, backend, report, log):
     b = getattr(module, "bias", None)
     if b is not None and not (isinstance(b, torch.nn.Parameter) and w is not None and b.shape == w.shape):
         return False
-    kind = _probe_norm(module, eps_name)
+    kind = _probe_norm(module, eps_name, backend)
     if kind is None:
         report.left.append((label, type(module).__name__, "has a weight and an epsilon but computes neither an RMS "
                             "norm nor a layer norm on a probe input"))
