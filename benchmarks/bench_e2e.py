@@ -159,7 +159,6 @@ def run_one(op, provider, device, dtype, batch, seq, tiny, warmup, iters):
     if report is not None:
         row["patched"] = len(report.replaced)
         row["left"] = [f"{n}: {why}" for n, _, why in report.left]
-    del model, runner
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -4,12 +4,11 @@ hooks, optimizers, verification, the report, unpatch restoring everything exactl
 import copy
 import importlib
 
+import fusedformer as ff
+import fusedformer.nn as ffnn
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fusedformer as ff
-import fusedformer.nn as ffnn
 from fusedformer import backends
 from fusedformer.patch import PatchVerificationError
 
@@ -340,6 +339,18 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="model"):
         ff.unpatch(3)
     assert type(model) is torch.nn.LayerNorm
+
+
+def test_parameterless_norms():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8, elementwise_affine=False), torch.nn.RMSNorm(8, eps=None,
+                                                                                                   elementwise_affine=False))
+    ref = copy.deepcopy(model)
+    ff.patch(model, backend="reference")
+    assert type(model[0]) is ffnn.LayerNorm and type(model[1]) is ffnn.RMSNorm
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    ff.unpatch(model)
+    assert type(model[0]) is torch.nn.LayerNorm
 
 
 def test_deepcopy_of_patched_model_is_patched_independently():

@@ -360,9 +360,15 @@ def _swap(module, log, backend):
     return cls
 
 
+def _dtype_device(module):
+    p = _float_param(module)
+    return (p.dtype, p.device) if p is not None else (torch.get_default_dtype(), torch.device("cpu"))
+
+
 def _probe_inputs(module, gen):
     """Random inputs for one torch.nn module of the swap table (shapes from its attributes)."""
-    p = _float_param(module)
+    dtype, device = _dtype_device(module)
+    p = types.SimpleNamespace(dtype=dtype, device=device)
     if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
         return (torch.randn(2, 3, *module.normalized_shape, generator=gen).to(p.device, p.dtype),), {}
     if isinstance(module, (torch.nn.TransformerEncoder, torch.nn.TransformerDecoder)):
@@ -491,7 +497,7 @@ def _patch_modules(model, ops, backend, verify, report, log, hf):
     done = set()
     whole_layers = all(o in ops for o in OPS)
     gen = torch.Generator().manual_seed(0)
-    for name, module in model.named_modules():
+    for _name, module in model.named_modules():
         if id(module) in done:
             continue
         label = " = ".join(names[id(module)])
@@ -517,7 +523,7 @@ def _patch_modules(model, ops, backend, verify, report, log, hf):
             ref = _run_module(module, probe) if verify else None
             cls = _swap(module, log, backend)
             if verify:
-                diff, tol, ok = _compare(ref, _run_module(module, probe), _float_param(module).dtype)
+                diff, tol, ok = _compare(ref, _run_module(module, probe), _dtype_device(module)[0])
                 if not ok:
                     raise PatchVerificationError(f"patch: {label} ({typ.__name__}) differs after the swap "
                                                  f"(max abs diff {diff:.3g} > {tol:.3g}); the model was left "
