@@ -362,26 +362,36 @@ def test_deepcopy_of_patched_model_is_patched_independently():
     assert clone[0].forward.__self__ is clone[0]
 
 
-def _triton_reason(*families):
-    for fam in families:
-        reason = backends.unsupported_reason("triton", fam, "cpu")
-        if reason is not None:
-            return f"triton backend cannot run {fam} on cpu: {reason}"
-    return None
+def triton_ops():
+    """Patch op groups the triton backend can run on CPU (interpreted) now, and why not the rest."""
+    families = {"attention": ("attention",), "norm": ("layer_norm", "rms_norm"), "mlp": ("linear_act",)}
+    ops, why = [], []
+    for group, fams in families.items():
+        reasons = [backends.unsupported_reason("triton", f, "cpu") for f in fams]
+        if all(r is None for r in reasons):
+            ops.append(group)
+        else:
+            why.append(f"{group}: {next(r for r in reasons if r is not None)}")
+    return tuple(ops), "; ".join(why)
 
 
-@pytest.mark.skipif(_triton_reason("layer_norm", "attention", "linear_act") is not None,
-                    reason=str(_triton_reason("layer_norm", "attention", "linear_act")))
-def test_encoder_layer_on_interpreted_triton():
+@pytest.mark.skipif(not triton_ops()[0], reason=f"triton backend cannot run any patch op on cpu ({triton_ops()[1]})")
+def test_nested_modules_on_interpreted_triton():
+    """Whatever the triton backend supports at test time (whole encoder layers once it runs all
+    three groups), interpreted on CPU: outputs and gradients equal to torch.nn."""
+    ops, _ = triton_ops()
     torch.manual_seed(4)
-    layer = torch.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True, activation=F.gelu)
-    ref = copy.deepcopy(layer)
-    ff.patch(layer, backend="triton")
+    model = torch.nn.Sequential(
+        torch.nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True, activation=F.gelu),
+        torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    ref = copy.deepcopy(model)
+    _, report = ff.patch(model, ops=ops, backend="triton", return_report=True)
+    assert report.replaced
     x = torch.randn(1, 5, 8)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y = ref(x1), layer(x2)
+    y_ref, y = ref(x1), model(x2)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-3)
     y_ref.sum().backward()
     y.sum().backward()
     torch.testing.assert_close(x2.grad, x1.grad, atol=1e-4, rtol=1e-3)
-    _assert_same_grads(_grads(layer), _grads(ref), atol=1e-4, rtol=1e-3)
+    _assert_same_grads(_grads(model), _grads(ref), atol=1e-4, rtol=1e-3)
