@@ -26,3 +26,4 @@ __all__ = [
 ]
 
 from fusedformer import models, nn  # noqa: E402, F401  (subpackages: ff.nn.*, ff.models.*)
+from fusedformer.patch import PatchReport, PatchVerificationError, patch, patch_report, patched, unpatch  # noqa: E402, F401
