@@ -5,9 +5,24 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
 #include "ops.h"
 
 namespace py = pybind11;
+
+// _C links its own static CUDA runtime, whose current device is not torch's: the Python side
+// sets it before every launch (a no-op when it is already current).
+static void set_device(int device) {
+  const cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fusedformer._C: cudaSetDevice(") + std::to_string(device) +
+                             ") failed: " + cudaGetErrorString(err));
+  }
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedformer CUDA kernels (raw-pointer launchers; see python/fusedformer/_backends/cuda)";
@@ -16,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_BFLOAT16") = 2;
   m.attr("ATTENTION_HEAD_DIMS") = py::make_tuple(64, 128);
   auto gil = py::call_guard<py::gil_scoped_release>();
+  m.def("set_device", &set_device);
   m.def("softmax_forward", &ff::softmax_forward, gil);
   m.def("softmax_backward", &ff::softmax_backward, gil);
   m.def("layer_norm_forward", &ff::layer_norm_forward, gil);
