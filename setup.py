@@ -98,7 +98,8 @@ class BuildExt(build_ext):
             objs.append(str(obj))
             rule = "cu" if src.suffix == ".cu" else "cxx"
             lines.append(f"build {obj}: {rule} {src}")
-        headers = " ".join(str(p) for p in sorted(CSRC.glob("*.cuh")))
+        # every header is an implicit dependency: editing one rebuilds the objects
+        headers = " ".join(str(p) for p in sorted([*CSRC.glob("*.cuh"), *CSRC.glob("*.h")]))
         ninja = "\n".join([
             f"nvcc = {nvcc}",
             "rule cu",

@@ -1,0 +1,164 @@
+// Epilogue of linear_act: the GEMM z = x @ W^T stays torch's matmul; these kernels add the
+// bias and apply the activation (forward), or turn dy into dh (backward).
+// forward reads M*Nz (+ Nz bias), writes M*Nz (preact, in place over z) + M*Ny (y);
+// backward reads M*Ny + M*Nz, writes M*Nz. Gated activations: Nz = 2 * Ny, gate = h[:, :Ny],
+// up = h[:, Ny:], y = act(gate) * up.
+#include "common.cuh"
+#include "ops.h"
+
+namespace ff {
+namespace {
+
+// codes shared with python/fusedformer/_backends/cuda/linear_act.py
+enum Act : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4, kSwiglu = 5, kGeglu = 6 };
+
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+
+__device__ __forceinline__ float act_fwd(float h, int act) {
+  switch (act) {
+    case kRelu: return h <= 0.f ? 0.f : h;  // NaN stays NaN
+    case kGelu: case kGeglu: return 0.5f * h * (1.f + erff(h * kInvSqrt2));
+    case kGeluTanh: return 0.5f * h * (1.f + tanhf(kSqrt2OverPi * (h + 0.044715f * h * h * h)));
+    case kSilu: case kSwiglu: return h / (1.f + expf(-h));
+    default: return h;
+  }
+}
+
+__device__ __forceinline__ float act_grad(float h, int act) {
+  switch (act) {
+    case kRelu: return isnan(h) ? h : (h > 0.f ? 1.f : 0.f);
+    case kGelu: case kGeglu:
+      return 0.5f * (1.f + erff(h * kInvSqrt2)) + h * expf(-0.5f * h * h) * kInvSqrt2Pi;
+    case kGeluTanh: {
+      const float t = tanhf(kSqrt2OverPi * (h + 0.044715f * h * h * h));
+      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * h * h);
+    }
+    case kSilu: case kSwiglu: {
+      const float s = 1.f / (1.f + expf(-h));
+      return s * (1.f + h * (1.f - s));
+    }
+    default: return 1.f;
+  }
+}
+
+// One thread handles W consecutive output columns j of one row; blocks tile (columns, rows).
+template <typename T, bool VEC, bool GATED>
+__global__ void bias_act_fwd_kernel(T* __restrict__ z,              // GEMM output (M, Nz), row stride sz; becomes preact
+                                    const float* __restrict__ bias, // (Nz,) or null
+                                    T* __restrict__ y,              // output (M, Ny), row stride sy
+                                    int64_t M, int64_t Ny, int64_t sz, int64_t sy, int act) {
+  constexpr int V = VEC ? kVec<T> : 1;
+  const int64_t j0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (j0 >= Ny) return;
+  auto body = [&](int64_t row, int64_t j, auto w_) {
+    constexpr int W = decltype(w_)::value;
+    T* zr = z + row * sz;
+    float g[W], out[W];
+    load_f<W>(zr + j, g);
+#pragma unroll
+    for (int k = 0; k < W; ++k) g[k] += bias ? bias[j + k] : 0.f;
+    store_f<W>(zr + j, g);
+    if constexpr (GATED) {
+      float u[W];
+      load_f<W>(zr + Ny + j, u);
+#pragma unroll
+      for (int k = 0; k < W; ++k) u[k] += bias ? bias[Ny + j + k] : 0.f;
+      store_f<W>(zr + Ny + j, u);
+#pragma unroll
+      for (int k = 0; k < W; ++k) out[k] = act_fwd(g[k], act) * u[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) out[k] = act_fwd(g[k], act);
+    }
+    store_f<W>(y + row * sy + j, out);
+  };
+  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
+    if (j0 + V <= Ny) {
+      body(row, j0, Width<V>{});
+    } else {
+      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});  // the row's last partial vector
+    }
+  }
+}
+
+// dh = dy * act'(h); gated: dgate = dy * up * act'(gate), dup = dy * act(gate).
+template <typename T, bool VEC, bool GATED>
+__global__ void bias_act_bwd_kernel(const T* __restrict__ dy,  // grad of y (M, Ny), row stride sdy
+                                    const T* __restrict__ h,   // preact (M, Nz), row stride sh
+                                    T* __restrict__ dh,        // grad of preact (M, Nz), row stride sdh
+                                    int64_t M, int64_t Ny, int64_t sdy, int64_t sh, int64_t sdh, int act) {
+  constexpr int V = VEC ? kVec<T> : 1;
+  const int64_t j0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (j0 >= Ny) return;
+  auto body = [&](int64_t row, int64_t j, auto w_) {
+    constexpr int W = decltype(w_)::value;
+    float g[W], a[W];
+    load_f<W>(dy + row * sdy + j, g);
+    load_f<W>(h + row * sh + j, a);
+    if constexpr (GATED) {
+      float u[W], dg[W], du[W];
+      load_f<W>(h + row * sh + Ny + j, u);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        dg[k] = g[k] * u[k] * act_grad(a[k], act);
+        du[k] = g[k] * act_fwd(a[k], act);
+      }
+      store_f<W>(dh + row * sdh + j, dg);
+      store_f<W>(dh + row * sdh + Ny + j, du);
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) a[k] = g[k] * act_grad(a[k], act);
+      store_f<W>(dh + row * sdh + j, a);
+    }
+  };
+  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
+    if (j0 + V <= Ny) {
+      body(row, j0, Width<V>{});
+    } else {
+      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});
+    }
+  }
+}
+
+constexpr int kThreads = 256;
+
+}  // namespace
+
+void bias_act_forward(int dtype, uintptr_t z, uintptr_t bias, uintptr_t y, int64_t M, int64_t Ny, int64_t sz,
+                      int64_t sy, int act, bool vec, uintptr_t stream) {
+  require(M >= 0 && Ny >= 0, "bias_act_forward: negative size");
+  require(act >= kRelu && act <= kGeglu, "bias_act_forward: unknown activation code");
+  if (M == 0 || Ny == 0) return;
+  const bool gated = act == kSwiglu || act == kGeglu;
+  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  FF_DISPATCH(dtype, T, {
+    const int64_t V = vec ? kVec<T> : 1;
+    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
+    auto kernel = gated ? (vec ? bias_act_fwd_kernel<T, true, true> : bias_act_fwd_kernel<T, false, true>)
+                        : (vec ? bias_act_fwd_kernel<T, true, false> : bias_act_fwd_kernel<T, false, false>);
+    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<T>(z), ptr<const float>(bias), ptr<T>(y), M, Ny, sz, sy, act);
+  });
+  FF_LAUNCH_CHECK("bias_act_fwd_kernel");
+}
+
+void bias_act_backward(int dtype, uintptr_t dy, uintptr_t h, uintptr_t dh, int64_t M, int64_t Ny, int64_t sdy,
+                       int64_t sh, int64_t sdh, int act, bool vec, uintptr_t stream) {
+  require(M >= 0 && Ny >= 0, "bias_act_backward: negative size");
+  require(act >= kRelu && act <= kGeglu, "bias_act_backward: unknown activation code");
+  if (M == 0 || Ny == 0) return;
+  const bool gated = act == kSwiglu || act == kGeglu;
+  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  FF_DISPATCH(dtype, T, {
+    const int64_t V = vec ? kVec<T> : 1;
+    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
+    auto kernel = gated ? (vec ? bias_act_bwd_kernel<T, true, true> : bias_act_bwd_kernel<T, false, true>)
+                        : (vec ? bias_act_bwd_kernel<T, true, false> : bias_act_bwd_kernel<T, false, false>);
+    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<const T>(dy), ptr<const T>(h), ptr<T>(dh), M, Ny, sdy, sh,
+                                                     sdh, act);
+  });
+  FF_LAUNCH_CHECK("bias_act_bwd_kernel");
+}
+
+}  // namespace ff

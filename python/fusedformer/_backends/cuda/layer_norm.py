@@ -1,0 +1,70 @@
+"""cuda backend: LayerNorm over the last dim of (M, N) rows, residual add fused
+(csrc/layer_norm.cu). dweight/dbias are reduced deterministically: per-block partial sums, then
+a second kernel over the blocks."""
+
+import torch
+
+from fusedformer._backends.cuda import _common
+
+REQUIRED_SYMBOLS = ("layer_norm_forward", "layer_norm_backward", "set_device")
+
+
+def unsupported(x, weight, bias, eps, residual):
+    reason = _common.dtype_reason("layer_norm", x)
+    if reason:
+        return reason
+    if residual is not None and residual.dtype != x.dtype:
+        return (f"the cuda layer_norm kernel needs residual in x's dtype ({str(x.dtype).replace('torch.', '')}), "
+                f"got {str(residual.dtype).replace('torch.', '')}")
+    return None
+
+
+def _vector(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def num_partials(M, device):
+    """Blocks of the backward = rows of the dW/dB partial buffers: enough to fill the GPU twice."""
+    return max(1, min(M, 2 * _common.num_sms(device)))
+
+
+def layer_norm_forward(x, weight, bias, eps, residual=None):
+    ext = _common.extension(REQUIRED_SYMBOLS)
+    x2, r2 = _common.unit_rows(x), _common.unit_rows(residual)
+    M, N = x2.shape
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
+    mean = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    w, b = _vector(weight), _vector(bias)
+    with _common.launch_context(x) as stream:
+        ext.layer_norm_forward(_common.code(x), x2.data_ptr(), _common.ptr(r2), _common.ptr(w), _common.ptr(b),
+                               y.data_ptr(), _common.ptr(res_out), mean.data_ptr(), rstd.data_ptr(), M, N,
+                               x2.stride(0), _common.row_stride(r2), y.stride(0), _common.row_stride(res_out),
+                               float(eps), _common.rows_aligned(x2, r2, y, res_out), stream)
+    return y, res_out, mean, rstd
+
+
+def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
+    ext = _common.extension(REQUIRED_SYMBOLS)
+    x2 = _common.unit_rows(x)
+    dy2 = _common.unit_rows(grad_y.to(x.dtype))
+    dr2 = _common.unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
+    M, N = x2.shape
+    dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    nparts = num_partials(M, x.device)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dw_part = torch.empty(nparts, N, **f32) if weight is not None else None
+    db_part = torch.empty(nparts, N, **f32) if bias is not None else None
+    dw = torch.empty(N, **f32) if weight is not None else None
+    db = torch.empty(N, **f32) if bias is not None else None
+    w = _vector(weight)
+    mean32, rstd32 = mean.to(torch.float32).contiguous(), rstd.to(torch.float32).contiguous()
+    with _common.launch_context(x) as stream:
+        ext.layer_norm_backward(_common.code(x), dy2.data_ptr(), x2.data_ptr(), _common.ptr(w), mean32.data_ptr(),
+                                rstd32.data_ptr(), _common.ptr(dr2), dx.data_ptr(), _common.ptr(dw_part),
+                                _common.ptr(db_part), _common.ptr(dw), _common.ptr(db), M, N, dy2.stride(0),
+                                x2.stride(0), _common.row_stride(dr2), dx.stride(0), nparts,
+                                _common.rows_aligned(dy2, x2, dr2, dx), stream)
+    return (dx, dw.to(weight.dtype) if weight is not None else None,
+            db.to(bias.dtype) if bias is not None else None)
