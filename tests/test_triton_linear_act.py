@@ -245,3 +245,70 @@ def test_gpu_gemm_large(activation, use_tma, M, K, N, monkeypatch):
     monkeypatch.setattr(mm_kernels, "USE_TMA", use_tma)
     monkeypatch.setenv("FUSEDFORMER_LINEAR_ACT_PATH", "gemm")
     assert_parity(run_case(case(M, K, N, activation), "triton", torch.bfloat16, device="cuda"))
+
+
+_COMPILE_SCRIPT = r'''
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedformer.kernels import bias_act as BA
+from fusedformer.kernels import matmul_act as MA
+
+# 16-byte divisibility: what the launcher's specialisation sees for aligned tensors and row strides
+ALIGNED = ("X", "W", "B", "Y", "P", "DY", "DB", "H", "DH", "stride_xm", "stride_wn", "stride_dym", "stride_hm", "K")
+
+
+def compile_for(kernel, ptrs, consts, arch=90, warps=8, stages=3):
+    sig = {n: ("constexpr" if n in consts else ptrs.get(n, "i32")) for n in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if n in ALIGNED and n not in consts and not sig[n].startswith("tensordesc")}
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def gemm(dt, tma, mode, gated, act, precision="tf32", arch=90, even_k=False):
+    desc = f"tensordesc<{dt}[128, 64]>"
+    ptrs = {"X": desc if tma else "*" + dt, "W": desc if tma else "*" + dt, "B": "*" + dt, "Y": "*" + dt,
+            "P": "*" + dt, "DY": "*" + dt, "DB": "*fp32"}
+    consts = dict(MODE=mode, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=mode == 1, STORE_P=True, USE_TMA=tma,
+                  EVEN_K=even_k, INPUT_PRECISION=precision, GROUP_M=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                  stride_xk=1, stride_wk=1)
+    return compile_for(MA._matmul_act_kernel, ptrs, consts, arch)
+
+
+k = gemm("bf16", True, 0, True, 4)
+assert "cp.async.bulk.tensor" in k.asm["ptx"] and "wgmma" in k.asm["ptx"], "TMA + wgmma expected on sm_90"
+gemm("fp16", True, 1, False, 3)
+k = gemm("bf16", False, 0, False, 2)
+# the pointer path must be software-pipelined (async copies into num_stages buffers)
+assert "async_copy_global_to_local" in k.asm["ttgir"] and k.metadata.shared >= 2 * 32768, k.metadata.shared
+gemm("bf16", False, 1, True, 2, even_k=True)
+gemm("fp32", False, 0, False, 1, precision="ieee", arch=80)
+for act, gated in ((3, False), (4, True)):
+    compile_for(BA._bias_act_fwd_kernel, {"H": "*bf16", "B": "*bf16", "Y": "*bf16", "P": "*bf16"},
+                dict(HAS_BIAS=True, ACT=act, GATED=gated, STORE_PREACT=True, CD=tl.float32, BLOCK_M=32,
+                     BLOCK_N=128), 90, 4)
+    compile_for(BA._bias_act_bwd_kernel, {n: "*fp64" for n in ("DY", "H", "B", "DH", "Y", "DB")},
+                dict(ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ACT=act, GATED=gated, CD=tl.float64, BLOCK_M=32,
+                     BLOCK_N=128), 90, 4)
+print("ok")
+'''
+
+
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter never runs triton's compiler: compile the GPU paths (TMA + wgmma, the pipelined
+    pointer path, fp32 ieee for sm_80, the elementwise kernels) to cubins so compile-only errors and a
+    lost software pipeline show up on CPU machines too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
