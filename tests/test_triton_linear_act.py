@@ -166,6 +166,21 @@ def test_nan_propagates(activation, path):
         assert torch.isnan(dx[3]).all() and torch.isnan(db).all()
 
 
+@pytest.mark.parametrize("activation", ("gelu", "swiglu"))
+def test_no_grad_call_skips_the_preact(activation, path):
+    """Without autograd ff.linear_act runs fusedformer::linear_act_infer: same y, no preact written."""
+    g = torch.Generator().manual_seed(6)
+    x, w, b = torch.randn(11, 24, generator=g), torch.randn(40, 24, generator=g) / 5, torch.randn(40, generator=g)
+    with torch.no_grad():
+        y_infer = ff.linear_act(x, w, b, activation, backend="triton")
+    y_train = ff.linear_act(x, w.requires_grad_(), b, activation, backend="triton")
+    torch.testing.assert_close(y_infer, y_train.detach(), rtol=0, atol=0)
+    w.requires_grad_(False)
+    for backend in ("triton", "reference"):
+        torch.library.opcheck(torch.ops.fusedformer.linear_act_infer.default, (x, w, b, activation, backend))
+        torch.library.opcheck(torch.ops.fusedformer.linear_act_infer.default, (x, w, None, activation, backend))
+
+
 def test_bias_grad_is_deterministic(path):
     g = torch.Generator().manual_seed(4)
     x, w, b = torch.randn(67, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
