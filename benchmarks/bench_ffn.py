@@ -41,6 +41,7 @@ ACTS = ["gelu", "swiglu"]
 PASSES = ["fwd", "bwd"]
 PROVIDERS = ["fusedformer-triton", "torch-eager", "torch-compile", "torch-matmul"]
 DTYPE = torch.bfloat16
+DEVICE = "cuda"
 ROWS = []
 
 
@@ -93,7 +94,7 @@ def _fn(op, provider, activation, recompute):
 def _inputs(op, T, D, activation, grad):
     Fh = 4 * D
     n1 = 2 * Fh if activation == "swiglu" else Fh
-    mk = lambda *s, scale=1.0: (torch.randn(*s, device="cuda", dtype=DTYPE) * scale).requires_grad_(grad)  # noqa: E731
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=DEVICE, dtype=DTYPE) * scale).requires_grad_(grad)  # noqa: E731
     args = [mk(T, D), mk(n1, D, scale=D**-0.5), mk(n1, scale=0.1)]
     if op == "feed_forward":
         args += [mk(D, Fh, scale=Fh**-0.5), mk(D, scale=0.1)]
@@ -117,15 +118,15 @@ def _make(op, provider, T, D, activation, pass_, recompute):
             torch.cuda.synchronize()
             return lambda: fn(*args)
         dy = torch.randn_like(out)
-        torch.autograd.grad(out, args, dy, retain_graph=True)
+        torch.autograd.grad(out, args, dy, retain_graph=True, allow_unused=True)
         torch.cuda.synchronize()
     except (RuntimeError, NotImplementedError, ValueError) as exc:  # OOM, or the provider cannot run it
         return pytest.skip(f"{provider}: {str(exc).splitlines()[0][:200]}")
     if pass_ == "bwd":
-        return lambda: torch.autograd.grad(out, args, dy, retain_graph=True)
+        return lambda: torch.autograd.grad(out, args, dy, retain_graph=True, allow_unused=True)
 
     def fwd_bwd():
-        torch.autograd.grad(fn(*args), args, dy)
+        torch.autograd.grad(fn(*args), args, dy, allow_unused=True)
 
     return fwd_bwd
 
@@ -197,10 +198,10 @@ def test_dispatch_overhead(benchmark, provider):
 
 def _ceilings():
     """A large device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s), measured now."""
-    x = torch.empty(1 << 28, device="cuda", dtype=torch.uint8)
+    x = torch.empty(1 << 28, device=DEVICE, dtype=torch.uint8)
     y = torch.empty_like(x)
     copy_ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
     mm_ms = triton.testing.do_bench(lambda: a @ a, return_mode="median")
     return {"copy_gbps": 2 * x.numel() / (copy_ms * 1e-3) / 1e9,
             "matmul_bf16_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12}
@@ -216,8 +217,8 @@ def _markdown(doc):
             rows = [r for r in timed if r["op"] == op and r["pass"] == pass_]
             if not rows:
                 continue
-            lines += [f"## {op} {pass_} (TFLOP/s)", "",
-                      "| shape | " + " | ".join(PROVIDERS) + " | vs eager | vs matmul |", "|" + "---|" * (len(PROVIDERS) + 3)]
+            head = "| shape | " + " | ".join(PROVIDERS) + " | vs eager | vs matmul |"
+            lines += [f"## {op} {pass_} (TFLOP/s)", "", head, "|" + "---|" * (len(PROVIDERS) + 3)]
             shapes = []
             for r in rows:
                 if r["shape"] not in shapes:
@@ -228,7 +229,8 @@ def _markdown(doc):
                 ours = got.get("fusedformer-triton")
                 ratio = lambda other: f"{ours / got[other]:.2f}x" if ours and got.get(other) else "-"  # noqa: E731
                 name = ",".join(f"{k}={v}" for k, v in shape.items())
-                lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio('torch-eager')} | {ratio('torch-matmul')} |")
+                vs = f" | {ratio('torch-eager')} | {ratio('torch-matmul')} |"
+                lines.append(f"| {name} | " + " | ".join(cells) + vs)
             lines.append("")
     return "\n".join(lines)
 

@@ -2,11 +2,10 @@
 reference and triton backends, recompute=True against recompute=False, what the backward keeps,
 opcheck on fusedformer::feed_forward_fwd / _bwd, and torch.compile(fullgraph=True)."""
 
+import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fusedformer as ff
 from fusedformer import reference
 from fusedformer.parity import Case, run_case
 
@@ -162,8 +161,8 @@ def test_opcheck(bias, recompute, backend, device):
     y, hidden, preact = torch.ops.fusedformer.feed_forward_fwd.default(*args)
     dy = torch.randn_like(y)
     x, w1, b1, w2, b2, act, be, rc = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(torch.ops.fusedformer.feed_forward_bwd.default, (dy, x, w1, b1, w2, b2, hidden.detach(), preact.detach(), act,
-                                                    be, rc))
+    bwd_args = (dy, x, w1, b1, w2, b2, hidden.detach(), preact.detach(), act, be, rc)
+    torch.library.opcheck(torch.ops.fusedformer.feed_forward_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("recompute", (False, True))

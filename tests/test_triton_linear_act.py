@@ -6,11 +6,10 @@ NaN, the recompute backward and the TMA descriptors (the interpreter runs them t
 runs under TRITON_INTERPRET=1 (conftest); shapes are small.
 """
 
+import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
-
-import fusedformer as ff
 from fusedformer import reference
 from fusedformer.kernels import matmul_act as mm_kernels
 from fusedformer.parity import Case, run_case
