@@ -9,8 +9,8 @@ h). Backward, with the same symbols:
     db   = sum_rows(dh)
 
 reads M*N_out + M*N, writes M*N. db is reduced deterministically: each program writes the
-column sums of its BLOCK_M rows to its own row of an fp32 partials buffer, which the launcher
-sums (no atomics). The activation functions here are shared with kernels/matmul_act.py.
+column sums of its ROW_BLOCKS * BLOCK_M rows to its own row of an fp32 partials buffer, which
+the launcher sums (no atomics). The activation functions here are shared with kernels/matmul_act.py.
 
 Activation codes: IDENTITY 0, RELU 1, GELU (erf) 2, GELU_TANH 3, SILU 4; swiglu and geglu are
 SILU and GELU with ``gated``. Math runs in float32 (float64 for float64 inputs).
@@ -132,58 +132,67 @@ def _bias_act_bwd_kernel(
     B,  # bias (N,); read only when ADD_BIAS
     DH,  # gradient w.r.t. preact, (M, N) contiguous
     Y,  # recomputed act output (M, N_OUT) contiguous; written only when STORE_Y
-    DB,  # bias-gradient partials, (cdiv(M, BLOCK_M), N) in CD; written only when BIAS_GRAD
+    DB,  # bias-gradient partials, (cdiv(M, BLOCK_M * ROW_BLOCKS), N) in CD; written only when BIAS_GRAD
     M, N_OUT,
     stride_dym, stride_dyn,  # strides of DY
     stride_hm, stride_hn,  # strides of H
     ADD_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, STORE_Y: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, CD: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,  # BLOCK_M-row blocks per program: fewer, larger bias partials
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N_OUT
-    mask = (rows[:, None] < M) & col_ok[None, :]
     n_total = 2 * N_OUT if GATED else N_OUT
-    dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(CD)
-    h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
-    dh_ptrs = DH + rows[:, None] * n_total + cols[None, :]
-    if GATED:
-        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
-        up = tl.load(h_ptrs + N_OUT * stride_hn, mask=mask, other=0.0).to(CD)
-        if ADD_BIAS:
-            gate += tl.load(B + cols, mask=col_ok, other=0.0).to(CD)[None, :]
-            up += tl.load(B + N_OUT + cols, mask=col_ok, other=0.0).to(CD)[None, :]
-        a = act_fn(gate, ACT)
-        d_gate = dy * up * act_grad_fn(gate, ACT)
-        d_up = dy * a
-        tl.store(dh_ptrs, d_gate.to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_ptrs + N_OUT, d_up.to(DH.dtype.element_ty), mask=mask)
-        if STORE_Y:
-            tl.store(Y + rows[:, None] * N_OUT + cols[None, :], (a * up).to(Y.dtype.element_ty), mask=mask)
-        if BIAS_GRAD:
-            # summed before rounding to DH's dtype: closer to the float64 oracle
-            d_gate = tl.where(mask, d_gate, 0.0)
-            d_up = tl.where(mask, d_up, 0.0)
-            db_ptrs = DB + pid_m.to(tl.int64) * n_total + cols
-            tl.store(db_ptrs, tl.sum(d_gate, axis=0), mask=col_ok)
-            tl.store(db_ptrs + N_OUT, tl.sum(d_up, axis=0), mask=col_ok)
-    else:
-        if ACT == 0 and not STORE_Y:
-            dh = dy  # identity: the preact is never read
-        else:
-            h = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
+    if ADD_BIAS:
+        b_gate = tl.load(B + cols, mask=col_ok, other=0.0).to(CD)[None, :]
+        if GATED:
+            b_up = tl.load(B + N_OUT + cols, mask=col_ok, other=0.0).to(CD)[None, :]
+    db_gate = tl.zeros((BLOCK_N,), dtype=CD)
+    db_up = tl.zeros((BLOCK_N,), dtype=CD)
+    for i in range(ROW_BLOCKS):
+        rows = (pid_m.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows[:, None] < M) & col_ok[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(CD)
+        h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
+        dh_ptrs = DH + rows[:, None] * n_total + cols[None, :]
+        y_ptrs = Y + rows[:, None] * N_OUT + cols[None, :]
+        if GATED:
+            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
+            up = tl.load(h_ptrs + N_OUT * stride_hn, mask=mask, other=0.0).to(CD)
             if ADD_BIAS:
-                h += tl.load(B + cols, mask=col_ok, other=0.0).to(CD)[None, :]
-            dh = dy * act_grad_fn(h, ACT)
+                gate += b_gate
+                up += b_up
+            a = act_fn(gate, ACT)
+            d_gate = dy * up * act_grad_fn(gate, ACT)
+            d_up = dy * a
+            tl.store(dh_ptrs, d_gate.to(DH.dtype.element_ty), mask=mask)
+            tl.store(dh_ptrs + N_OUT, d_up.to(DH.dtype.element_ty), mask=mask)
             if STORE_Y:
-                tl.store(Y + rows[:, None] * N_OUT + cols[None, :], act_fn(h, ACT).to(Y.dtype.element_ty),
-                         mask=mask)
-        tl.store(dh_ptrs, dh.to(DH.dtype.element_ty), mask=mask)
-        if BIAS_GRAD:
-            dh = tl.where(mask, dh, 0.0)
-            tl.store(DB + pid_m.to(tl.int64) * n_total + cols, tl.sum(dh, axis=0), mask=col_ok)
+                tl.store(y_ptrs, (a * up).to(Y.dtype.element_ty), mask=mask)
+            if BIAS_GRAD:
+                # summed before rounding to DH's dtype: closer to the float64 oracle
+                db_gate += tl.sum(tl.where(mask, d_gate, 0.0), axis=0)
+                db_up += tl.sum(tl.where(mask, d_up, 0.0), axis=0)
+        else:
+            if ACT == 0 and not STORE_Y:
+                dh = dy  # identity: the preact is never read
+            else:
+                h = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
+                if ADD_BIAS:
+                    h += b_gate
+                dh = dy * act_grad_fn(h, ACT)
+                if STORE_Y:
+                    tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
+            tl.store(dh_ptrs, dh.to(DH.dtype.element_ty), mask=mask)
+            if BIAS_GRAD:
+                db_gate += tl.sum(tl.where(mask, dh, 0.0), axis=0)
+    if BIAS_GRAD:
+        db_ptrs = DB + pid_m.to(tl.int64) * n_total + cols
+        tl.store(db_ptrs, db_gate, mask=col_ok)
+        if GATED:
+            tl.store(db_ptrs + N_OUT, db_up, mask=col_ok)
 
 
 def _compute_dtype(dtype):
@@ -201,6 +210,16 @@ def _grid(M, n_out, block_m, block_n):
     if grid_n > 65535:
         raise ValueError(f"bias_act: output width {n_out} is too wide for the grid (at most {65535 * block_n})")
     return (triton.cdiv(M, block_m), grid_n)
+
+
+def _row_blocks(M, n_out, block_m, block_n):
+    """Row blocks per backward program: up to 8 (partials 8x smaller) while >= 1024 programs remain."""
+    if interpreted():
+        return 2  # the interpreter walks the loop too
+    rb = 8
+    while rb > 1 and triton.cdiv(M, block_m * rb) * triton.cdiv(n_out, block_n) < 1024:
+        rb //= 2
+    return rb
 
 
 def bias_act_forward(h, bias, activation, store_preact=True, out_dtype=None):
@@ -250,13 +269,15 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     block_m, block_n = _blocks(n_out)
     if M == 0 or n_out == 0:
         return dh.zero_(), (torch.zeros(N, device=dev, dtype=cd) if bias_grad else None), y
-    grid = _grid(M, n_out, block_m, block_n)
+    row_blocks = _row_blocks(M, n_out, block_m, block_n)
+    grid = _grid(M, n_out, block_m * row_blocks, block_n)
     partials = torch.empty(grid[0], N, device=dev, dtype=cd) if bias_grad else None
     _bias_act_bwd_kernel[grid](
         grad_y, h, bias if bias is not None else h, dh, y if y is not None else dh,
         partials if partials is not None else dh, M, n_out,
         grad_y.stride(0), grad_y.stride(1), h.stride(0), h.stride(1),
         ADD_BIAS=add_bias and bias is not None, BIAS_GRAD=bias_grad, STORE_Y=store_y,
-        ACT=act, GATED=gated, CD=_compute_dtype(out_dtype), BLOCK_M=block_m, BLOCK_N=block_n)
+        ACT=act, GATED=gated, CD=_compute_dtype(out_dtype), ROW_BLOCKS=row_blocks, BLOCK_M=block_m,
+        BLOCK_N=block_n)
     db = partials.sum(0) if bias_grad else None
     return dh, db, y

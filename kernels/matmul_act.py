@@ -21,7 +21,8 @@ from FUSEDFORMER_ALLOW_TF32=1, or assign the module attribute) allows tf32. On s
 16-byte aligned rows (K a multiple of 8 for 16-bit dtypes) the operands stream through TMA
 descriptors in a persistent kernel (one program per SM walking tiles in grouped order); else
 masked pointer loads, where rows and columns past the edge wrap (loads stay in bounds) and
-stores are masked. Configs are autotuned per (M bucket, N_OUT, K, mode, gated, dtypes).
+stores are masked. Configs are autotuned per (M bucket, N_OUT, K, mode, gated, dtypes) and the
+choice is cached in memory and on disk (triton's cache dir).
 """
 
 import functools
@@ -201,7 +202,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["M_BUCKET", "N_OUT", "K", "MODE", "GATED", "ACT", "USE_TMA", "STORE_P", "STORE_Y"]
-_tuned_kernel = triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+# cache_results: the timings also persist in triton's cache dir, so a new process skips the tuning
+_tuned_kernel = triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                                cache_results=True)(
     triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_matmul_act_kernel))
 
 # the interpreter (CPU tests): one small config, no autotuning

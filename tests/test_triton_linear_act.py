@@ -306,8 +306,8 @@ for act, gated in ((3, False), (4, True)):
                 dict(HAS_BIAS=True, ACT=act, GATED=gated, STORE_PREACT=True, CD=tl.float32, BLOCK_M=32,
                      BLOCK_N=128), 90, 4)
     compile_for(BA._bias_act_bwd_kernel, {n: "*fp64" for n in ("DY", "H", "B", "DH", "Y", "DB")},
-                dict(ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ACT=act, GATED=gated, CD=tl.float64, BLOCK_M=32,
-                     BLOCK_N=128), 90, 4)
+                dict(ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ACT=act, GATED=gated, CD=tl.float64, ROW_BLOCKS=8,
+                     BLOCK_M=32, BLOCK_N=128), 90, 4)
 print("ok")
 '''
 
