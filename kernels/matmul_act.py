@@ -18,7 +18,7 @@ dW = dh^T @ x are plain GEMMs left to cuBLAS by the backend.
 
 Accumulation is fp32. fp32 inputs multiply in full fp32 ("ieee") unless ``ALLOW_TF32`` (set
 from FUSEDFORMER_ALLOW_TF32=1, or assign the module attribute) allows tf32. On sm_90+ with
-16-byte aligned rows (K a multiple of 8 for 16-bit dtypes) the operands stream through TMA
+16-byte aligned rows (16-bit dtypes, K a multiple of 8) the operands stream through TMA
 descriptors in a persistent kernel (one program per SM walking tiles in grouped order); else
 masked pointer loads, where rows and columns past the edge wrap (loads stay in bounds) and
 stores are masked. Configs are autotuned per (M bucket, N_OUT, K, mode, gated, dtypes) and the
@@ -217,9 +217,11 @@ def _sm_count(index):
 
 
 def tma_eligible(x, weight):
-    """Operands a TMA descriptor can address: unit inner stride, 16-byte aligned base and rows."""
+    """Operands the TMA path takes: 16-bit, non-empty, unit inner stride, 16-byte aligned base and
+    rows (fp32 keeps the pointer path: its 64-wide K boxes would exceed the 128-byte swizzle)."""
     es = x.element_size()
-    return (x.stride(1) == 1 and weight.stride(1) == 1 and (x.stride(0) * es) % 16 == 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.numel() > 0 and weight.numel() > 0
+            and x.stride(1) == 1 and weight.stride(1) == 1 and (x.stride(0) * es) % 16 == 0
             and (weight.stride(0) * es) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
