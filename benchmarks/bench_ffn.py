@@ -11,7 +11,7 @@ N1 = w1's rows, F = d_ff: linear_act fwd 2*T*D*N1, feed_forward fwd 2*T*D*N1 + 2
 2x fwd (dX and dW GEMMs). feed_forward(recompute=True) is charged the same model FLOPs: its extra
 x @ w1^T GEMM in the backward is the price of not storing the T x N1 preact and T x F hidden.
 Times are CUDA-event medians (triton.testing.do_bench); "bwd" times the backward alone on a
-retained graph. Every row is written in DESIGN.md's results format to
+retained graph, "fwd+bwd" a whole training step of the op. Every row is written in DESIGN.md's results format to
 benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
 Targets on H100 bf16: fused forward >= 1.1x torch eager and >= 0.95x the bare matmul.
 """
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.gpu
 D_MODELS = [768, 1024, 4096]
 TOKENS = [256, 4096, 16384, 32768]
 ACTS = ["gelu", "swiglu"]
-PASSES = ["fwd", "bwd"]
+PASSES = ["fwd", "bwd", "fwd+bwd"]
 PROVIDERS = ["fusedformer-triton", "torch-eager", "torch-compile", "torch-matmul"]
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -213,7 +213,7 @@ def _markdown(doc):
              f"versions: {doc['versions']}; ceilings: {doc['ceilings']}", ""]
     timed = [r for r in doc["rows"] if r["tflops"] is not None]
     for op in ("linear_act", "feed_forward"):
-        for pass_ in PASSES + ["fwd+bwd"]:
+        for pass_ in PASSES:
             rows = [r for r in timed if r["op"] == op and r["pass"] == pass_]
             if not rows:
                 continue
