@@ -85,9 +85,33 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
                          f"([gate; up]), got {weight.shape[0]}")
 
 
+@torch.library.custom_op("fusedformer::linear_act_infer", mutates_args=())
+def linear_act_infer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
+                     backend: str) -> torch.Tensor:
+    """x (M, K) -> y alone, for calls that need no gradient: a backend offering the optional
+    ``linear_act_inference`` skips writing the (M, N) preact."""
+    impl = "reference" if x.numel() == 0 or weight.numel() == 0 else backend
+    try:
+        fn = backends.get_op(impl, "linear_act_inference")
+    except AttributeError:
+        return backends.get_op(impl, "linear_act_forward")(x, weight, bias, activation)[0].contiguous()
+    return fn(x, weight, bias, activation).contiguous()
+
+
+@linear_act_infer.register_fake
+def _(x, weight, bias, activation, backend):
+    return x.new_empty(x.shape[0], output_width(weight, activation))
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear_act_rows(x2, weight, bias, activation, backend):
     """linear_act on 2-D (M, K) rows, x2 already validated."""
     name = backends.select(OP, x2.device, (x2, weight, bias, activation), backend)
+    if not _needs_grad(x2, weight, bias):
+        return linear_act_infer(x2, weight, bias, activation, name)
     return linear_act_fwd(x2, weight, bias, activation, name)[0]
 
 
