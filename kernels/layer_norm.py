@@ -22,7 +22,6 @@ Rows may have any row stride (unit column stride); offsets are int64.
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.kernels import _rows
 
 

@@ -21,7 +21,6 @@ Shape legend: M rows (n_a * n_b), N softmax length.
 
 import triton
 import triton.language as tl
-
 from fusedformer.kernels import _rows
 
 # Columns kernel: b-lanes per tile, and how many softmax positions one tile holds on chip.
