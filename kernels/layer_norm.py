@@ -216,7 +216,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual, y, residual_out, mean, rstd):
     x, residual, y, residual_out: 2-D with unit column stride, any row stride; weight, bias:
     (N,) or None. Returns (y, residual_out, mean, rstd)."""
     M, N = x.shape
-    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), _rows.MAX_FUSED_FWD)
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size())
     has_res = residual is not None
     grid = (_rows.num_programs(triton.cdiv(M, block_m)),)
     _layer_norm_fwd_kernel[grid](
@@ -236,8 +236,8 @@ def layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_residual_out, dx, dweight
     grad_y, x, grad_residual_out, dx: 2-D with unit column stride, any row stride (grad_y may
     have row stride 0). Returns (dx, dweight, dbias)."""
     M, N = x.shape
-    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), _rows.MAX_FUSED_BWD)
-    G = _rows.persistent_programs(triton.cdiv(M, block_m), x.device)
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), backward=True)
+    G = _rows.persistent_programs(triton.cdiv(M, block_m), M, x.element_size(), x.device)
     has_w, has_b, has_dres = weight is not None, dbias is not None, grad_residual_out is not None
     # the looped path accumulates into its partial rows, so they start at zero
     alloc = torch.empty if single else torch.zeros

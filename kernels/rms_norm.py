@@ -176,7 +176,7 @@ def rms_norm_fwd(x, weight, eps, residual, y, residual_out, rstd):
     x, residual, y, residual_out: 2-D with unit column stride, any row stride; weight: (N,) or
     None. Returns (y, residual_out, rstd)."""
     M, N = x.shape
-    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), _rows.MAX_FUSED_FWD)
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size())
     has_res = residual is not None
     grid = (_rows.num_programs(triton.cdiv(M, block_m)),)
     _rms_norm_fwd_kernel[grid](
@@ -193,8 +193,8 @@ def rms_norm_bwd(grad_y, x, weight, rstd, grad_residual_out, dx, dweight):
     """Fill dx (M, N) and dweight (N,) (given exactly when weight is). grad_y, x,
     grad_residual_out, dx: 2-D with unit column stride, any row stride. Returns (dx, dweight)."""
     M, N = x.shape
-    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), _rows.MAX_FUSED_BWD)
-    G = _rows.persistent_programs(triton.cdiv(M, block_m), x.device)
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), backward=True)
+    G = _rows.persistent_programs(triton.cdiv(M, block_m), M, x.element_size(), x.device)
     has_w, has_dres = weight is not None, grad_residual_out is not None
     alloc = torch.empty if single else torch.zeros  # the looped path accumulates into its rows
     dw_part = alloc((G, N), dtype=torch.float32, device=x.device) if has_w else rstd

@@ -276,7 +276,7 @@ def softmax_fwd(x, y, dim):
                                        BLOCK_N=block_n, BLOCK_B=block_b, SINGLE=single, num_warps=warps)
     else:
         n_rows = n_a * n_b
-        block_m, block_n, single, warps = _rows.row_config(n_rows, N, x.element_size(), _rows.MAX_FUSED_FWD)
+        block_m, block_n, single, warps = _rows.row_config(n_rows, N, x.element_size())
         grid = (_rows.num_programs(triton.cdiv(n_rows, block_m)),)
         _softmax_fwd_rows_kernel[grid](x, y, n_rows, n_b, N, sxa, sxb, sxc, sya, syb, syc,
                                        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
@@ -297,7 +297,7 @@ def softmax_bwd(grad_y, y, dx, dim):
                                        BLOCK_N=block_n, BLOCK_B=block_b, SINGLE=single, num_warps=warps)
     else:
         n_rows = n_a * n_b
-        block_m, block_n, single, warps = _rows.row_config(n_rows, N, y.element_size(), _rows.MAX_FUSED_BWD)
+        block_m, block_n, single, warps = _rows.row_config(n_rows, N, y.element_size(), backward=True)
         grid = (_rows.num_programs(triton.cdiv(n_rows, block_m)),)
         _softmax_bwd_rows_kernel[grid](grad_y, y, dx, n_rows, n_b, N, *sd, *sy, *sx,
                                        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)

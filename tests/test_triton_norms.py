@@ -212,8 +212,8 @@ def test_dweight_deterministic(op, looped, monkeypatch, device):
     assert torch.equal(results[0][0], results[1][0])
     if op == "layer_norm":
         assert torch.equal(results[0][1], results[1][1])
-    blocks = _rows.row_config(M, N, 4, _rows.MAX_FUSED_BWD)
-    assert _rows.persistent_programs(-(-M // blocks[0]), device) > 1
+    block_m = _rows.row_config(M, N, 4, backward=True)[0]
+    assert _rows.persistent_programs(-(-M // block_m), M, 4, device) > 1
 
 
 def test_table_functions_match_reference(device):

@@ -167,8 +167,8 @@ def test_float64_is_declared_unsupported(device):
 
 def test_configs_are_cached():
     """Launch decisions are a dict lookup: the same tuple object for every row count of a bucket."""
-    a = _rows.row_config(1000, 4099, 2, _rows.MAX_FUSED_FWD)
-    assert _rows.row_config(5000, 4099, 2, _rows.MAX_FUSED_FWD) is a
+    a = _rows.row_config(1000, 4099, 2)
+    assert _rows.row_config(5000, 4099, 2) is a
     assert a[2] and a[1] == 8192  # one block holds the row: one read
 
 
