@@ -268,3 +268,23 @@ def test_compile_fullgraph(device):
     torch.testing.assert_close(out, want)
     for a, c in zip(inputs, eager):
         torch.testing.assert_close(a.grad, c.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+def test_int64_offsets(op):
+    """More than 2^31 elements (4.3 GB of bf16): the last rows land where they should."""
+    x = torch.randn(65537, 32768, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(32768, device="cuda", dtype=torch.bfloat16)
+    y = _call(op, x, w, None, backend="triton")
+    tail = x[-3:].float()
+    want = F.layer_norm(tail, (32768,), w.float()) if op == "layer_norm" else F.rms_norm(tail, (32768,), w.float())
+    torch.testing.assert_close(y[-3:].float(), want, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("N", [768, 1024, 4096, 8192])
+def test_benchmark_shapes(op, N):
+    """The benchmark's shapes (4096 rows, bf16) on the GPU: output and every gradient."""
+    _check(_norm_case(op, 4096, N, residual=True), torch.bfloat16, "cuda")

@@ -181,3 +181,15 @@ def test_compile_fullgraph(device):
     (torch.softmax(xr, 1) * 2).sum().backward()
     torch.testing.assert_close(y, torch.softmax(xr, 1) * 2)
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_int64_offsets(dim):
+    """More than 2^31 elements (4.3 GB of fp16): the last rows/columns land where they should."""
+    x = torch.randn(65537, 32768, device="cuda", dtype=torch.float16)
+    y = ff.softmax(x, dim, backend="triton")
+    if dim == -1:
+        torch.testing.assert_close(y[-3:], torch.softmax(x[-3:].float(), -1).half(), atol=1e-3, rtol=1e-2)
+    else:
+        torch.testing.assert_close(y[:, -3:], torch.softmax(x[:, -3:].float(), 0).half(), atol=1e-3, rtol=1e-2)
