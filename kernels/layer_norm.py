@@ -1,0 +1,255 @@
+"""Layer norm over the last dim of (M, N) rows, forward and backward, with the pre-norm block's
+fused residual add, fp32 math for fp16/bf16/fp32 tensors.
+
+Forward, h = x (+ residual):
+    mean = sum(h) / N,  rstd = 1 / sqrt(sum((h - mean)^2) / N + eps)
+    y = (h - mean) * rstd * w + b,   residual_out = h (in the residual's dtype)
+Backward, xhat = (h - mean) * rstd and g = dy * w:
+    dx = rstd * (g - sum(g) / N - xhat * sum(g * xhat) / N) (+ d_residual_out)
+    dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+
+Memory traffic (elements): forward reads M*N (+ M*N residual) + 2N, writes M*N (+ M*N
+residual_out) + 2M; backward reads 2*M*N (+ M*N d_residual_out) + N + 2M, writes M*N, plus
+G*N fp32 partials per weight written and read once (G = persistent programs, a few per SM).
+A row longer than one block (N > MAX_FUSED_*) is read twice: chunked mean/M2 (Chan's merge),
+then normalize; backward: reductions, then dx.
+
+dw/db are deterministic: each persistent program sums its own rows in a fixed order into its own
+row of a (G, N) fp32 buffer, then _rows.sum_partials adds the G rows in a fixed order. No atomics.
+Rows may have any row stride (unit column stride); offsets are int64.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from fusedformer.kernels import _rows
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # input, (M, N), row stride sx
+    R,  # residual, (M, N), row stride sr (read only when HAS_RES)
+    W,  # weight, (N,) (read only when HAS_W)
+    B,  # bias, (N,) (read only when HAS_B)
+    Y,  # output, (M, N), row stride sy, x's dtype
+    RES_OUT,  # h = x + residual, (M, N), row stride so, residual's dtype (written when HAS_RES)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    M, N,
+    sx, sr, sy, so,  # row strides
+    eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile (1 when not SINGLE)
+    BLOCK_N: tl.constexpr,  # the whole row when SINGLE, else the chunk length
+    SINGLE: tl.constexpr,
+):
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        if SINGLE:
+            cols = tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty), mask=mask)
+            mean = tl.sum(h, axis=1) / N
+            d = tl.where(mask, h - mean[:, None], 0.0)
+            rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+            y = d * rstd[:, None]
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            # pass 1: per-chunk mean and M2 merged with Chan's formula (stable for large N)
+            mean = tl.zeros([BLOCK_M], tl.float32)
+            m2 = tl.zeros([BLOCK_M], tl.float32)
+            n_prev = 0.0
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = rmask[:, None] & (cols < N)[None, :]
+                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                n_chunk = tl.sum((cols < N).to(tl.float32), axis=0)
+                mean_c = tl.sum(h, axis=1) / n_chunk
+                d = tl.where(mask, h - mean_c[:, None], 0.0)
+                delta = mean_c - mean
+                n_tot = n_prev + n_chunk
+                mean = mean + delta * (n_chunk / n_tot)
+                m2 = m2 + tl.sum(d * d, axis=1) + delta * delta * (n_prev * n_chunk / n_tot)
+                n_prev = n_tot
+            rstd = tl.rsqrt(m2 / N + eps)
+            # pass 2: recompute h in fp32 (not from the rounded residual_out), normalize, write
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                mask = rmask[:, None] & cmask[None, :]
+                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty),
+                             mask=mask)
+                y = (h - mean[:, None]) * rstd[:, None]
+                if HAS_W:
+                    y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                if HAS_B:
+                    y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # upstream gradient, (M, N), row stride sdy
+    X,  # the normalized input h, (M, N), row stride sx
+    W,  # weight, (N,) (read only when HAS_W)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    DRES,  # gradient of residual_out, (M, N), row stride sdr (read only when HAS_DRES)
+    DX,  # input gradient, (M, N), row stride sdx
+    DW_PART,  # (G, N) fp32 partial sums of dy * xhat, row = program (written when HAS_W)
+    DB_PART,  # (G, N) fp32 partial sums of dy (written when HAS_B)
+    M, N,
+    sdy, sx, sdr, sdx,  # row strides
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    part = pid.to(tl.int64) * N
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        if HAS_W:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_N], tl.float32)
+        db_acc = tl.zeros([BLOCK_N], tl.float32)
+        for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            mask = rmask[:, None] & cmask[None, :]
+            dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_W:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            c1 = tl.sum(g * xhat, axis=1) / N
+            c2 = tl.sum(g, axis=1) / N
+            dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_W:
+                dw_acc += tl.sum(dy * xhat, axis=0)
+            if HAS_B:
+                db_acc += tl.sum(dy, axis=0)
+        if HAS_W:
+            tl.store(DW_PART + part + cols, dw_acc, mask=cmask)
+        if HAS_B:
+            tl.store(DB_PART + part + cols, db_acc, mask=cmask)
+    else:
+        # one row per tile; this program's partial rows live in DW_PART/DB_PART (zeroed by the
+        # launcher) and only this program touches them, so load-add-store needs no atomics
+        for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+            c1 = tl.zeros([BLOCK_M], tl.float32)
+            c2 = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                mask = rmask[:, None] & cmask[None, :]
+                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    g = dy
+                c1 += tl.sum(g * xhat, axis=1)
+                c2 += tl.sum(g, axis=1)
+            c1 = c1 / N
+            c2 = c2 / N
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                cmask = cols < N
+                mask = rmask[:, None] & cmask[None, :]
+                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    g = dy
+                dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
+                if HAS_DRES:
+                    dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                if HAS_W:
+                    dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
+                    tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
+                if HAS_B:
+                    db = tl.load(DB_PART + part + cols, mask=cmask, other=0.0)
+                    tl.store(DB_PART + part + cols, db + tl.sum(dy, axis=0), mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual, y, residual_out, mean, rstd):
+    """Fill y (M, N), mean and rstd (M,) fp32, and residual_out (M, N) when residual is given.
+
+    x, residual, y, residual_out: 2-D with unit column stride, any row stride; weight, bias:
+    (N,) or None. Returns (y, residual_out, mean, rstd)."""
+    M, N = x.shape
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size())
+    has_res = residual is not None
+    grid = (_rows.num_programs(triton.cdiv(M, block_m)),)
+    _layer_norm_fwd_kernel[grid](
+        x, residual if has_res else x, weight if weight is not None else x, bias if bias is not None else x,
+        y, residual_out if has_res else y, mean, rstd,
+        M, N, x.stride(0), residual.stride(0) if has_res else 0, y.stride(0),
+        residual_out.stride(0) if has_res else 0, eps,
+        HAS_RES=has_res, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
+    return y, residual_out, mean, rstd
+
+
+def layer_norm_bwd(grad_y, x, weight, mean, rstd, grad_residual_out, dx, dweight, dbias):
+    """Fill dx (M, N), and dweight / dbias (N,): dweight is given exactly when weight is,
+    dbias when the forward had a bias (None skips that reduction).
+
+    grad_y, x, grad_residual_out, dx: 2-D with unit column stride, any row stride (grad_y may
+    have row stride 0). Returns (dx, dweight, dbias)."""
+    M, N = x.shape
+    block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), backward=True)
+    G = _rows.persistent_programs(triton.cdiv(M, block_m), M, x.element_size(), x.device)
+    has_w, has_b, has_dres = weight is not None, dbias is not None, grad_residual_out is not None
+    # the looped path accumulates into its partial rows, so they start at zero
+    alloc = torch.empty if single else torch.zeros
+    dw_part = alloc((G, N), dtype=torch.float32, device=x.device) if has_w else mean
+    db_part = alloc((G, N), dtype=torch.float32, device=x.device) if has_b else mean
+    _layer_norm_bwd_kernel[(G,)](
+        grad_y, x, weight if has_w else x, mean, rstd, grad_residual_out if has_dres else x, dx, dw_part, db_part,
+        M, N, grad_y.stride(0), x.stride(0), grad_residual_out.stride(0) if has_dres else 0, dx.stride(0),
+        HAS_W=has_w, HAS_B=has_b, HAS_DRES=has_dres,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
+    if has_w:
+        _rows.sum_partials(dw_part, dweight)
+    if has_b:
+        _rows.sum_partials(db_part, dbias)
+    return dx, dweight, dbias

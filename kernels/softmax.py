@@ -1,0 +1,304 @@
+"""Softmax along any dim, forward and backward, in fp32 registers for fp16/bf16/fp32 tensors.
+
+    y  = exp(x - max(x)) / sum(exp(x - max(x)))          along the softmax dim, length N
+    dx = y * (dy - sum(dy * y))
+
+Memory traffic: forward reads M*N and writes M*N (M = numel / N rows) when a row fits in one
+block; a longer row is read twice (online max and sum, then normalize and write). Backward reads
+y and dy and writes dx (3*M*N); a longer row reads y and dy twice.
+
+Layout, without a transposing copy: the softmax dim has stride s_c; every other dim is collapsed
+into at most two row groups (a, b) with strides s_a, s_b, so element (a, b, c) sits at
+a*s_a + b*s_b + c*s_c. Two tile shapes:
+  rows kernel    [BLOCK_M rows, BLOCK_N cols], reduced along axis 1: when s_c is the unit stride
+                 (softmax over the last dim), each row is one contiguous vectorized read.
+  columns kernel [BLOCK_N, BLOCK_B], reduced along axis 0, for a unit-stride b (softmax over a
+                 non-last dim of a contiguous tensor): each load spans BLOCK_B contiguous
+                 elements of b instead of striding by s_c.
+Both kernels take a grid-stride loop over their tiles, so any number of rows fits any grid.
+Shape legend: M rows (n_a * n_b), N softmax length.
+"""
+
+import triton
+import triton.language as tl
+from fusedformer.kernels import _rows
+
+# Columns kernel: b-lanes per tile, and how many softmax positions one tile holds on chip.
+BLOCK_B = 32
+COLUMN_TILE = 8192
+
+
+@triton.jit
+def _softmax_fwd_rows_kernel(
+    X,  # input, element (a, b, c) at a*sxa + b*sxb + c*sxc
+    Y,  # output, element (a, b, c) at a*sya + b*syb + c*syc
+    n_rows,  # M = n_a * n_b
+    n_b,  # size of row group b (row r is (r // n_b, r % n_b))
+    N,  # softmax length
+    sxa, sxb, sxc,  # strides of X
+    sya, syb, syc,  # strides of Y
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # columns per tile (the whole row when SINGLE)
+    SINGLE: tl.constexpr,  # one read per row; else the online two-pass loop
+):
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        a, b = rows // n_b, rows % n_b
+        x_row = X + (a * sxa + b * sxb)[:, None]
+        y_row = Y + (a * sya + b * syb)[:, None]
+        if SINGLE:
+            cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+            mask = rmask[:, None] & (cols < N)
+            x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+            m = tl.max(x, axis=1)
+            e = tl.exp(x - m[:, None])
+            y = e / tl.sum(e, axis=1)[:, None]
+            tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+            s = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+                mask = rmask[:, None] & (cols < N)
+                x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=1))
+                # a chunk of all -inf so far must add 0, not exp(-inf - -inf) = NaN
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+                m = m_new
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+                mask = rmask[:, None] & (cols < N)
+                x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+                # an all -inf row keeps m = -inf here and gives NaN, as torch does
+                y = tl.exp(x - m[:, None]) / s[:, None]
+                tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_fwd_cols_kernel(
+    X,  # input, element (a, b, c) at a*sxa + b*sxb + c*sxc; sxb is the unit stride
+    Y,  # output, element (a, b, c) at a*sya + b*syb + c*syc
+    n_a,  # size of row group a
+    n_b,  # size of row group b (the lanes of a tile)
+    N,  # softmax length
+    sxa, sxb, sxc,  # strides of X
+    sya, syb, syc,  # strides of Y
+    BLOCK_N: tl.constexpr,  # softmax positions per tile (all N when SINGLE)
+    BLOCK_B: tl.constexpr,  # b lanes per tile
+    SINGLE: tl.constexpr,
+):
+    n_bt = tl.cdiv(n_b, BLOCK_B)
+    for tile in range(tl.program_id(0).to(tl.int64), n_a * n_bt, tl.num_programs(0)):
+        a = tile // n_bt
+        b = (tile % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = b < n_b
+        x_col = X + a * sxa + (b * sxb)[None, :]
+        y_col = Y + a * sya + (b * syb)[None, :]
+        if SINGLE:
+            c = tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+            mask = (c < N) & bmask[None, :]
+            x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+            m = tl.max(x, axis=0)
+            e = tl.exp(x - m[None, :])
+            y = e / tl.sum(e, axis=0)[None, :]
+            tl.store(y_col + c * syc, y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            m = tl.full([BLOCK_B], -float("inf"), tl.float32)
+            s = tl.zeros([BLOCK_B], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+                mask = (c < N) & bmask[None, :]
+                x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[None, :]), axis=0)
+                m = m_new
+            for start in range(0, N, BLOCK_N):
+                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+                mask = (c < N) & bmask[None, :]
+                x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+                y = tl.exp(x - m[None, :]) / s[None, :]
+                tl.store(y_col + c * syc, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_rows_kernel(
+    DY,  # upstream gradient, element (a, b, c) at a*sda + b*sdb + c*sdc
+    Y,  # forward output, strides sya, syb, syc
+    DX,  # input gradient, strides sxa, sxb, sxc
+    n_rows, n_b, N,  # as the forward rows kernel
+    sda, sdb, sdc,
+    sya, syb, syc,
+    sxa, sxb, sxc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    n_tiles = tl.cdiv(n_rows, BLOCK_M)
+    for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        a, b = rows // n_b, rows % n_b
+        dy_row = DY + (a * sda + b * sdb)[:, None]
+        y_row = Y + (a * sya + b * syb)[:, None]
+        dx_row = DX + (a * sxa + b * sxb)[:, None]
+        if SINGLE:
+            cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+            mask = rmask[:, None] & (cols < N)
+            dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
+            dot = tl.sum(dy * y, axis=1)
+            tl.store(dx_row + cols * sxc, (y * (dy - dot[:, None])).to(DX.dtype.element_ty), mask=mask)
+        else:
+            dot = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+                mask = rmask[:, None] & (cols < N)
+                dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
+                dot += tl.sum(dy * y, axis=1)
+            for start in range(0, N, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
+                mask = rmask[:, None] & (cols < N)
+                dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dx_row + cols * sxc, (y * (dy - dot[:, None])).to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_cols_kernel(
+    DY,  # upstream gradient, strides sda, sdb, sdc
+    Y,  # forward output, strides sya, syb, syc
+    DX,  # input gradient, strides sxa, sxb, sxc
+    n_a, n_b, N,  # as the forward columns kernel
+    sda, sdb, sdc,
+    sya, syb, syc,
+    sxa, sxb, sxc,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    n_bt = tl.cdiv(n_b, BLOCK_B)
+    for tile in range(tl.program_id(0).to(tl.int64), n_a * n_bt, tl.num_programs(0)):
+        a = tile // n_bt
+        b = (tile % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
+        bmask = b < n_b
+        dy_col = DY + a * sda + (b * sdb)[None, :]
+        y_col = Y + a * sya + (b * syb)[None, :]
+        dx_col = DX + a * sxa + (b * sxb)[None, :]
+        if SINGLE:
+            c = tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+            mask = (c < N) & bmask[None, :]
+            dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
+            dot = tl.sum(dy * y, axis=0)
+            tl.store(dx_col + c * sxc, (y * (dy - dot[None, :])).to(DX.dtype.element_ty), mask=mask)
+        else:
+            dot = tl.zeros([BLOCK_B], tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+                mask = (c < N) & bmask[None, :]
+                dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
+                dot += tl.sum(dy * y, axis=0)
+            for start in range(0, N, BLOCK_N):
+                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
+                mask = (c < N) & bmask[None, :]
+                dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dx_col + c * sxc, (y * (dy - dot[None, :])).to(DX.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def collapse(shape, dim, *tensors):
+    """Describe every tensor (all of ``shape``) as (n_a, n_b, N) with per-tensor strides
+    ((s_a, s_b, s_c), ...): the dims other than ``dim`` merge where every tensor allows it.
+    Returns (n_a, n_b, N, strides) or None when more than two row groups remain."""
+    strides = [t.stride() for t in tensors]
+    groups = []  # [size, [stride per tensor]]
+    for d, size in enumerate(shape):
+        if d == dim or size == 1:
+            continue
+        st = [s[d] for s in strides]
+        if groups and all(prev == size * cur for prev, cur in zip(groups[-1][1], st)) and \
+                _adjacent(shape, dim, groups[-1][2], d):
+            groups[-1][0] *= size
+            groups[-1][1] = st
+            groups[-1][2] = d
+        else:
+            groups.append([size, st, d])
+    if len(groups) > 2:
+        return None
+    while len(groups) < 2:
+        groups.insert(0, [1, [0] * len(tensors), -1])
+    (n_a, sa, _), (n_b, sb, _) = groups
+    return n_a, n_b, shape[dim], [(sa[i], sb[i], s[dim]) for i, s in enumerate(strides)]
+
+
+def _adjacent(shape, dim, prev, d):
+    """Dims prev < d merge only if nothing but size-1 dims sit between them (never ``dim``)."""
+    return all(shape[k] == 1 and k != dim for k in range(prev + 1, d))
+
+
+def _use_columns(n_b, s_b, s_c):
+    # the columns tile pays off when b, not the softmax dim, is the contiguous one
+    return s_c != 1 and s_b == 1 and n_b > 1
+
+
+def _columns_config(n_b, N):
+    block_b = min(BLOCK_B, _rows.next_pow2(n_b))
+    block_n = _rows.next_pow2(N)
+    single = block_n * block_b <= COLUMN_TILE
+    if not single:
+        block_n = max(1, COLUMN_TILE // block_b)
+    num_warps = max(1, min(8, _rows.next_pow2(block_n * block_b // 512)))
+    return block_b, block_n, single, num_warps
+
+
+def softmax_fwd(x, y, dim):
+    """y[:] = softmax(x, dim). x: fp16/bf16/fp32, any strides with at most two row groups after
+    collapsing (see ``collapse``); y: any layout of x's shape and dtype. Returns y."""
+    desc = collapse(x.shape, dim, x, y)
+    if desc is None:
+        raise ValueError("softmax_fwd: x's layout has more than two row groups; pass x.contiguous()")
+    n_a, n_b, N, ((sxa, sxb, sxc), (sya, syb, syc)) = desc
+    if _use_columns(n_b, sxb, sxc):
+        block_b, block_n, single, warps = _columns_config(n_b, N)
+        grid = (_rows.num_programs(n_a * triton.cdiv(n_b, block_b)),)
+        _softmax_fwd_cols_kernel[grid](x, y, n_a, n_b, N, sxa, sxb, sxc, sya, syb, syc,
+                                       BLOCK_N=block_n, BLOCK_B=block_b, SINGLE=single, num_warps=warps)
+    else:
+        n_rows = n_a * n_b
+        block_m, block_n, single, warps = _rows.row_config(n_rows, N, x.element_size())
+        grid = (_rows.num_programs(triton.cdiv(n_rows, block_m)),)
+        _softmax_fwd_rows_kernel[grid](x, y, n_rows, n_b, N, sxa, sxb, sxc, sya, syb, syc,
+                                       BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
+    return y
+
+
+def softmax_bwd(grad_y, y, dx, dim):
+    """dx[:] = y * (grad_y - sum(grad_y * y, dim)). Same layout rules as ``softmax_fwd``; grad_y
+    may be broadcast (stride 0). Returns dx."""
+    desc = collapse(y.shape, dim, grad_y, y, dx)
+    if desc is None:
+        raise ValueError("softmax_bwd: grad_y/y layouts have more than two common row groups; pass contiguous")
+    n_a, n_b, N, (sd, sy, sx) = desc
+    if _use_columns(n_b, sy[1], sy[2]):
+        block_b, block_n, single, warps = _columns_config(n_b, N)
+        grid = (_rows.num_programs(n_a * triton.cdiv(n_b, block_b)),)
+        _softmax_bwd_cols_kernel[grid](grad_y, y, dx, n_a, n_b, N, *sd, *sy, *sx,
+                                       BLOCK_N=block_n, BLOCK_B=block_b, SINGLE=single, num_warps=warps)
+    else:
+        n_rows = n_a * n_b
+        block_m, block_n, single, warps = _rows.row_config(n_rows, N, y.element_size(), backward=True)
+        grid = (_rows.num_programs(triton.cdiv(n_rows, block_m)),)
+        _softmax_bwd_rows_kernel[grid](grad_y, y, dx, n_rows, n_b, N, *sd, *sy, *sx,
+                                       BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
+    return dx

@@ -1,0 +1,37 @@
+"""Triton softmax: the softmax rows of backends.py's op table (same contract as reference.py)."""
+
+import torch
+
+from fusedformer.kernels import softmax as _k
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(x, dim):
+    if x.dtype not in _DTYPES:
+        return f"softmax: dtype {x.dtype} is not supported by the triton kernels (float16, bfloat16, float32)"
+    return None
+
+
+def _in_place_layout(t, dim, *others):
+    """t itself when the kernels can read it through strides, else a contiguous copy (only for
+    layouts with more than two row groups, e.g. a permuted 4-D tensor)."""
+    return t if _k.collapse(t.shape, dim, t, *others) is not None else t.contiguous()
+
+
+def softmax_forward(x, dim):
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    x = _in_place_layout(x, dim, y)
+    return _k.softmax_fwd(x, y, dim)
+
+
+def softmax_backward(grad_y, y, dim):
+    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if y.numel() == 0:
+        return dx
+    grad_y = grad_y.to(y.dtype)
+    if _k.collapse(y.shape, dim, grad_y, y, dx) is None:
+        grad_y, y = grad_y.contiguous(), y.contiguous()
+    return _k.softmax_bwd(grad_y, y, dx, dim)
