@@ -10,6 +10,7 @@ from fusedformer.ops import (
     scaled_dot_product_attention,
     softmax,
 )
+from fusedformer.ops.varlen_attention import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",
+    "varlen_attention",
 ]

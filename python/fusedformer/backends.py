@@ -35,7 +35,7 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
-FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act")
+FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "varlen_attention")
 
 # Preference of ``auto`` on a GPU, per family: fastest first (benchmarks/results/ decide it).
 AUTO_ORDER = {
@@ -44,6 +44,7 @@ AUTO_ORDER = {
     "layer_norm": ("cuda", "triton", "reference"),
     "rms_norm": ("cuda", "triton", "reference"),
     "linear_act": ("triton", "cuda", "reference"),
+    "varlen_attention": ("triton", "cuda", "reference"),
 }
 
 
