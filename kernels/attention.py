@@ -154,8 +154,8 @@ def _attn_fwd_kernel(
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PACK_GQA:
         rows_b = G * Lq_b
-        h_row = (head * G + r // tl.maximum(Lq_b, 1)).to(tl.int64)
-        i_row = r % tl.maximum(Lq_b, 1)
+        h_row = (head * G + r // Lq_b).to(tl.int64)  # dense only: Lq_b = Lq >= 1
+        i_row = r % Lq_b
         hkv = head
     else:
         rows_b = Lq_b
@@ -296,6 +296,11 @@ def _tuned_fwd():
                            prune_configs_by={"early_config_prune": prune_configs})(_attn_fwd_kernel), None
 
 
+def ieee_dot(q):
+    """float32 matmuls in full precision unless torch allows TF32 for them (as torch's SDPA does)."""
+    return q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -348,7 +353,7 @@ def launch_forward(q, k, v, out, lse, bias, slopes, causal, scale, window, dropo
     rows = G * Lq if pack_gqa else Lq
     heads = H // G if pack_gqa else H
     meta = dict(flags(bias, causal, window, slopes, dropout_p), VARLEN=cu_q is not None, PACK_GQA=bool(pack_gqa),
-                NUM_SPLITS=int(num_splits), IEEE_DOT=q.dtype == torch.float32,
+                NUM_SPLITS=int(num_splits), IEEE_DOT=ieee_dot(q),
                 BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
     if config is not None:
         meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -19,7 +19,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.kernels.attention import (
     LOG2E,
     _dropout_keep,
@@ -29,6 +28,7 @@ from fusedformer.kernels.attention import (
     bias_strides,
     block_d,
     flags,
+    ieee_dot,
     interpreted,
     pow2,
 )
@@ -415,7 +415,7 @@ def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, caus
             1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
     tail = (*bias_strides(bias), *ss, B, H, G, Lq, Lk, D, Dv, total_q, float(scale), float(scale) * LOG2E,
             int(window[0]), int(window[1]), *drop, pow2(Lq), pow2(Lk))
-    meta = dict(fl, VARLEN=varlen, IEEE_DOT=q.dtype == torch.float32, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    meta = dict(fl, VARLEN=varlen, IEEE_DOT=ieee_dot(q), BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
     qkv = (*strides["q"], *strides["k"], *strides["v"], *strides["do"])
 
     kernel, config = _tuned("dkdv")
@@ -435,6 +435,6 @@ def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, caus
                  triton.cdiv(Lk, bn) if Lkb == 1 else 1)
         _attn_bwd_dbias[grid](q, k, v, do, lse, delta, dbias, *common, *qkv, *bias_strides(bias), *ss,
                               B, H, G, Lq, Lk, D, Dv, Bb, Hb, Lqb, Lkb, *loops, float(scale) * LOG2E,
-                              int(window[0]), int(window[1]), *drop, **fl, IEEE_DOT=q.dtype == torch.float32,
+                              int(window[0]), int(window[1]), *drop, **fl, IEEE_DOT=ieee_dot(q),
                               ROW_BCAST=Lqb == 1, COL_BCAST=Lkb == 1,
                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), num_warps=nw)

@@ -65,7 +65,8 @@ def _case(B, H, Hkv, Lq, Lk, D, Dv=None, *, causal=False, bias=None, window=(-1,
         else:
             args.append(_randn(g, *shapes[bias]))
             diff.append(3)
-        args.append(torch.rand(H, generator=g, dtype=torch.float64) if alibi else None)
+        slopes_shape = (B, H) if alibi == "batch" else (H,)
+        args.append(torch.rand(*slopes_shape, generator=g, dtype=torch.float64) if alibi else None)
         return args, {}, diff
 
     def view(t):
@@ -109,6 +110,7 @@ CASES = [
     ("bool mask", _case(2, 2, 2, 23, 27, 48, bias="bool")),
     ("window alibi", _case(1, 2, 2, 41, 41, 32, window=(7, 3), alibi=True)),
     ("causal window", _case(1, 2, 2, 37, 37, 16, causal=True, window=(9, -1))),
+    ("batch alibi bias", _case(2, 2, 1, 19, 24, 32, alibi="batch", bias="float", window=(-1, 2))),
     ("dv differs strided", _case(2, 2, 1, 18, 21, 80, Dv=40, strided=True, transpose_out=True)),
 ]
 
@@ -303,3 +305,54 @@ def test_dkdv_and_dq_are_deterministic():
     b = tri.attention_backward(do, q, k, v, bias, out, lse, True, 0.2, bias_requires_grad=True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _randn(gen, 1, 4, 5, 16).float(), _randn(gen, 1, 2, 6, 16).float(), _randn(gen, 1, 2, 6, 16).float()
+    bias = _randn(gen, 1, 4, 5, 6).float()
+    out, lse = tri.attention_forward(q, k, v, bias, True, 0.3)
+    qv, kv, vv, cu_q, cu_k = (t.float() if t.is_floating_point() else t for t in _packed(gen, [2, 3], [4, 1], 2, 1, 16))
+    vout, vlse = tri_varlen.varlen_attention_forward(qv, kv, vv, cu_q, cu_k, 3, 4, True, 0.25)
+    seed = torch.tensor(42)
+    ops = torch.ops.fusedformer
+    return [
+        ("attention_fwd", ops.attention_fwd.default,
+         (q.requires_grad_(), k, v, bias, True, 0.3, 0.1, seed, 3, -1, torch.rand(4), "triton")),
+        ("attention_bwd", ops.attention_bwd.default,
+         (torch.randn_like(out), q.detach(), k, v, bias, out, lse, True, 0.3, 0.0, None, -1, -1, None, True, "triton")),
+        ("varlen_attention_fwd", ops.varlen_attention_fwd.default,
+         (qv.requires_grad_(), kv, vv, cu_q, cu_k, 3, 4, True, 0.25, 0.1, seed, -1, 1, None, "triton")),
+        ("varlen_attention_fwd reference", ops.varlen_attention_fwd.default,
+         (qv, kv, vv, cu_q, cu_k, 3, 4, False, 0.25, 0.0, None, -1, -1, torch.rand(2), "reference")),
+        ("varlen_attention_bwd", ops.varlen_attention_bwd.default,
+         (torch.randn_like(vout), qv.detach(), kv, vv, cu_q, cu_k, 3, 4, vout, vlse, True, 0.25, 0.0, None, -1, -1,
+          None, "triton")),
+    ]
+
+
+OPCHECK = _opcheck_cases()
+
+
+@pytest.mark.parametrize("name,op,args", OPCHECK, ids=[c[0] for c in OPCHECK])
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, cu_q, cu_k = _packed(gen, [3, 5], [4, 6], 2, 1, 16)
+    q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+    mask = torch.randn(1, 2, 5, 6)
+
+    def fn(q, k, v):
+        a = ff.varlen_attention(q, k, v, cu_q, cu_k, 5, 6, is_causal=True, backend="triton")
+        b = ff.scaled_dot_product_attention(q[:5].transpose(0, 1)[None], k[:6].transpose(0, 1)[None],
+                                            v[:6].transpose(0, 1)[None], mask, enable_gqa=True, backend="triton")
+        return a.sum() + (b * b).sum()
+
+    torch._dynamo.reset()
+    eager = torch.autograd.grad(fn(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)

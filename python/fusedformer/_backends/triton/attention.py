@@ -6,6 +6,8 @@ Inputs arrive as (B, H, L, D) views of any strides; nothing is copied. Short que
 path. dQ, dK, dV and dbias are deterministic (no atomics; see kernels/attention_backward.py).
 """
 
+import functools
+
 import torch
 
 from fusedformer import reference
@@ -53,11 +55,16 @@ def _slopes(alibi_slopes):
     return None if alibi_slopes is None else alibi_slopes.to(torch.float32)
 
 
+@functools.cache
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def decode_splits(B, Hkv, G, Lq, Lk, device):
     """Number of key splits for the packed decode path, or 0 when the row-block path is better."""
     if Lq > DECODE_MAX_LQ or G * Lq > DECODE_MAX_ROWS:
         return 0
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    n_sm = _sm_count(torch.device(device))
     programs = B * Hkv
     # enough splits to fill every SM twice over, each split at least 256 keys long, at most 64
     want = -(-2 * n_sm // max(programs, 1))
