@@ -355,7 +355,7 @@ def bwd_configs():
     # sm_90: the backward holds two accumulators (dK, dV or dQ) and four operand tiles per step,
     # so tiles are half the forward's; D = 256 only fits the 64x32 and smaller ones.
     shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-              (32, 32, 4, 2)]
+              (32, 32, 4, 2), (16, 32, 4, 1)]  # the last fits fp32 at D = 256
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
