@@ -43,30 +43,33 @@ def _tile_scores(qk, b, h_row, i_row, j_col, Lq, Lk,
                  Slopes, ss_b, ss_h,  # ALiBi slopes (B|1, H) float32, batch stride 0 for (H,)
                  qk_scale, win_left, win_right,
                  BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-                 WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in the log2 domain, -inf where masked."""
+                 WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KEYS: tl.constexpr = True):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in the log2 domain, -inf where masked. MASK_KEYS=False
+    is for tiles that the bounds, causal and window rules leave whole (the mask and bias still apply)."""
     s = qk * qk_scale
     i2 = i_row[:, None]
     j2 = j_col[None, :]
     valid = (i2 < Lq) & (j2 < Lk)
-    if CAUSAL:
-        valid = valid & (j2 <= i2)
-    if WINDOW_LEFT:
-        valid = valid & (j2 >= i2 - win_left)
-    if WINDOW_RIGHT:
-        valid = valid & (j2 <= i2 + win_right)
+    if MASK_KEYS:
+        if CAUSAL:
+            valid = valid & (j2 <= i2)
+        if WINDOW_LEFT:
+            valid = valid & (j2 >= i2 - win_left)
+        if WINDOW_RIGHT:
+            valid = valid & (j2 <= i2 + win_right)
     if BIAS_KIND != 0:
         ptrs = Bias + b * sb_b + h_row[:, None] * sb_h + i2.to(tl.int64) * sb_i + j2.to(tl.int64) * sb_j
-        inside = (i2 < Lq) & (j2 < Lk)
         if BIAS_KIND == 1:
-            valid = valid & (tl.load(ptrs, mask=inside, other=0) != 0)
+            valid = valid & (tl.load(ptrs, mask=(i2 < Lq) & (j2 < Lk), other=0) != 0)
         else:
-            s += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
+            s += tl.load(ptrs, mask=(i2 < Lq) & (j2 < Lk), other=0.0).to(tl.float32) * 1.4426950408889634
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * ss_b + h_row * ss_h).to(tl.float32)
         dist = tl.abs(i2 - j2).to(tl.float32)
         s -= slope[:, None] * 1.4426950408889634 * dist
-    return tl.where(valid, s, float("-inf"))
+    if MASK_KEYS or BIAS_KIND == 1:
+        s = tl.where(valid, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -108,6 +111,47 @@ def _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL: tl.constexpr, WIND
     lo = (lo // BLOCK_N) * BLOCK_N
     hi = tl.where(i_hi < i_lo, lo, hi)
     return lo, tl.maximum(hi, lo)
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi, b, b_drop, h_row, i_row, Lq_b, Lk_b,
+               H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed,
+               drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+               WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE_DOT: tl.constexpr,
+               MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        j = start_n + offs_n
+        j64 = j.to(tl.int64)
+        kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
+                     mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
+        if IEEE_DOT:
+            qk = tl.dot(q, kt, input_precision="ieee")
+        else:
+            qk = tl.dot(q, kt)
+        s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
+                         qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
+                         MASK_KEYS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far: keep p = 0
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, b_drop, h_row, i_row, j, H, Lq_b, Lk_b, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
+                    mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)
+        if IEEE_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -163,12 +207,11 @@ def _attn_fwd_kernel(
         i_row = r
         hkv = head // G
     row_ok = r < rows_b
-    i_lo = tl.min(tl.where(row_ok, i_row, 2147483647), 0)
+    i_lo = tl.min(tl.where(row_ok, i_row, Lq_b), 0)  # no valid row: i_lo = Lq_b > i_hi = -1, nothing to do
     i_hi = tl.max(tl.where(row_ok, i_row, -1), 0)
 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
     i64 = i_row.to(tl.int64)
     q_ptrs = Q + b * sq_b + (q_start + i64[:, None]) * sq_l + h_row[:, None] * sq_h + offs_d[None, :] * sq_d
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -183,36 +226,35 @@ def _attn_fwd_kernel(
         hi = tl.minimum(hi, new_lo + per_split * BLOCK_N)
         lo = new_lo
 
+    # keys every valid row of the block may see whole: tiles there skip the causal/window/bound masks
+    full_lo = lo
+    full_hi = tl.minimum(hi, (Lk_b // BLOCK_N) * BLOCK_N)
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, ((i_lo + 1) // BLOCK_N) * BLOCK_N)
+    if WINDOW_RIGHT:
+        full_hi = tl.minimum(full_hi, ((i_lo + win_right + 1) // BLOCK_N) * BLOCK_N)
+    if WINDOW_LEFT:
+        full_lo = tl.maximum(full_lo, tl.cdiv(i_hi - win_left, BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        j = start_n + offs_n
-        j64 = j.to(tl.int64)
-        kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
-                     mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
-        if IEEE_DOT:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                         qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far: keep p = 0
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i_row, j, H, Lq_b, Lk_b, drop_threshold)
-            p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                    mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)
-        if IEEE_DOT:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) whole
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, full_lo, b, b_drop, h_row,
+                               i_row, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
+                               win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                               WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, full_lo, full_hi, b, b_drop,
+                               h_row, i_row, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
+                               qk_scale, win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL,
+                               WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_N, BLOCK_D,
+                               BLOCK_DV)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, full_hi, hi, b, b_drop, h_row,
+                               i_row, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
+                               win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                               WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
