@@ -195,7 +195,7 @@ def _attn_fwd_kernel(
     else:
         b_drop = b
 
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # row indices stay int32: cheaper masks
     if PACK_GQA:
         rows_b = G * Lq_b
         h_row = (head * G + r // Lq_b).to(tl.int64)  # dense only: Lq_b = Lq >= 1

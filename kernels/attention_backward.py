@@ -42,8 +42,10 @@ def _attn_bwd_delta(
     H, L, Dv,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid_m = pid % num_m
+    bh = pid // num_m  # one flat grid: B * H may pass the 65535 limit of grid axes 1 and 2
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,7 +111,7 @@ def _attn_bwd_dkdv(
         b_drop = b * 0
     else:
         b_drop = b
-    n0 = pid_n * BLOCK_N
+    n0 = (pid_n * BLOCK_N).to(tl.int32)
     j = n0 + tl.arange(0, BLOCK_N)
     j64 = j.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -213,7 +215,7 @@ def _attn_bwd_dq(
         b_drop = b
         row_base = (b * H + h) * Lq
     offs_m = tl.arange(0, BLOCK_M)
-    i = pid_m * BLOCK_M + offs_m
+    i = (pid_m * BLOCK_M).to(tl.int32) + offs_m
     i64 = i.to(tl.int64)
     h_row = (h + offs_m * 0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -227,7 +229,7 @@ def _attn_bwd_dq(
     lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq_b)
     k_base = K + b * sk_b + hkv * sk_h + k_start * sk_l
     v_base = V + b * sv_b + hkv * sv_h + k_start * sv_l
-    i_lo = pid_m * BLOCK_M
+    i_lo = (pid_m * BLOCK_M).to(tl.int32)
     i_hi = tl.minimum(i_lo + BLOCK_M, Lq_b) - 1
     lo, hi = _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -401,7 +403,7 @@ def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, caus
         dB, dL = B, Lq
     if dL > 0:
         bm = 16 if interpreted() else 64
-        _attn_bwd_delta[(triton.cdiv(dL, bm), dB * H)](out, do, delta, *strides["out"], *strides["do"], H, dL, Dv,
+        _attn_bwd_delta[(triton.cdiv(dL, bm) * dB * H,)](out, do, delta, *strides["out"], *strides["do"], H, dL, Dv,
                                                        BLOCK_M=bm, BLOCK_DV=block_d(Dv))
     dummy = q
     bias_arg = bias.view(torch.uint8) if bias is not None and not bias.is_floating_point() else bias
