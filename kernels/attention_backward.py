@@ -62,14 +62,15 @@ def _attn_bwd_delta(
 def _probs_tile(q, kt, lse2, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                 qk_scale, win_left, win_right, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                IEEE_DOT: tl.constexpr):
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr = True):
     """P = exp2(S - lse2) for a (BLOCK_M, BLOCK_N) tile; lse2 = +inf on dead rows gives P = 0."""
     if IEEE_DOT:
         qk = tl.dot(q, kt, input_precision="ieee")
     else:
         qk = tl.dot(q, kt)
     s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                     qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI)
+                     qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
+                     MASK_KEYS)
     return tl.math.exp2(s - lse2[:, None])
 
 
@@ -80,6 +81,48 @@ def _load_lse2(Lse, Delta, row_base, i, Lq_b):
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + row_base + i, mask=i < Lq_b, other=0.0)
     return lse2, delta
+
+
+@triton.jit
+def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+                h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
+                win_right, seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """dK, dV contributions of one query head's row blocks [lo, hi) to one key block."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        i = start_m + offs_m
+        i64 = i.to(tl.int64)
+        q = tl.load(q_base + i64[:, None] * sq_l + offs_d[None, :] * sq_d,
+                    mask=(i[:, None] < Lq_b) & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(do_base + i64[:, None] * sdo_l + offs_dv[None, :] * sdo_d,
+                     mask=(i[:, None] < Lq_b) & (offs_dv[None, :] < Dv), other=0.0)
+        lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq_b)
+        p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
+                        ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                        WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
+        if IEEE_DOT:
+            dp = tl.dot(do, vt, input_precision="ieee")
+        else:
+            dp = tl.dot(do, vt)
+        if DROPOUT:
+            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            z = tl.where(keep, p * drop_scale, 0.0)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            z = p
+        ds = p * (dp - delta[:, None])
+        if IEEE_DOT:
+            dv += tl.dot(tl.trans(z.to(do.dtype)), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(z.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    return dk, dv
 
 
 @triton.jit
@@ -137,6 +180,18 @@ def _attn_bwd_dkdv(
     lo = (lo // BLOCK_M) * BLOCK_M
     if n0 >= Lk_b:
         hi = lo
+    m_full_lo = lo
+    m_full_hi = hi
+    if CAUSAL:
+        m_full_lo = tl.maximum(m_full_lo, n0 + BLOCK_N - 1)
+    if WINDOW_RIGHT:
+        m_full_lo = tl.maximum(m_full_lo, n0 + BLOCK_N - 1 - win_right)
+    if WINDOW_LEFT:
+        m_full_hi = tl.minimum(m_full_hi, ((n0 + win_left + 1) // BLOCK_M) * BLOCK_M)
+    m_full_lo = tl.minimum(tl.cdiv(m_full_lo, BLOCK_M) * BLOCK_M, hi)
+    if n0 + BLOCK_N > Lk_b:  # a ragged key block is masked everywhere
+        m_full_hi = m_full_lo
+    m_full_hi = tl.maximum(m_full_hi, m_full_lo)
     for g in range(0, G):
         h = hkv * G + g
         h_row = (h + offs_m * 0).to(tl.int64)
@@ -146,40 +201,63 @@ def _attn_bwd_dkdv(
             row_base = (b * H + h) * Lq
         q_base = Q + b * sq_b + h * sq_h + q_start * sq_l
         do_base = dOut + b * sdo_b + h * sdo_h + q_start * sdo_l
-        for start_m in range(lo, hi, BLOCK_M):
-            i = start_m + offs_m
-            i64 = i.to(tl.int64)
-            q = tl.load(q_base + i64[:, None] * sq_l + offs_d[None, :] * sq_d,
-                        mask=(i[:, None] < Lq_b) & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_base + i64[:, None] * sdo_l + offs_dv[None, :] * sdo_d,
-                         mask=(i[:, None] < Lq_b) & (offs_dv[None, :] < Dv), other=0.0)
-            lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq_b)
-            p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
-                            ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
-                            WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT)
-            if IEEE_DOT:
-                dp = tl.dot(do, vt, input_precision="ieee")
-            else:
-                dp = tl.dot(do, vt)
-            if DROPOUT:
-                keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
-                z = tl.where(keep, p * drop_scale, 0.0)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            else:
-                z = p
-            ds = p * (dp - delta[:, None])
-            if IEEE_DOT:
-                dv += tl.dot(tl.trans(z.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(z.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        # query blocks [m_full_lo, m_full_hi) see this key block whole: no causal/window/bound mask
+        dk, dv = _dkdv_tiles(
+            lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
+            win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(
+            m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b,
+            b_drop, h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
+            win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
+            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_tiles(
+            m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
+            win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk = dk * sm_scale
     nmask = j[:, None] < Lk_b
     tl.store(dK + b * sdk_b + hkv * sdk_h + (k_start + j64[:, None]) * sdk_l + offs_d[None, :] * sdk_d,
              dk.to(dK.dtype.element_ty), mask=nmask & (offs_d[None, :] < D))
     tl.store(dV + b * sdv_b + hkv * sdv_h + (k_start + j64[:, None]) * sdv_l + offs_dv[None, :] * sdv_d,
              dv.to(dV.dtype.element_ty), mask=nmask & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, sv_d, b, b_drop, h_row, i, Lq_b, Lk_b,
+              H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed,
+              drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
+              WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE_DOT: tl.constexpr,
+              MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dQ contributions of key tiles [lo, hi) to one query block."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        j = start_n + offs_n
+        j64 = j.to(tl.int64)
+        kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
+                     mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v_base + j64[None, :] * sv_l + offs_dv[:, None] * sv_d,
+                     mask=(j[None, :] < Lk_b) & (offs_dv[:, None] < Dv), other=0.0)
+        p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
+                        ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                        WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
+        if IEEE_DOT:
+            dp = tl.dot(do, vt, input_precision="ieee")
+        else:
+            dp = tl.dot(do, vt)
+        if DROPOUT:
+            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if IEEE_DOT:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq
 
 
 @triton.jit
@@ -218,7 +296,6 @@ def _attn_bwd_dq(
     i = (pid_m * BLOCK_M).to(tl.int32) + offs_m
     i64 = i.to(tl.int64)
     h_row = (h + offs_m * 0).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = i < Lq_b
@@ -232,29 +309,33 @@ def _attn_bwd_dq(
     i_lo = (pid_m * BLOCK_M).to(tl.int32)
     i_hi = tl.minimum(i_lo + BLOCK_M, Lq_b) - 1
     lo, hi = _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
+    # keys [full_lo, full_hi) are whole for every row of the block: no causal/window/bound mask there
+    full_lo = lo
+    full_hi = tl.minimum(hi, (Lk_b // BLOCK_N) * BLOCK_N)
+    if CAUSAL:
+        full_hi = tl.minimum(full_hi, ((i_lo + 1) // BLOCK_N) * BLOCK_N)
+    if WINDOW_RIGHT:
+        full_hi = tl.minimum(full_hi, ((i_lo + win_right + 1) // BLOCK_N) * BLOCK_N)
+    if WINDOW_LEFT:
+        full_lo = tl.maximum(full_lo, tl.cdiv(i_hi - win_left, BLOCK_N) * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(full_hi, full_lo)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        j = start_n + offs_n
-        j64 = j.to(tl.int64)
-        kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
-                     mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
-        vt = tl.load(v_base + j64[None, :] * sv_l + offs_dv[:, None] * sv_d,
-                     mask=(j[None, :] < Lk_b) & (offs_dv[:, None] < Dv), other=0.0)
-        p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
-                        ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
-                        WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT)
-        if IEEE_DOT:
-            dp = tl.dot(do, vt, input_precision="ieee")
-        else:
-            dp = tl.dot(do, vt)
-        if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE_DOT:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    dq = _dq_tiles(
+        dq, lo, full_lo, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, sv_d, b, b_drop, h_row, i, Lq_b, Lk_b, H,
+        D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed, drop_threshold,
+        drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D,
+        BLOCK_DV)
+    dq = _dq_tiles(
+        dq, full_lo, full_hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, sv_d, b, b_drop, h_row, i, Lq_b,
+        Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed,
+        drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, False,
+        BLOCK_N, BLOCK_D, BLOCK_DV)
+    dq = _dq_tiles(
+        dq, full_hi, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, sv_d, b, b_drop, h_row, i, Lq_b, Lk_b, H,
+        D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed, drop_threshold,
+        drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D,
+        BLOCK_DV)
     dq = dq * sm_scale
     tl.store(dQ + b * sdq_b + h * sdq_h + (q_start + i64[:, None]) * sdq_l + offs_d[None, :] * sdq_d,
              dq.to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
