@@ -24,5 +24,4 @@ __all__ = [
     "scaled_dot_product_attention",
     "softmax",
     "use_backend",
-    "varlen_attention",
 ]

@@ -44,7 +44,6 @@ AUTO_ORDER = {
     "layer_norm": ("cuda", "triton", "reference"),
     "rms_norm": ("cuda", "triton", "reference"),
     "linear_act": ("triton", "cuda", "reference"),
-    "varlen_attention": ("triton", "cuda", "reference"),
 }
 
 

@@ -12,6 +12,8 @@ from fusedformer import backends
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 
 OP = "varlen_attention"
+# varlen runs on the attention kernels, so ``auto`` prefers backends in the same order
+backends.AUTO_ORDER.setdefault(OP, backends.AUTO_ORDER["attention"])
 
 
 def _lse_dtype(q):
