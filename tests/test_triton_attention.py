@@ -27,8 +27,11 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEV = _device()  # the interpreter on CPU, compiled kernels on a GPU
+
+
 def _randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(DEV)
 
 
 def _torch_sdpa(q, k, v, bias, causal, window, alibi, dropout_p):
@@ -143,13 +146,13 @@ def test_dropout_keep_rate_and_reproducibility():
     gen = torch.Generator().manual_seed(3)
     B, H, Lq, Lk, D, p = 1, 2, 32, 64, 16, 0.25
     q, k = _randn(gen, B, H, Lq, D).float(), _randn(gen, B, H, Lk, D).float()
-    v = torch.eye(Lk, dtype=torch.float32).expand(B, H, Lk, Lk)  # out = probabilities after dropout
+    v = torch.eye(Lk, dtype=torch.float32, device=DEV).expand(B, H, Lk, Lk)  # out = probabilities after dropout
     seed = 123456789012
     out, _ = tri.attention_forward(q, k, v, None, False, 0.0, p, seed)  # scale 0: uniform rows 1/Lk
     kept = out != 0
     assert abs(kept.float().mean().item() - (1 - p)) < 0.03
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (Lk * (1 - p))))
-    keep = reference.attention_dropout_keep(seed, B, H, Lq, Lk, p)
+    keep = reference.attention_dropout_keep(seed, B, H, Lq, Lk, p, DEV)
     assert torch.equal(kept, keep)
     again, _ = tri.attention_forward(q, k, v, None, False, 0.0, p, seed)
     assert torch.equal(out, again)
@@ -163,11 +166,11 @@ def test_dropout_keep_rate_and_reproducibility():
 
 def test_fully_masked_rows_give_zeros_and_zero_grads():
     B, H, Lq, Lk, D = 1, 2, 9, 13, 16
-    q, k, v = (torch.randn(B, H, L, D, requires_grad=True) for L in (Lq, Lk, Lk))
-    bias = torch.randn(1, H, Lq, Lk)
+    q, k, v = (torch.randn(B, H, L, D, device=DEV, requires_grad=True) for L in (Lq, Lk, Lk))
+    bias = torch.randn(1, H, Lq, Lk, device=DEV)
     bias[:, :, 2] = float("-inf")  # row 2 sees nothing
     bias.requires_grad_(True)
-    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool)
+    mask = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=DEV)
     mask[..., 5, :] = False
     for m in (bias, mask):
         out = ff.scaled_dot_product_attention(q, k, v, m, backend="triton")
@@ -180,22 +183,22 @@ def test_fully_masked_rows_give_zeros_and_zero_grads():
             assert torch.isfinite(bias.grad).all() and (bias.grad[:, :, 2] == 0).all()
         q.grad = k.grad = v.grad = None
     # a window that leaves rows empty (key range past the end) and the lse of dead rows
-    qd, kd = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 3, 16)
+    qd, kd = torch.randn(1, 1, 6, 16, device=DEV), torch.randn(1, 1, 3, 16, device=DEV)
     out, lse = tri.attention_forward(qd, kd, kd, None, False, 0.25, window=(0, 0))
     assert (out[0, 0, 3:] == 0).all() and torch.isneginf(lse[0, 0, 3:]).all() and torch.isfinite(lse[0, 0, :3]).all()
 
 
 def test_nan_propagates():
-    q, k, v = torch.randn(1, 1, 5, 16), torch.randn(1, 1, 7, 16), torch.randn(1, 1, 7, 16)
+    q, k, v = (torch.randn(1, 1, L, 16, device=DEV) for L in (5, 7, 7))
     q[0, 0, 1, 3] = float("nan")
     out = ff.scaled_dot_product_attention(q, k, v, backend="triton")
     assert torch.isnan(out[0, 0, 1]).all() and not torch.isnan(out[0, 0, [0, 2, 3, 4]]).any()
 
 
 def test_empty_key_and_query_lengths():
-    q = torch.randn(1, 2, 3, 16, requires_grad=True)
-    k = torch.randn(1, 2, 0, 16, requires_grad=True)
-    v = torch.randn(1, 2, 0, 8, requires_grad=True)
+    q = torch.randn(1, 2, 3, 16, device=DEV, requires_grad=True)
+    k = torch.randn(1, 2, 0, 16, device=DEV, requires_grad=True)
+    v = torch.randn(1, 2, 0, 8, device=DEV, requires_grad=True)
     out = ff.scaled_dot_product_attention(q, k, v, backend="triton")
     assert out.shape == (1, 2, 3, 8) and (out == 0).all()
     out.sum().backward()
@@ -215,7 +218,7 @@ def test_decode_path_equals_full_path(G, Lq, causal, bias):
     q = _randn(gen, B, H, Lq, D).float()
     k, v = _randn(gen, B, Hkv, Lk, D).float(), _randn(gen, B, Hkv, Lk, D).float()
     m = _randn(gen, B, H, Lq, Lk).float() if bias else None
-    slopes = torch.rand(H)
+    slopes = torch.rand(H, device=DEV)
     full = tri.forward(q, k, v, m, causal, 0.2, 0.1, 99, (40, -1), slopes, pack_gqa=False, num_splits=1)
     for splits in (1, 3):
         dec = tri.forward(q, k, v, m, causal, 0.2, 0.1, 99, (40, -1), slopes, pack_gqa=True, num_splits=splits)
@@ -229,8 +232,8 @@ def test_decode_path_equals_full_path(G, Lq, causal, bias):
 
 
 def _packed(gen, lens_q, lens_k, H, Hkv, D):
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     return (_randn(gen, int(cu_q[-1]), H, D), _randn(gen, int(cu_k[-1]), Hkv, D), _randn(gen, int(cu_k[-1]), Hkv, D),
             cu_q, cu_k)
 
@@ -240,7 +243,7 @@ def test_varlen_parity_and_equals_padded(causal, window, alibi, dropout_p):
     gen = torch.Generator().manual_seed(11)
     lens_q, lens_k, H, Hkv, D = [5, 0, 19, 9], [7, 4, 19, 12], 4, 2, 24
     q, k, v, cu_q, cu_k = _packed(gen, lens_q, lens_k, H, Hkv, D)
-    slopes = torch.rand(len(lens_q), H, generator=gen, dtype=torch.float64) if alibi else None
+    slopes = torch.rand(len(lens_q), H, generator=gen, dtype=torch.float64).to(DEV) if alibi else None
     grad = _randn(gen, q.shape[0], H, D)
     results = {}
     for name, dtype in (("oracle", torch.float64), ("triton", torch.float32)):
@@ -255,8 +258,8 @@ def test_varlen_parity_and_equals_padded(causal, window, alibi, dropout_p):
     if dropout_p == 0.0 and slopes is None:
         # the same sequences zero-padded into a batch, with a key padding mask, give the same rows
         B, Lq, Lk = len(lens_q), max(lens_q), max(lens_k)
-        qp, kp, vp = torch.zeros(B, H, Lq, D), torch.zeros(B, Hkv, Lk, D), torch.zeros(B, Hkv, Lk, D)
-        pad = torch.zeros(B, 1, 1, Lk, dtype=torch.bool)
+        qp, kp, vp = (torch.zeros(B, n, L, D, device=DEV) for n, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+        pad = torch.zeros(B, 1, 1, Lk, dtype=torch.bool, device=DEV)
         for b in range(B):
             qp[b, :, :lens_q[b]] = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1).float()
             kp[b, :, :lens_k[b]] = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).float()
@@ -286,10 +289,10 @@ def test_varlen_half_precision_and_validation():
 
 
 def test_unsupported_inputs_are_declined_by_name():
-    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64, device=DEV)
     with pytest.raises(backends.BackendUnavailableError, match="float64"):
         ff.scaled_dot_product_attention(q, q, q, backend="triton")
-    big = torch.randn(1, 1, 2, 264)
+    big = torch.randn(1, 1, 2, 264, device=DEV)
     with pytest.raises(backends.BackendUnavailableError, match="head dims"):
         ff.scaled_dot_product_attention(big, big, big, backend="triton")
     assert tri.unsupported(big[..., :256], big[..., :256], big[..., :256], None, False, 1.0) is None
@@ -318,13 +321,13 @@ def _opcheck_cases():
     ops = torch.ops.fusedformer
     return [
         ("attention_fwd", ops.attention_fwd.default,
-         (q.requires_grad_(), k, v, bias, True, 0.3, 0.1, seed, 3, -1, torch.rand(4), "triton")),
+         (q.requires_grad_(), k, v, bias, True, 0.3, 0.1, seed, 3, -1, torch.rand(4, device=DEV), "triton")),
         ("attention_bwd", ops.attention_bwd.default,
          (torch.randn_like(out), q.detach(), k, v, bias, out, lse, True, 0.3, 0.0, None, -1, -1, None, True, "triton")),
         ("varlen_attention_fwd", ops.varlen_attention_fwd.default,
          (qv.requires_grad_(), kv, vv, cu_q, cu_k, 3, 4, True, 0.25, 0.1, seed, -1, 1, None, "triton")),
         ("varlen_attention_fwd reference", ops.varlen_attention_fwd.default,
-         (qv, kv, vv, cu_q, cu_k, 3, 4, False, 0.25, 0.0, None, -1, -1, torch.rand(2), "reference")),
+         (qv, kv, vv, cu_q, cu_k, 3, 4, False, 0.25, 0.0, None, -1, -1, torch.rand(2, device=DEV), "reference")),
         ("varlen_attention_bwd", ops.varlen_attention_bwd.default,
          (torch.randn_like(vout), qv.detach(), kv, vv, cu_q, cu_k, 3, 4, vout, vlse, True, 0.25, 0.0, None, -1, -1,
           None, "triton")),
@@ -343,7 +346,7 @@ def test_compile_fullgraph_matches_eager():
     gen = torch.Generator().manual_seed(6)
     q, k, v, cu_q, cu_k = _packed(gen, [3, 5], [4, 6], 2, 1, 16)
     q, k, v = (t.float().requires_grad_() for t in (q, k, v))
-    mask = torch.randn(1, 2, 5, 6)
+    mask = torch.randn(1, 2, 5, 6, device=DEV)
 
     def fn(q, k, v):
         a = ff.varlen_attention(q, k, v, cu_q, cu_k, 5, 6, is_causal=True, backend="triton")
