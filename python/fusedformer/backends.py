@@ -35,7 +35,7 @@ import os
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
-FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act")
+FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "varlen_attention")
 
 # Preference of ``auto`` on a GPU, per family, fastest first. Until a committed GPU run in
 # benchmarks/results/ says otherwise, the Triton kernels (verified in the interpreter) come before

@@ -396,3 +396,57 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
         dbias = _sum_to_shape(ds, bias.shape).to(bias.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+# --------------------------------------------------------------------------------------------
+# varlen attention: packed sequences, each attended on its own
+# --------------------------------------------------------------------------------------------
+
+
+def _varlen_spans(cu_seqlens_q, cu_seqlens_k):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _varlen_slopes(alibi_slopes, b):
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                             dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
+    """Attention over packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
+    sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1]
+    of k and v (int32 (B+1,), starting at 0). Each sequence is ``attention_forward`` with batch 1,
+    no bias, the same causal/window/scale, ``alibi_slopes`` (H,) or its row b of (B, H), and
+    dropout seed ``seed + b``. ``max_seqlen_*`` bound the lengths (the kernels size their grids
+    by them). Returns (out (total_q, H, Dv), lse (H, total_q) float32, float64 for float64)."""
+    total_q, H, _ = q.shape
+    out = q.new_zeros(total_q, H, v.shape[-1])
+    lse = torch.full((H, total_q), float("-inf"), dtype=_compute_dtype(q), device=q.device)
+    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+        if qe == qs or ke == ks:
+            continue
+        o, l = attention_forward(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
+                                 v[ks:ke].transpose(0, 1)[None], None, causal, scale, dropout_p,
+                                 None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+        out[qs:qe] = o[0].transpose(0, 1)
+        lse[:, qs:qe] = l[0]
+    return out, lse
+
+
+def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out,
+                              lse, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
+    """Gradients of ``varlen_attention_forward``: each sequence's ``attention_backward``.
+    Returns (dq (total_q, H, D), dk (total_k, Hkv, D), dv (total_k, Hkv, Dv))."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+        if qe == qs or ke == ks:
+            continue
+        g = attention_backward(grad_out[qs:qe].transpose(0, 1)[None], q[qs:qe].transpose(0, 1)[None],
+                               k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], None,
+                               out[qs:qe].transpose(0, 1)[None], lse[:, qs:qe][None], causal, scale, dropout_p,
+                               None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+        dq[qs:qe] = g[0][0].transpose(0, 1)
+        dk[ks:ke] = g[1][0].transpose(0, 1)
+        dv[ks:ke] = g[2][0].transpose(0, 1)
+    return dq, dk, dv
