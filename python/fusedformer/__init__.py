@@ -1,6 +1,8 @@
 """fusedformer: fused Triton and CUDA C++ kernels for the transformer's hot paths, with
 pure-PyTorch references as the CPU path and the oracle of every parity test."""
 
+__version__ = "0.1.0"
+
 from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
 from fusedformer.ops import (
     feed_forward,
@@ -10,21 +12,36 @@ from fusedformer.ops import (
     scaled_dot_product_attention,
     softmax,
 )
-from fusedformer.ops.varlen_attention import varlen_attention  # noqa: F401  (public: ff.varlen_attention)
+from fusedformer.ops.varlen_attention import varlen_attention
 
-__version__ = "0.1.0"
+# subpackages after the ops they are built on: ff.nn.*, ff.models.*, then patching (nn/ + ops)
+from fusedformer import models, nn  # noqa: E402, I001
+from fusedformer.patch import (  # noqa: E402
+    PatchReport,
+    PatchVerificationError,
+    patch,
+    patch_report,
+    patched,
+    unpatch,
+)
 
 __all__ = [
     "BackendUnavailableError",
+    "PatchReport",
+    "PatchVerificationError",
     "available_backends",
     "feed_forward",
     "layer_norm",
     "linear_act",
+    "models",
+    "nn",
+    "patch",
+    "patch_report",
+    "patched",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
+    "unpatch",
     "use_backend",
+    "varlen_attention",
 ]
-
-from fusedformer import models, nn  # noqa: E402, F401  (subpackages: ff.nn.*, ff.models.*)
-from fusedformer.patch import PatchReport, PatchVerificationError, patch, patch_report, patched, unpatch  # noqa: E402, F401
