@@ -3,6 +3,7 @@ pure-PyTorch references as the CPU path and the oracle of every parity test."""
 
 __version__ = "0.1.0"
 
+from fusedformer import models, nn
 from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
 from fusedformer.ops import (
     feed_forward,
@@ -13,10 +14,7 @@ from fusedformer.ops import (
     softmax,
 )
 from fusedformer.ops.varlen_attention import varlen_attention
-
-# subpackages after the ops they are built on: ff.nn.*, ff.models.*, then patching (nn/ + ops)
-from fusedformer import models, nn  # noqa: E402, I001
-from fusedformer.patch import (  # noqa: E402
+from fusedformer.patch import (
     PatchReport,
     PatchVerificationError,
     patch,
