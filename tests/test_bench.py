@@ -4,10 +4,9 @@ and byte formulas, skipped providers, the time budget, the reports."""
 import json
 import sys
 
+import fusedformer.bench as bench
 import pytest
 import torch
-
-import fusedformer.bench as bench
 from fusedformer.bench.cases import OPS, attention, feed_forward, layer_norm, linear_act, softmax
 from fusedformer.bench.timing import time_cpu
 
@@ -137,7 +136,8 @@ def test_every_op_has_presets_and_providers(op):
 
 
 def _valid_bench():
-    return {"kind": "bench", "device": "x", "date": "2026-11-21", "versions": {"torch": "2", "triton": None, "cuda": None},
+    return {"kind": "bench", "device": "x", "date": "2026-11-21",
+            "versions": {"torch": "2", "triton": None, "cuda": None},
             "ceilings": {"copy_gbps": 10.0, "matmul_bf16_tflops": 1.0},
             "rows": [{"op": "softmax", "provider": "torch-eager", "dtype": "float32", "pass": "fwd", "shape": {"M": 1},
                       "ms": 1.0, "tflops": None, "gbps": 2.0, "frac_of_ceiling": 0.2}]}

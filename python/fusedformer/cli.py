@@ -26,7 +26,8 @@ def info(args):
         print(f"{name:<14} {version}")
     if torch.cuda.is_available():
         device = "cuda"
-        print(f"{'device':<14} {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        sm = "".join(map(str, torch.cuda.get_device_capability()))
+        print(f"{'device':<14} {torch.cuda.get_device_name()} (sm_{sm})")
     else:
         device = "cpu"
         note = " (TRITON_INTERPRET=1: triton kernels run interpreted)" if backends.triton_interpreted() else ""
@@ -116,10 +117,12 @@ def main(argv=None):
                    help="repeatable; default: the preset's")
     b.add_argument("--device", help="default: cuda if available, else cpu")
     b.add_argument("--max-seconds", type=float, help="stop timing after this long; the rest is reported skipped")
-    b.add_argument("--out", default="out/bench", help="directory for bench.json, bench.md, plots/ (default: %(default)s)")
+    b.add_argument("--out", default="out/bench",
+                   help="directory for bench.json, bench.md, plots/ (default: %(default)s)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("demo", help="build a small GPT and BERT, check parity, train briefly on bundled text")
-    d.add_argument("--seconds", type=float, default=None, help="training time per model (default: 40 on CPU, 20 on GPU)")
+    d.add_argument("--seconds", type=float, default=None,
+                   help="GPT training time per backend, BERT a third of it (default: 40 on CPU, 20 on GPU)")
     d.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     if args.command == "parity" and args.dtype is None:

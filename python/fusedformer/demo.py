@@ -20,6 +20,7 @@ from fusedformer import backends
 from fusedformer.parity import FLOOR, max_error
 
 MASK_ID = 256  # BERT's [MASK]: one id past the 256 byte values
+MIN_STEPS = 8  # "loss goes down" needs a few steps however slow the machine
 
 
 def load_text(name="lighthouse.txt"):
@@ -122,7 +123,8 @@ def model_parity(kind, model, data, device, backend, dtype):
 
 
 def train(kind, model, data, device, seconds, backend, batch, seq, log_every_s):
-    """Train for ``seconds`` under ``backend`` (None: auto). Returns (losses, tokens/s, what ran)."""
+    """Train for ``seconds`` (at least MIN_STEPS steps) under ``backend`` (None: auto). Returns
+    (losses, tokens/s, what ran)."""
     gen = torch.Generator().manual_seed(2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3 if kind == "gpt" else 1e-3, weight_decay=0.01)
     ctx = ff.use_backend(backend) if backend else contextlib.nullcontext()
@@ -143,7 +145,7 @@ def train(kind, model, data, device, seconds, backend, batch, seq, log_every_s):
             if now - last_log >= log_every_s or step == 1:
                 print(f"    step {step:>5}  loss {losses[-1]:.3f}  {tokens / (now - t0):>10,.0f} tokens/s")
                 last_log = now
-            if now - t0 >= seconds:
+            if now - t0 >= seconds and step >= MIN_STEPS:
                 break
         if cuda:
             torch.cuda.synchronize()

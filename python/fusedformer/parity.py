@@ -297,7 +297,8 @@ def _finite(x):
 def envelope(rows, device, agreement=None):
     """The results file of DESIGN.md, kind 'parity'."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     try:
         import triton
 
@@ -319,7 +320,8 @@ def _shape_text(shape):
 
 
 def format_table(rows, agreement=None):
-    head = f"{'op':<12} {'backend':<10} {'dtype':<9} {'output':<6} {'err':>10} {'torch_err':>10} {'ratio':>7}  ok  shape"
+    head = (f"{'op':<12} {'backend':<10} {'dtype':<9} {'output':<6} {'err':>10} {'torch_err':>10} {'ratio':>7}"
+            "  ok  shape")
     lines = [head, "-" * len(head)]
     for r in rows:
         shape = _shape_text(r["shape"])

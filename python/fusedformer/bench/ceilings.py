@@ -8,22 +8,28 @@ import torch
 from fusedformer.bench.timing import time_cpu, time_gpu
 
 
-def measure(device):
-    """{"copy_gbps", "matmul_bf16_tflops"} for ``device`` ('cuda' or 'cpu')."""
-    cuda = torch.device(device).type == "cuda"
-    # copy reads and writes n bytes: 2n bytes moved. 1 GiB on a GPU, 64 MiB on a CPU.
-    n = 2**30 if cuda else 2**26
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+def copy_gbps(device, nbytes):
+    """A copy reads and writes ``nbytes``: 2 * nbytes moved per call."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    timer = time_gpu if cuda else time_cpu
-    copy_ms = timer(lambda: dst.copy_(src))
-    del src, dst
-    # matmul (M, K) @ (K, N): 2 M N K FLOPs. 8192^3 on a GPU, 1024^3 on a CPU.
-    m = 8192 if cuda else 1024
-    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    mm_ms = timer(lambda: a @ b)
-    del a, b
+    timer = time_gpu if torch.device(device).type == "cuda" else time_cpu
+    return 2 * nbytes / timer(lambda: dst.copy_(src)) / 1e6
+
+
+def matmul_bf16_tflops(device, n):
+    """(n, n) @ (n, n) in bf16: 2 n^3 FLOPs per call."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    timer = time_gpu if torch.device(device).type == "cuda" else time_cpu
+    return 2 * n**3 / timer(lambda: a @ b) / 1e9
+
+
+def measure(device):
+    """{"copy_gbps", "matmul_bf16_tflops"} for ``device``: 1 GiB copy and 8192^3 matmul on a GPU,
+    64 MiB and 1024^3 on a CPU."""
+    cuda = torch.device(device).type == "cuda"
+    result = {"copy_gbps": copy_gbps(device, 2**30 if cuda else 2**26),
+              "matmul_bf16_tflops": matmul_bf16_tflops(device, 8192 if cuda else 1024)}
     if cuda:
         torch.cuda.empty_cache()
-    return {"copy_gbps": 2 * n / copy_ms / 1e6, "matmul_bf16_tflops": 2 * m**3 / mm_ms / 1e9}
+    return result

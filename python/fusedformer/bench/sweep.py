@@ -184,7 +184,8 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
                     for pass_ in passes:
                         plan.append((op, name, fn, shape, DTYPES[dtype], pass_))
 
-    rows, bar, t_end = [], Progress(len(plan), progress), (time.monotonic() + max_seconds if max_seconds is not None else None)
+    rows, bar = [], Progress(len(plan), progress)
+    t_end = time.monotonic() + max_seconds if max_seconds is not None else None
     for op, name, fn, shape, dtype, pass_ in plan:
         bar.update(f"{op} {name} {pass_}")
         if t_end is not None and time.monotonic() >= t_end:
