@@ -2,18 +2,18 @@
 # `make gpu-check OUT=dir`: the whole GPU check in one command, every step logged to its own file
 # under dir. Steps: build _C in place, info, the GPU tests (pytest -m gpu), the rest of the suite,
 # parity on every available backend and dtype, the full benchmark sweep. A failing step does not
-# stop the others; the exit code is non-zero if any failed. Designed for ~8 minutes; each step
+# stop the others; the exit code is non-zero if any failed. Typically ~6-8 minutes; each step
 # has its own time limit (override with the variables below).
 #
 #   usage: benchmarks/gpu_check.sh OUT_DIR [PYTHON]
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR [PYTHON]}
 PY=${2:-python3}
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-180}
-GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-120}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-150}
+GPU_TEST_TIMEOUT=${GPU_TEST_TIMEOUT:-150}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-PARITY_TIMEOUT=${PARITY_TIMEOUT:-60}
-BENCH_SECONDS=${BENCH_SECONDS:-150}
+PARITY_TIMEOUT=${PARITY_TIMEOUT:-120}
+BENCH_SECONDS=${BENCH_SECONDS:-120}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
@@ -46,7 +46,7 @@ step info 60 "$PY" -m fusedformer info
 step tests-gpu "$GPU_TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests-gpu.xml"
 step tests-rest "$TEST_TIMEOUT" "$PY" -m pytest tests -m "not gpu" -q -x -p no:cacheprovider --junitxml="$OUT/tests-rest.xml"
 step parity "$PARITY_TIMEOUT" "$PY" -m fusedformer parity --dtype float32 --dtype float16 --dtype bfloat16 --out "$OUT/parity.json"
-step bench $((BENCH_SECONDS + 120)) "$PY" -m fusedformer bench --full --no-progress --max-seconds "$BENCH_SECONDS" --out "$OUT/bench"
+step bench $((BENCH_SECONDS + 90)) "$PY" -m fusedformer bench --full --no-progress --max-seconds "$BENCH_SECONDS" --out "$OUT/bench"
 if [ -f "$OUT/bench/bench.json" ]; then
   NAME=$("$PY" -c "import json, sys; from fusedformer.bench import results_name; print(results_name(json.load(open(sys.argv[1]))))" "$OUT/bench/bench.json")
   cp "$OUT/bench/bench.json" "$OUT/$NAME.json"

@@ -227,7 +227,8 @@ def plots(doc, out_dir):
         ceiling = doc["ceilings"]["matmul_bf16_tflops" if compute else "copy_gbps"]
         if ceiling:
             ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="ceiling (this run)")
-        ax.set_title(f"{op} · {dtype} · {pass_} — {doc['device'][:50]}", fontsize=9)
+        ax.set_yscale("log")  # small shapes sit decades below large ones; both matter
+        ax.set_title(f"{op} · {dtype} · {pass_} — {doc['device'].split(' — ')[0]} — {doc['date']}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}-{dtype}-{pass_.replace('+', '_')}.png")

@@ -141,7 +141,7 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
 
     ``providers`` limits the providers by name; ``extra_providers`` {op: {name: fn}} adds
     callables (tests use it to inject a broken one). ``max_seconds`` bounds the run: what is left
-    when it runs out becomes skipped rows saying so. ``cpu_budget_s``: seconds of repetitions per
+    when it runs out becomes skipped rows saying so (shared fairly between the ops). ``cpu_budget_s``: seconds of repetitions per
     CPU timing (default 0.5, 0.02 for the tiny preset)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = torch.device(device).type
@@ -185,9 +185,16 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
                         plan.append((op, name, fn, shape, DTYPES[dtype], pass_))
 
     rows, bar = [], Progress(len(plan), progress)
-    t_end = time.monotonic() + max_seconds if max_seconds is not None else None
+    # the budget is shared fairly: each op may use the time left over the ops left, so one slow op
+    # (attention compiling) cannot starve the others; what an op leaves unused carries over
+    t_start, t_end, current_op = time.monotonic(), None, None
     for op, name, fn, shape, dtype, pass_ in plan:
         bar.update(f"{op} {name} {pass_}")
+        if max_seconds is not None and op != current_op:
+            current_op = op
+            ops_left = len({p[0] for p in plan[plan.index((op, name, fn, shape, dtype, pass_)):]})
+            now = time.monotonic()
+            t_end = now + max(0.0, t_start + max_seconds - now) / ops_left
         if t_end is not None and time.monotonic() >= t_end:
             row = _row(op, name, dtype, pass_, shape)
             row["skipped"] = f"time budget exhausted (--max-seconds {max_seconds})"
