@@ -44,7 +44,7 @@ step() {  # step NAME TIMEOUT_S CMD... : run CMD with a time limit, log to OUT/N
 [ "${SKIP_BUILD:-0}" = 1 ] || step build "$BUILD_TIMEOUT" bash -c "$PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import fusedformer._C as c; print(\"_C:\", c.__file__)'"
 step info 60 "$PY" -m fusedformer info
 step tests-gpu "$GPU_TEST_TIMEOUT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/tests-gpu.xml"
-step tests-rest "$TEST_TIMEOUT" "$PY" -m pytest tests -m "not gpu" -q -x -p no:cacheprovider --junitxml="$OUT/tests-rest.xml"
+step tests-rest "$TEST_TIMEOUT" "$PY" -m pytest tests -m "not gpu" -q -p no:cacheprovider --junitxml="$OUT/tests-rest.xml"
 step parity "$PARITY_TIMEOUT" "$PY" -m fusedformer parity --dtype float32 --dtype float16 --dtype bfloat16 --out "$OUT/parity.json"
 step bench $((BENCH_SECONDS + 90)) "$PY" -m fusedformer bench --full --no-progress --max-seconds "$BENCH_SECONDS" --out "$OUT/bench"
 if [ -f "$OUT/bench/bench.json" ]; then

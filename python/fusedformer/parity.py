@@ -5,6 +5,10 @@ Rule (DESIGN.md): a backend passes when, for the output and every gradient,
     err <= 2 * torch_err + floor[dtype] * max(1, max|oracle|)
 where err and torch_err are max-abs errors against the oracle: the reference backend run in
 float64 on the same inputs.
+
+``run_full`` also reports cross-backend agreement (the max difference between every pair of
+backends on the same inputs, outputs and gradients), and turns a backend that cannot run a case
+into a row with ``skipped`` set to its reason (``ok`` None: neither a pass nor a failure).
 """
 
 import dataclasses
