@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.providers import compiled, fusedformer_providers, optional_module
+from fusedformer.bench.providers import compiled, fusedformer_providers, optional_module, raise_recompile_limit
 
 SHAPES = {
     "tiny": [dict(B=1, H=2, Lq=16, Lk=16, D=16, causal=False), dict(B=1, H=2, Lq=24, Lk=24, D=16, causal=True)],
@@ -70,6 +70,7 @@ def _flex(device, shape):
     mod = optional_module("torch.nn.attention.flex_attention", "torch.nn.attention.flex_attention")
     if isinstance(mod, str):
         return mod
+    raise_recompile_limit()
     flex = torch.compile(mod.flex_attention, dynamic=False)
     block_mask = None
     if shape["causal"]:
