@@ -140,9 +140,9 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
     """The sweep as a results document (DESIGN.md "Results JSON", kind "bench").
 
     ``providers`` limits the providers by name; ``extra_providers`` {op: {name: fn}} adds
-    callables (tests use it to inject a broken one). ``max_seconds`` bounds the run: what is left
-    when it runs out becomes skipped rows saying so (shared fairly between the ops). ``cpu_budget_s``: seconds of repetitions per
-    CPU timing (default 0.5, 0.02 for the tiny preset)."""
+    callables (tests use it to inject a broken one). ``max_seconds`` bounds the run, shared fairly
+    between the ops: what is left when it runs out becomes skipped rows saying so.
+    ``cpu_budget_s``: seconds of repetitions per CPU timing (default 0.5, 0.02 for tiny)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = torch.device(device).type
     if preset not in PRESETS:
