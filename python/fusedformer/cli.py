@@ -122,7 +122,7 @@ def main(argv=None):
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     d = sub.add_parser("demo", help="build a small GPT and BERT, check parity, train briefly on bundled text")
     d.add_argument("--seconds", type=float, default=None,
-                   help="GPT training time per backend, BERT a third of it (default: 40 on CPU, 20 on GPU)")
+                   help="GPT training time per backend, BERT a third of it (default: 30 on CPU, 20 on GPU)")
     d.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     if args.command == "parity" and args.dtype is None:

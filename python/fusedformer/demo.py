@@ -169,7 +169,7 @@ def main(seconds=None, device=None):
     except (ImportError, AttributeError) as exc:
         print(f"fusedformer demo: fusedformer.models is not available ({exc})")
         return 1
-    seconds = seconds if seconds is not None else (20.0 if cuda else 40.0)
+    seconds = seconds if seconds is not None else (20.0 if cuda else 30.0)
     data = load_text()
     print(f"fusedformer {ff.__version__} demo on {torch.cuda.get_device_name(device) if cuda else 'cpu'}; "
           f"torch {torch.__version__}")
