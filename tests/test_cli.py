@@ -68,3 +68,11 @@ def test_demo_runs_and_says_which_backend(capsys):
         assert "[fused (auto)]" in out and "[reference]" in out
     else:
         assert "everything below runs on the REFERENCE backend" in out
+
+
+def test_demo_text_ships_with_the_package():
+    from fusedformer import demo
+
+    data = demo.load_text()
+    assert data.numel() > 4000 and int(data.max()) < 256
+    assert demo.decode(data[:40]).startswith("The Keeper of the Northern Light")
