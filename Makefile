@@ -9,6 +9,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.fusedformer-installed
 PYTEST_ARGS ?=
+# make gpu-check and make bench write under $(OUT)
 OUT ?= gpu-check-out
 
 # CPU machines pin what the triton interpreter needs; GPU machines keep what they have.
@@ -37,6 +38,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m fusedformer demo
+
+# Every op against torch and the other libraries (quick preset; BENCH_ARGS="--full" for more).
+BENCH_ARGS ?= --quick
+bench: $(STAMP)
+	$(VPY) -m fusedformer bench $(BENCH_ARGS) --out $(OUT)/bench
+
+# The whole GPU check (build, GPU tests, the rest, parity, bench --full) under $(OUT).
+gpu-check: $(STAMP)
+	bash benchmarks/gpu_check.sh $(OUT) $(VPY)
 
 info: $(STAMP)
 	$(VPY) -m fusedformer info

@@ -1,4 +1,4 @@
-"""``fusedformer info | parity | demo`` (also ``python -m fusedformer``)."""
+"""``fusedformer info | parity | bench | demo`` (also ``python -m fusedformer``)."""
 
 import argparse
 import platform
@@ -26,7 +26,8 @@ def info(args):
         print(f"{name:<14} {version}")
     if torch.cuda.is_available():
         device = "cuda"
-        print(f"{'device':<14} {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        sm = "".join(map(str, torch.cuda.get_device_capability()))
+        print(f"{'device':<14} {torch.cuda.get_device_name()} (sm_{sm})")
     else:
         device = "cpu"
         note = " (TRITON_INTERPRET=1: triton kernels run interpreted)" if backends.triton_interpreted() else ""
@@ -52,22 +53,40 @@ def parity(args):
     from fusedformer import parity as harness
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = harness.run(backends=args.backend, dtypes=args.dtype, device=device, quick=not args.full, ops=args.op)
-    print(harness.format_table(rows))
+    result = harness.run_full(backends=args.backend, dtypes=args.dtype, device=device, quick=not args.full,
+                              ops=args.op)
+    rows, agreement = result["rows"], result["agreement"]
+    print(harness.format_table(rows, agreement))
     if args.out:
-        harness.write_json(rows, device, args.out)
+        harness.write_json(rows, device, args.out, agreement)
         print(f"wrote {args.out}")
-    return 0 if all(r["ok"] for r in rows) else 1
+    failed = harness.failures(rows)
+    if failed:
+        print(f"parity FAILED: {len(failed)} row(s) outside 2x PyTorch's own error", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def bench(args):
+    from fusedformer import bench as harness
+
+    preset = "full" if args.full else "tiny" if args.tiny else "quick"
+    doc = harness.run(ops=args.op, preset=preset, dtypes=args.dtype, device=args.device, providers=args.provider,
+                      passes=args.pass_, max_seconds=args.max_seconds, progress=not args.no_progress)
+    paths = harness.write(doc, args.out)
+    print(harness.markdown(doc))
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    plots = paths["plots"]
+    print(f"plots: {plots}" if isinstance(plots, str) else f"wrote {len(plots)} plots under {args.out}/plots")
+    print(f"to keep it: cp {paths['json']} benchmarks/results/{harness.results_name(doc)}.json "
+          f"(and .md likewise)")
+    ran = [r for r in doc["rows"] if not r["skipped"]]
+    return 0 if ran else 1
 
 
 def demo(args):
-    info(args)
-    print("\nparity of the available backends against the float64 reference:")
-    if not torch.cuda.is_available():
-        print("(no CUDA GPU: this machine runs the reference backend, the pure-PyTorch fallback)")
-    parity_args = argparse.Namespace(device=None, backend=None, dtype=["float32", "bfloat16"], full=False,
-                                     op=None, out=None)
-    return parity(parity_args)
+    from fusedformer import demo as demo_mod
+
+    return demo_mod.main(seconds=args.seconds, device=args.device)
 
 
 def main(argv=None):
@@ -82,11 +101,33 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--full", action="store_true", help="larger shapes too")
     p.add_argument("--out", help="write the results JSON here")
-    sub.add_parser("demo", help="the demo: info, then parity")
+    from fusedformer.bench import OPS, PASSES, PROVIDERS
+
+    b = sub.add_parser("bench", help="time every op against torch and the other libraries, beside the "
+                                     "device's copy and matmul ceilings")
+    size = b.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few shapes per op, fwd and fwd+bwd (default)")
+    size.add_argument("--full", action="store_true", help="more shapes, fwd, bwd and fwd+bwd")
+    size.add_argument("--tiny", action="store_true", help="toy shapes: checks the harness, measures nothing useful")
+    b.add_argument("--op", action="append", choices=list(OPS), help="repeatable; default: every op")
+    b.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
+                   help="repeatable; default: bfloat16 on a GPU, float32 on a CPU")
+    b.add_argument("--provider", action="append", choices=list(PROVIDERS), help="repeatable; default: all")
+    b.add_argument("--pass", dest="pass_", action="append", choices=list(PASSES),
+                   help="repeatable; default: the preset's")
+    b.add_argument("--device", help="default: cuda if available, else cpu")
+    b.add_argument("--max-seconds", type=float, help="stop timing after this long; the rest is reported skipped")
+    b.add_argument("--out", default="out/bench",
+                   help="directory for bench.json, bench.md, plots/ (default: %(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="build a small GPT and BERT, check parity, train briefly on bundled text")
+    d.add_argument("--seconds", type=float, default=None,
+                   help="GPT training time per backend, BERT a third of it (default: 30 on CPU, 20 on GPU)")
+    d.add_argument("--device", help="default: cuda if available, else cpu")
     args = parser.parse_args(argv)
     if args.command == "parity" and args.dtype is None:
         args.dtype = ["float32", "float16", "bfloat16"]
-    return {"info": info, "parity": parity, "demo": demo}[args.command](args)
+    return {"info": info, "parity": parity, "bench": bench, "demo": demo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ Rule (DESIGN.md): a backend passes when, for the output and every gradient,
     err <= 2 * torch_err + floor[dtype] * max(1, max|oracle|)
 where err and torch_err are max-abs errors against the oracle: the reference backend run in
 float64 on the same inputs.
+
+``run_full`` also reports cross-backend agreement (the max difference between every pair of
+backends on the same inputs, outputs and gradients), and turns a backend that cannot run a case
+into a row with ``skipped`` set to its reason (``ok`` None: neither a pass nor a failure).
 """
 
 import dataclasses
 import datetime
 import json
+import math
 import platform
 from collections.abc import Callable
 
@@ -52,11 +57,21 @@ def max_error(got, want):
     return float(diff.max())
 
 
+def _cast(a, dtype, device):
+    """``a`` in ``dtype`` on ``device`` with the same strides: a strided (non-contiguous) case
+    input stays strided, so the backends see the layout the case asked for."""
+    a = a.detach()
+    if a.is_contiguous() or 0 in a.stride():
+        return a.to(device=device, dtype=dtype)
+    out = torch.empty_strided(a.shape, a.stride(), dtype=dtype, device=device)
+    return out.copy_(a)
+
+
 def _evaluate(fn, args, kwargs, diff, dtype, device, grad_out_seed):
     cast = []
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            a = a.detach().to(device=device, dtype=dtype).requires_grad_(i in diff)
+            a = _cast(a, dtype, device).requires_grad_(i in diff)
         elif isinstance(a, torch.Tensor):
             a = a.to(device)
         cast.append(a)
@@ -74,6 +89,11 @@ def _evaluate(fn, args, kwargs, diff, dtype, device, grad_out_seed):
 def run_case(case, backend, dtype, device="cpu", seed=0):
     """Rows {op, backend, dtype, shape, output, err, torch_err, ratio, ok} for the output and each
     gradient of ``case`` on ``backend``."""
+    return _run_case(case, backend, dtype, device, seed)[0]
+
+
+def _run_case(case, backend, dtype, device, seed):
+    """run_case's rows, and the backend's outputs {name: tensor} for the cross-backend check."""
     gen = torch.Generator().manual_seed(seed)
     args, kwargs, diff = case.make(gen)
     oracle = _evaluate(lambda *a, **k: case.ours(*a, backend="reference", **k), args, kwargs, diff,
@@ -81,6 +101,10 @@ def run_case(case, backend, dtype, device="cpu", seed=0):
     ours = _evaluate(lambda *a, **k: case.ours(*a, backend=backend, **k), args, kwargs, diff, dtype, device,
                      seed + 1)
     theirs = _evaluate(case.theirs, args, kwargs, diff, dtype, device, seed + 1)
+    return _compare(case, backend, dtype, oracle, ours, theirs), ours
+
+
+def _compare(case, backend, dtype, oracle, ours, theirs):
     rows = []
     for name, want in oracle.items():
         err = max_error(ours[name], want)
@@ -158,51 +182,181 @@ def default_cases(quick=True):
             lambda q, k, v, m, backend, c=causal: ff.scaled_dot_product_attention(
                 q, k, v, m, is_causal=c, enable_gqa=True, backend=backend),
             lambda q, k, v, m, c=causal: F.scaled_dot_product_attention(q, k, v, m, is_causal=c, enable_gqa=True)))
+    cases += _attention_mask_cases()
     return cases
+
+
+def _attention_mask_cases():
+    """Attention under masks and layouts the plain cases miss: a random bool mask, key padding,
+    rows with every key masked (fusedformer gives zeros there; torch's reference value is its
+    output with those rows zeroed), and q/k/v that are strided views of a (B, L, H, D) buffer."""
+    cases = []
+
+    def masked(kind, B=2, H=3, Lq=19, Lk=37, D=24):
+        def make(g):
+            q, k, v = _randn(g, B, H, Lq, D), _randn(g, B, H, Lk, D), _randn(g, B, H, Lk, D)
+            if kind == "bool":
+                mask = torch.rand(B, 1, Lq, Lk, generator=g) < 0.7
+                mask[..., 0] = True  # every row keeps a key: torch's value is finite everywhere
+            elif kind == "key_padding":
+                mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+                mask[-1, ..., Lk - 11:] = False  # the last batch's final 11 keys are padding
+            else:  # fully masked rows
+                mask = torch.rand(B, 1, Lq, Lk, generator=g) < 0.5
+                mask[0, 0, 3] = False
+                mask[-1, 0, Lq - 1] = False
+            return [q, k, v, mask], {}, [0, 1, 2]
+
+        def theirs(q, k, v, m):
+            live = m.any(-1, keepdim=True)  # rows with a key: torch's NaN rows are zeros by contract
+            return F.scaled_dot_product_attention(q, k, v, m | ~live) * live
+
+        shape = {"B": B, "H": H, "Lq": Lq, "Lk": Lk, "D": D, "mask": kind}
+        return Case("attention", shape, make,
+                    lambda q, k, v, m, backend: ff.scaled_dot_product_attention(q, k, v, m, backend=backend), theirs)
+
+    cases += [masked("bool"), masked("key_padding"), masked("fully_masked_rows")]
+
+    def make_strided(g, B=2, H=3, Lq=23, Lk=31, D=40):
+        # (B, L, H, D) buffers seen as (B, H, L, D); v also drops the last 8 of D+8 columns
+        q = _randn(g, B, Lq, H, D).transpose(1, 2)
+        k = _randn(g, B, Lk, H, D).transpose(1, 2)
+        v = _randn(g, B, Lk, H, D + 8).transpose(1, 2)[..., :D]
+        return [q, k, v], {}, [0, 1, 2]
+
+    cases.append(Case("attention", {"B": 2, "H": 3, "Lq": 23, "Lk": 31, "D": 40, "causal": True, "layout": "strided"},
+                      make_strided,
+                      lambda q, k, v, backend: ff.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                               backend=backend),
+                      lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+    return cases
+
+
+def _skipped_rows(case, backend, dtype, reason):
+    return [{"op": case.op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "shape": case.shape,
+             "output": "-", "err": None, "torch_err": None, "ratio": None, "ok": None, "skipped": reason}]
+
+
+def _reason(exc, backend):
+    """The line of a BackendUnavailableError that explains ``backend``, else its first line."""
+    lines = str(exc).splitlines()
+    mine = [ln.strip() for ln in lines[1:] if ln.strip().startswith(backend + " ")]
+    return mine[0] if mine else (lines[0] if lines else exc.__class__.__name__)
+
+
+def agreement(outputs, case, dtype):
+    """Cross-backend agreement on one case and dtype: for every pair of backends that ran, the max
+    difference between their outputs (and gradients) on the same inputs. ``outputs`` is
+    {backend: {name: tensor}}."""
+    rows = []
+    names = sorted(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for out in outputs[a]:
+                rows.append({"op": case.op, "dtype": str(dtype).replace("torch.", ""), "shape": case.shape,
+                             "output": out, "backends": [a, b], "max_diff": max_error(outputs[a][out],
+                                                                                   outputs[b][out])})
+    return rows
+
+
+def run_full(backends=None, dtypes=("float32", "float16", "bfloat16"), device=None, quick=True, ops=None,
+             cases=None):
+    """Every case on each backend and dtype: {"rows": parity rows, "agreement": cross-backend
+    rows}. A backend that cannot run a case gives one row with ``skipped`` set to the reason
+    (``ok`` None) instead of failing the run."""
+    from fusedformer.backends import BackendUnavailableError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backends = backends or ff.available_backends(device)
+    cases = cases if cases is not None else default_cases(quick)
+    rows, agree = [], []
+    for case in cases:
+        if ops and case.op not in ops:
+            continue
+        for dtype_name in dtypes:
+            dtype = DTYPES[dtype_name]
+            outputs = {}
+            for backend in backends:
+                try:
+                    case_rows, outs = _run_case(case, backend, dtype, device, 0)
+                except BackendUnavailableError as exc:
+                    rows.extend(_skipped_rows(case, backend, dtype, _reason(exc, backend)))
+                    continue
+                rows.extend(case_rows)
+                outputs[backend] = outs
+            agree.extend(agreement(outputs, case, dtype))
+    return {"rows": rows, "agreement": agree}
 
 
 def run(backends=None, dtypes=("float32", "float16", "bfloat16"), device=None, quick=True, ops=None):
     """Run the default cases on each available backend and dtype: a list of rows."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backends = backends or ff.available_backends(device)
-    rows = []
-    for case in default_cases(quick):
-        if ops and case.op not in ops:
-            continue
-        for backend in backends:
-            for dtype in dtypes:
-                rows.extend(run_case(case, backend, DTYPES[dtype], device))
-    return rows
+    return run_full(backends, dtypes, device, quick, ops)["rows"]
 
 
-def envelope(rows, device):
+def _finite(x):
+    """JSON has no inf/NaN: those numbers are written as null (the row's ok says what happened)."""
+    return x if not isinstance(x, float) or math.isfinite(x) else None
+
+
+def envelope(rows, device, agreement=None):
     """The results file of DESIGN.md, kind 'parity'."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    return {"kind": "parity", "device": name, "date": datetime.date.today().isoformat(),
-            "versions": {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-                         "fusedformer": ff.__version__},
-            "rows": rows}
+    clean = [{k: _finite(v) for k, v in r.items()} for r in rows]
+    doc = {"kind": "parity", "device": name, "date": datetime.date.today().isoformat(),
+           "versions": {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+                        "fusedformer": ff.__version__},
+           "rows": clean}
+    if agreement is not None:
+        doc["agreement"] = [{k: _finite(v) for k, v in r.items()} for r in agreement]
+    return doc
 
 
-def format_table(rows):
-    head = f"{'op':<12} {'backend':<10} {'dtype':<9} {'output':<6} {'err':>10} {'torch_err':>10} {'ratio':>7}  ok  shape"
+def _shape_text(shape):
+    return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
+def format_table(rows, agreement=None):
+    head = (f"{'op':<12} {'backend':<10} {'dtype':<9} {'output':<6} {'err':>10} {'torch_err':>10} {'ratio':>7}"
+            "  ok  shape")
     lines = [head, "-" * len(head)]
     for r in rows:
-        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+        shape = _shape_text(r["shape"])
+        if r.get("skipped"):
+            lines.append(f"{r['op']:<12} {r['backend']:<10} {r['dtype']:<9} skipped: {r['skipped']}  [{shape}]")
+            continue
         lines.append(f"{r['op']:<12} {r['backend']:<10} {r['dtype']:<9} {r['output']:<6} {r['err']:>10.2e} "
                      f"{r['torch_err']:>10.2e} {r['ratio']:>7.2f}  {'yes' if r['ok'] else 'NO '} {shape}")
-    failed = sum(not r["ok"] for r in rows)
-    lines.append(f"{len(rows) - failed} passed, {failed} failed")
+    failed = sum(r["ok"] is False for r in rows)
+    skipped = sum(r["ok"] is None for r in rows)
+    passed = len(rows) - failed - skipped
+    lines.append(f"{passed} passed, {failed} failed, {skipped} skipped")
+    if agreement:
+        lines.append("")
+        lines.append("cross-backend agreement (max |a - b| on the same inputs, per case and dtype):")
+        worst = {}
+        for r in agreement:
+            key = (r["op"], r["dtype"], tuple(r["backends"]))
+            if key not in worst or r["max_diff"] > worst[key]["max_diff"]:
+                worst[key] = r
+        for (op, dtype, pair), r in worst.items():
+            lines.append(f"  {op:<12} {dtype:<9} {pair[0]} vs {pair[1]}: max diff {r['max_diff']:.2e} "
+                         f"(worst: {r['output']} at {_shape_text(r['shape'])})")
     return "\n".join(lines)
 
 
-def write_json(rows, device, path):
+def failures(rows):
+    """The rows that fail the 2x rule (skipped rows do not fail)."""
+    return [r for r in rows if r["ok"] is False]
+
+
+def write_json(rows, device, path, agreement=None):
     with open(path, "w") as f:
-        json.dump(envelope(rows, device), f, indent=1)
+        json.dump(envelope(rows, device, agreement), f, indent=1)

@@ -1,0 +1,74 @@
+"""act(x @ W^T + b): x (M, K), W (N, K) — (2N, K) for the gated swiglu/geglu, whose output is
+act(gate) * up, N wide. Compute-bound: FLOPs 2 M K Nw for the GEMM (Nw = W's rows), the
+activation ignored; the backward does the two GEMMs for dx and dW: 4 M K Nw; fwd+bwd 6 M K Nw.
+Compared against the fraction of the bf16 matmul ceiling."""
+
+import torch
+import torch.nn.functional as F
+
+import fusedformer as ff
+from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
+
+SHAPES = {
+    "tiny": [dict(M=16, K=32, N=48, activation="gelu"), dict(M=9, K=24, N=20, activation="swiglu")],
+    "cpu": [dict(M=256, K=512, N=2048, activation="gelu"), dict(M=256, K=512, N=1024, activation="swiglu")],
+    "quick": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
+    "full": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=16384, activation="gelu"),
+             dict(M=64, K=4096, N=11008, activation="swiglu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
+}
+GATED = ("swiglu", "geglu")
+PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
+
+
+def weight_rows(shape):
+    return 2 * shape["N"] if shape["activation"] in GATED else shape["N"]
+
+
+def work(shape, pass_, dtype):
+    return PASS_FACTOR[pass_] * shape["M"] * shape["K"] * weight_rows(shape), None
+
+
+def make(shape, dtype, device):
+    M, K, Nw = shape["M"], shape["K"], weight_rows(shape)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    w = torch.randn(Nw, K, device=device, dtype=dtype) / K**0.5
+    b = 0.1 * torch.randn(Nw, device=device, dtype=dtype)
+    return [x, w, b], {"activation": shape["activation"]}, [0, 1, 2]
+
+
+def act(h, activation):
+    if activation in GATED:
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
+    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
+
+
+def eager(x, w, b, activation):
+    return act(F.linear(x, w, b), activation)
+
+
+def liger_act(device, activation):
+    """Liger fuses only the gated product: cuBLAS GEMM, then its SiLU/GELU-mul kernel."""
+    if activation not in GATED:
+        return f"liger has no fused {activation} epilogue"
+    cls = ("swiglu", "LigerSiLUMulFunction") if activation == "swiglu" else ("geglu", "LigerGELUMulFunction")
+    fn = liger_function(*cls, device)
+    if isinstance(fn, str):
+        return fn
+
+    def run(h):
+        gate, up = h.chunk(2, dim=-1)
+        return fn(gate, up)
+
+    return run
+
+
+def providers(device, shape):
+    out = fusedformer_providers(lambda x, w, b, activation, backend: ff.linear_act(x, w, b, activation,
+                                                                                   backend=backend), device)
+    out["torch-eager"] = eager
+    out["torch-compile"] = compiled(eager, device)
+    la = liger_act(device, shape["activation"])
+    out["liger"] = la if isinstance(la, str) else (lambda x, w, b, activation: la(F.linear(x, w, b)))
+    return out

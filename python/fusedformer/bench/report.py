@@ -1,0 +1,257 @@
+"""Results files: the JSON of DESIGN.md ("Results JSON"), its validator, Markdown tables (one per
+op, dtype and pass: shapes down, providers across, each cell ms, throughput, fraction of the
+ceiling and speed-up over torch eager) and PNG plots (matplotlib when importable)."""
+
+import json
+import math
+import os
+import re
+
+from fusedformer.bench.providers import PROVIDERS
+
+KINDS = ("bench", "parity")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+OP_NAMES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "feed_forward")
+BACKEND_NAMES = ("reference", "triton", "cuda")
+
+
+def _is_num(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num_or_none(x):
+    return x is None or _is_num(x)
+
+
+def validate_results(doc):
+    """Check ``doc`` (a dict, or a path to a JSON file) against DESIGN.md's results format; return
+    the dict, or raise ValueError listing every problem."""
+    if isinstance(doc, (str, os.PathLike)):
+        with open(doc) as f:
+            doc = json.load(f)
+    problems = []
+    if not isinstance(doc, dict):
+        raise ValueError(f"results: expected a JSON object, got {type(doc).__name__}")
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind is {kind!r}, expected one of {KINDS}")
+    if not isinstance(doc.get("device"), str) or not doc.get("device"):
+        problems.append("device must be a non-empty string")
+    if not isinstance(doc.get("date"), str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc.get("date", "")):
+        problems.append(f"date must be YYYY-MM-DD, got {doc.get('date')!r}")
+    vers = doc.get("versions")
+    if not isinstance(vers, dict) or not all(k in vers for k in ("torch", "triton", "cuda")):
+        problems.append("versions must be an object with torch, triton and cuda")
+    if kind == "bench":
+        ceil = doc.get("ceilings")
+        if not isinstance(ceil, dict) or not all(_num_or_none(ceil.get(k, "missing")) for k in
+                                                 ("copy_gbps", "matmul_bf16_tflops")):
+            problems.append("ceilings must hold copy_gbps and matmul_bf16_tflops (numbers)")
+    rows = doc.get("rows")
+    if not isinstance(rows, list):
+        problems.append("rows must be a list")
+        rows = []
+    for i, r in enumerate(rows):
+        where = f"rows[{i}]"
+        if not isinstance(r, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        if r.get("op") not in OP_NAMES:
+            problems.append(f"{where}.op {r.get('op')!r} is not one of {OP_NAMES}")
+        if r.get("dtype") not in DTYPE_NAMES:
+            problems.append(f"{where}.dtype {r.get('dtype')!r} is not one of {DTYPE_NAMES}")
+        if not isinstance(r.get("shape"), dict):
+            problems.append(f"{where}.shape must be an object")
+        skipped = r.get("skipped")
+        if skipped is not None and not isinstance(skipped, str):
+            problems.append(f"{where}.skipped must be a reason string or null")
+        if kind == "bench":
+            problems += _bench_row_problems(r, where, skipped)
+        elif kind == "parity":
+            problems += _parity_row_problems(r, where, skipped)
+    if problems:
+        raise ValueError("results do not match DESIGN.md's format:\n  " + "\n  ".join(problems))
+    return doc
+
+
+def _bench_row_problems(r, where, skipped):
+    out = []
+    if r.get("provider") not in PROVIDERS:
+        out.append(f"{where}.provider {r.get('provider')!r} is not one of {PROVIDERS}")
+    if r.get("pass") not in PASSES:
+        out.append(f"{where}.pass {r.get('pass')!r} is not one of {PASSES}")
+    for key in ("ms", "tflops", "gbps", "frac_of_ceiling"):
+        if key not in r:
+            out.append(f"{where} has no {key}")
+        elif not _num_or_none(r[key]):
+            out.append(f"{where}.{key} must be a finite number or null")
+    if skipped is None:
+        if not (_is_num(r.get("ms")) and r["ms"] > 0):
+            out.append(f"{where}.ms must be > 0 for a row that ran")
+        if (r.get("tflops") is None) == (r.get("gbps") is None):
+            out.append(f"{where} must give exactly one of tflops and gbps")
+    elif r.get("ms") is not None:
+        out.append(f"{where} is skipped but has a time")
+    return out
+
+
+def _parity_row_problems(r, where, skipped):
+    out = []
+    if r.get("backend") not in BACKEND_NAMES:
+        out.append(f"{where}.backend {r.get('backend')!r} is not one of {BACKEND_NAMES}")
+    for key in ("err", "torch_err", "ratio", "ok"):
+        if key not in r:
+            out.append(f"{where} has no {key}")
+    if skipped is None:
+        if not isinstance(r.get("ok"), bool):
+            out.append(f"{where}.ok must be true or false")
+        if not _num_or_none(r.get("torch_err")) or r.get("torch_err") is None:
+            out.append(f"{where}.torch_err must be a finite number")
+        if not _num_or_none(r.get("err")) and r.get("ok") is not False:
+            out.append(f"{where}.err is not finite but the row passes")
+    elif r.get("ok") is not None:
+        out.append(f"{where} is skipped but has ok={r.get('ok')!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown and plots
+# --------------------------------------------------------------------------------------------
+
+
+def shape_label(shape):
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def _groups(rows):
+    """{(op, dtype, pass): rows}, in first-seen order."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["dtype"], r["pass"]), []).append(r)
+    return groups
+
+
+def _cell(r, eager_ms):
+    if r["skipped"]:
+        return "skipped"
+    thr = f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] is not None else f"{r['gbps']:.3g} GB/s"
+    parts = [f"{r['ms']:.4g} ms", thr]
+    if r["frac_of_ceiling"] is not None:
+        parts.append(f"{100 * r['frac_of_ceiling']:.3g}%")
+    if eager_ms:
+        parts.append(f"{eager_ms / r['ms']:.2f}x")
+    return " · ".join(parts)
+
+
+def markdown(doc):
+    """The results as Markdown: header (device, versions, ceilings), then per op/dtype/pass a
+    table of shapes x providers, host time per call, and the skipped list with reasons."""
+    cpu = doc["device"].startswith("cpu")
+    c = doc["ceilings"]
+    lines = [f"# fusedformer bench — {doc['device']} — {doc['date']}", ""]
+    if cpu:
+        lines += ["**CPU figures**: no CUDA GPU was visible; times are `time.perf_counter` medians of the "
+                  "reference backend and torch eager on the CPU, not GPU kernel timings.", ""]
+    lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
+    lines.append("")
+    lines.append(f"Ceilings measured in this run: copy {c['copy_gbps']:.4g} GB/s (device-to-device copy of a "
+                 f"large tensor), matmul {c['matmul_bf16_tflops']:.4g} TFLOP/s (bf16 through torch).")
+    lines.append("")
+    lines.append("Each cell: median time · throughput · fraction of the ceiling (copy for memory-bound ops, "
+                 "matmul for compute-bound) · speed-up over torch-eager (>1 is faster).")
+    skipped = []
+    for (op, dtype, pass_), rows in _groups(doc["rows"]).items():
+        provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+        shapes = []
+        for r in rows:
+            if r["shape"] not in shapes:
+                shapes.append(r["shape"])
+        lines += ["", f"## {op} · {dtype} · {pass_}", ""]
+        lines.append("| shape | " + " | ".join(provs) + " |")
+        lines.append("|---" * (len(provs) + 1) + "|")
+        host = []
+        for shape in shapes:
+            by = {r["provider"]: r for r in rows if r["shape"] == shape}
+            eager = by.get("torch-eager")
+            eager_ms = eager["ms"] if eager and not eager["skipped"] else None
+            lines.append(f"| {shape_label(shape)} | " + " | ".join(
+                _cell(by[p], eager_ms) if p in by else "" for p in provs) + " |")
+            if any(by[p]["host_us"] is not None for p in by):
+                host.append(f"| {shape_label(shape)} | " + " | ".join(
+                    f"{by[p]['host_us']:.3g}" if p in by and by[p]["host_us"] is not None else "" for p in provs)
+                    + " |")
+            skipped += [(op, dtype, pass_, shape, p, by[p]["skipped"]) for p in provs if p in by and by[p]["skipped"]]
+        if host:
+            lines += ["", "Host (CPU) time per call, µs, synchronize excluded:", "",
+                      "| shape | " + " | ".join(provs) + " |", "|---" * (len(provs) + 1) + "|", *host]
+    if doc.get("skipped_providers"):
+        lines += ["", "## Providers not run on this device", ""]
+        for op, provs in doc["skipped_providers"].items():
+            for p, why in provs.items():
+                lines.append(f"- {op} / {p}: {why}")
+    if skipped:
+        lines += ["", "## Skipped cases", ""]
+        for op, dtype, pass_, shape, p, why in skipped:
+            lines.append(f"- {op} · {dtype} · {pass_} · {shape_label(shape)} / {p}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(doc, out_dir):
+    """One PNG per op/dtype/pass: throughput per shape, every provider on the same axes. Returns
+    the files written, or a str saying why none were (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable: no plots"
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for (op, dtype, pass_), rows in _groups(doc["rows"]).items():
+        shapes = []
+        for r in rows:
+            if r["shape"] not in shapes:
+                shapes.append(r["shape"])
+        compute = any(r["tflops"] is not None for r in rows)
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4.5))
+        for p in PROVIDERS:
+            pts = [(shapes.index(r["shape"]), r["tflops"] if compute else r["gbps"]) for r in rows
+                   if r["provider"] == p and not r["skipped"]]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([shape_label(s).replace(" ", "\n") for s in shapes], fontsize=7)
+        ax.set_ylabel("TFLOP/s" if compute else "GB/s")
+        ceiling = doc["ceilings"]["matmul_bf16_tflops" if compute else "copy_gbps"]
+        if ceiling:
+            ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="ceiling (this run)")
+        ax.set_yscale("log")  # small shapes sit decades below large ones; both matter
+        ax.set_title(f"{op} · {dtype} · {pass_} — {doc['device'].split(' — ')[0]} — {doc['date']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{op}-{dtype}-{pass_.replace('+', '_')}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write(doc, out_dir, stem="bench"):
+    """``out_dir``/<stem>.json, <stem>.md and plots/*.png. Returns the paths (and the plot note)."""
+    validate_results(doc)
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(markdown(doc))
+    return {"json": json_path, "markdown": md_path, "plots": plots(doc, os.path.join(out_dir, "plots"))}
+
+
+def results_name(doc):
+    """benchmarks/results/ naming: <gpu-slug>-<date>, e.g. nvidia-h100-80gb-hbm3-2026-11-21."""
+    device = doc["device"].split(" — ")[0]
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return f"{slug}-{doc['date']}"
