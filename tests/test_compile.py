@@ -115,3 +115,25 @@ def test_compiled_dropout_is_random_per_call_and_seeded():
     torch.manual_seed(3)
     c = fn(q)
     assert not torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_eager_calls_skip_the_custom_op_dispatcher():
+    """Eager calls run the op's body through an autograd.Function; graphs get the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = r(4, 9, grad=True)
+    with Record() as seen:
+        ff.softmax(x).sum().backward()
+    assert not [op for op in seen.ops if op.startswith("fusedformer.")], seen.ops
+    with Record() as seen:
+        OPS.softmax_fwd(x, 1, "reference")
+    assert any(op.startswith("fusedformer.softmax_fwd") for op in seen.ops), seen.ops

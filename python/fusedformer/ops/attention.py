@@ -9,6 +9,7 @@ import math
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 
 OP = "attention"
@@ -28,7 +29,7 @@ def _seed_value(seed):
     return int(seed.item()) if seed is not None else None
 
 
-@torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())
+@custom_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool,
                   scale: float, dropout_p: float, seed: torch.Tensor | None, window_left: int,
                   window_right: int, alibi_slopes: torch.Tensor | None, backend: str
@@ -47,7 +48,7 @@ def _(q, k, v, bias, causal, scale, dropout_p, seed, window_left, window_right, 
     return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("fusedformer::attention_bwd", mutates_args=())
+@custom_op("attention_bwd")
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
                   dropout_p: float, seed: torch.Tensor | None, window_left: int, window_right: int,
@@ -83,12 +84,12 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, bias, out, lse, seed, alibi = ctx.saved_tensors
     causal, scale, dropout_p = ctx.args
     bias_grad = bool(ctx.needs_input_grad[3]) and bias is not None and bias.is_floating_point()
-    dq, dk, dv, dbias = attention_bwd(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
+    dq, dk, dv, dbias = call(attention_bwd, grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
                                       *ctx.window, alibi, bias_grad, ctx.backend)
     return dq, dk, dv, dbias if bias_grad else None, None, None, None, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd = differentiable(attention_fwd, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,5 +216,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # backends judge support on the forward's arguments; the seed's value never matters there
     args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
-    out, _ = attention_fwd(q, k, v, bias, is_causal, scale, dropout_p, seed, wl, wr, slopes, name)
+    out, _ = _attention_fwd(q, k, v, bias, is_causal, scale, dropout_p, seed, wl, wr, slopes, name)
     return out.view(out_shape)

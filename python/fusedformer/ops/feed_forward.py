@@ -13,6 +13,7 @@ Backward, with hidden = act(preact), preact = x @ w1^T + b1, y = hidden @ w2^T +
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops.linear_act import output_width, validate_linear
 
 OP = "feed_forward"
@@ -59,7 +60,7 @@ def _mm(a, b):
     return torch.mm(a, b)
 
 
-@torch.library.custom_op("fusedformer::feed_forward_fwd", mutates_args=())
+@custom_op("feed_forward_fwd")
 def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                      b2: torch.Tensor | None, activation: str, backend: str, recompute: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +85,7 @@ def _(x, w1, b1, w2, b2, activation, backend, recompute):
     return y, x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(x.shape[0], w1.shape[0])
 
 
-@torch.library.custom_op("fusedformer::feed_forward_bwd", mutates_args=())
+@custom_op("feed_forward_bwd")
 def feed_forward_bwd(grad_y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                      w2: torch.Tensor, b2: torch.Tensor | None, hidden: torch.Tensor, preact: torch.Tensor,
                      activation: str, backend: str, recompute: bool
@@ -119,12 +120,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_hidden, grad_preact):
     x, w1, b1, w2, b2, hidden, preact = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = feed_forward_bwd(grad_y, x, w1, b1, w2, b2, hidden, preact, ctx.activation,
+    dx, dw1, db1, dw2, db2 = call(feed_forward_bwd, grad_y, x, w1, b1, w2, b2, hidden, preact, ctx.activation,
                                               ctx.backend, ctx.recompute)
     return (dx, dw1, db1 if b1 is not None else None, dw2, db2 if b2 is not None else None, None, None, None)
 
 
-feed_forward_fwd.register_autograd(_backward, setup_context=_setup_context)
+_feed_forward_fwd = differentiable(feed_forward_fwd, _setup_context, _backward)
 
 
 def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recompute=False):
@@ -141,5 +142,5 @@ def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recomput
         raise TypeError(f"{OP}: recompute must be a bool, got {type(recompute).__name__}")
     x2 = x.reshape(-1, x.shape[-1])
     name = backends.select(FAMILY, x2.device, (x2, w1, b1, activation), backend)
-    y = feed_forward_fwd(x2, w1, b1, w2, b2, activation, name, recompute)[0]
+    y = _feed_forward_fwd(x2, w1, b1, w2, b2, activation, name, recompute)[0]
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -3,6 +3,7 @@
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import (
     check_float,
     check_number,
@@ -18,7 +19,7 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fusedformer::layer_norm_fwd", mutates_args=())
+@custom_op("layer_norm_fwd")
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                    residual: torch.Tensor | None, backend: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -40,7 +41,7 @@ def _(x, weight, bias, eps, residual, backend):
     return x.new_empty(x.shape), res, x.new_empty(M, dtype=_stat_dtype(x)), x.new_empty(M, dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("fusedformer::layer_norm_bwd", mutates_args=())
+@custom_op("layer_norm_bwd")
 def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
                    bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
                    grad_residual_out: torch.Tensor | None, backend: str
@@ -77,12 +78,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_res, grad_mean, grad_rstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     grad_res = grad_res if ctx.has_residual else None
-    dx, dw, db = layer_norm_bwd(grad_y, h, weight, bias, mean, rstd, grad_res, ctx.backend)
+    dx, dw, db = call(layer_norm_bwd, grad_y, h, weight, bias, mean, rstd, grad_res, ctx.backend)
     dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
     return (dx, dw if weight is not None else None, db if bias is not None else None, None, dres, None)
 
 
-layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward)
 
 
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
@@ -115,7 +116,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
     w = weight.reshape(n) if weight is not None else None
     b = bias.reshape(n) if bias is not None else None
     name = backends.select(OP, x.device, (x2, w, b, float(eps), r2), backend)
-    y, res, _, _ = layer_norm_fwd(x2, w, b, float(eps), r2, name)
+    y, res, _, _ = _layer_norm_fwd(x2, w, b, float(eps), r2, name)
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), res.view(x.shape)

@@ -3,6 +3,7 @@
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
 from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
@@ -13,7 +14,7 @@ def output_width(weight, activation):
     return weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]
 
 
-@torch.library.custom_op("fusedformer::linear_act_fwd", mutates_args=())
+@custom_op("linear_act_fwd")
 def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (y (M, N or N/2), preact (M, N))."""
@@ -29,7 +30,7 @@ def _(x, weight, bias, activation, backend):
     return x.new_empty(x.shape[0], output_width(weight, activation)), x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("fusedformer::linear_act_bwd", mutates_args=())
+@custom_op("linear_act_bwd")
 def linear_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    preact: torch.Tensor, activation: str, backend: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,11 +54,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_preact):
     x, weight, bias, preact = ctx.saved_tensors
-    dx, dw, db = linear_act_bwd(grad_y, x, weight, bias, preact, ctx.activation, ctx.backend)
+    dx, dw, db = call(linear_act_bwd, grad_y, x, weight, bias, preact, ctx.activation, ctx.backend)
     return dx, dw, db if bias is not None else None, None, None
 
 
-linear_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_act_fwd = differentiable(linear_act_fwd, _setup_context, _backward)
 
 
 def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias"):
@@ -85,7 +86,7 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
                          f"([gate; up]), got {weight.shape[0]}")
 
 
-@torch.library.custom_op("fusedformer::linear_act_infer", mutates_args=())
+@custom_op("linear_act_infer")
 def linear_act_infer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                      backend: str) -> torch.Tensor:
     """x (M, K) -> y alone, for calls that need no gradient: a backend offering the optional
@@ -111,8 +112,8 @@ def linear_act_rows(x2, weight, bias, activation, backend):
     """linear_act on 2-D (M, K) rows, x2 already validated."""
     name = backends.select(OP, x2.device, (x2, weight, bias, activation), backend)
     if not _needs_grad(x2, weight, bias):
-        return linear_act_infer(x2, weight, bias, activation, name)
-    return linear_act_fwd(x2, weight, bias, activation, name)[0]
+        return call(linear_act_infer, x2, weight, bias, activation, name)
+    return _linear_act_fwd(x2, weight, bias, activation, name)[0]
 
 
 def linear_act(x, weight, bias=None, activation="gelu", *, backend=None):

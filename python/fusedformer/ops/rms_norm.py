@@ -3,12 +3,13 @@
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops.layer_norm import _stat_dtype, as_rows, validate_norm
 
 OP = "rms_norm"
 
 
-@torch.library.custom_op("fusedformer::rms_norm_fwd", mutates_args=())
+@custom_op("rms_norm_fwd")
 def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, N) -> (y, residual_out or an empty tensor, rstd)."""
@@ -26,7 +27,7 @@ def _(x, weight, eps, residual, backend):
     return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("fusedformer::rms_norm_bwd", mutates_args=())
+@custom_op("rms_norm_bwd")
 def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
                  grad_residual_out: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx, dweight or an empty tensor)."""
@@ -52,12 +53,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_res, grad_rstd):
     h, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_bwd(grad_y, h, weight, rstd, grad_res if ctx.has_residual else None, ctx.backend)
+    dx, dw = call(rms_norm_bwd, grad_y, h, weight, rstd, grad_res if ctx.has_residual else None, ctx.backend)
     dres = dx.to(ctx.residual_dtype) if ctx.has_residual else None
     return dx, dw if weight is not None else None, None, dres, None
 
 
-rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backend=None):
@@ -70,7 +71,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backe
     r2 = as_rows(residual, n) if residual is not None else None
     w = weight.reshape(n) if weight is not None else None
     name = backends.select(OP, x.device, (x2, w, eps, r2), backend)
-    y, res, _ = rms_norm_fwd(x2, w, eps, r2, name)
+    y, res, _ = _rms_norm_fwd(x2, w, eps, r2, name)
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), res.view(x.shape)

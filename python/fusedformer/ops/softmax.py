@@ -3,12 +3,13 @@
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, normalize_dim
 
 OP = "softmax"
 
 
-@torch.library.custom_op("fusedformer::softmax_fwd", mutates_args=())
+@custom_op("softmax_fwd")
 def softmax_fwd(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -20,7 +21,7 @@ def _(x, dim, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fusedformer::softmax_bwd", mutates_args=())
+@custom_op("softmax_bwd")
 def softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
@@ -39,10 +40,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     (y,) = ctx.saved_tensors
-    return softmax_bwd(grad_y, y, ctx.dim, ctx.backend), None, None
+    return call(softmax_bwd, grad_y, y, ctx.dim, ctx.backend), None, None
 
 
-softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+_softmax_fwd = differentiable(softmax_fwd, _setup_context, _backward)
 
 
 def softmax(x, dim=-1, *, backend=None):
@@ -53,4 +54,4 @@ def softmax(x, dim=-1, *, backend=None):
     if x.dim() == 0:
         return softmax(x.reshape(1), 0, backend=backend).reshape(())
     name = backends.select(OP, x.device, (x, dim), backend)
-    return softmax_fwd(x, dim, name)
+    return _softmax_fwd(x, dim, name)

@@ -9,6 +9,7 @@ import math
 import torch
 
 from fusedformer import backends
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 
 OP = "varlen_attention"
@@ -20,7 +21,7 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("fusedformer::varlen_attention_fwd", mutates_args=())
+@custom_op("varlen_attention_fwd")
 def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                          scale: float, dropout_p: float, seed: torch.Tensor | None, window_left: int,
@@ -39,7 +40,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
     return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
 
 
-@torch.library.custom_op("fusedformer::varlen_attention_bwd", mutates_args=())
+@custom_op("varlen_attention_bwd")
 def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
@@ -70,12 +71,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, cu_q, cu_k, out, lse, seed, alibi = ctx.saved_tensors
     max_q, max_k, causal, scale, dropout_p = ctx.args
-    dq, dk, dv = varlen_attention_bwd(grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale,
+    dq, dk, dv = call(varlen_attention_bwd, grad_out, q, k, v, cu_q, cu_k, max_q, max_k, out, lse, causal, scale,
                                       dropout_p, seed, *ctx.window, alibi, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_varlen_attention_fwd = differentiable(varlen_attention_fwd, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +165,6 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
-    out, _ = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
+    out, _ = _varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
                                   seed, wl, wr, slopes, name)
     return out
