@@ -1,11 +1,12 @@
-"""Assertions the test files share: parity rows all within the rule, and compiling the Triton
-kernels for a GPU target in a process without the interpreter."""
+"""Assertions the test files share: parity rows all within the rule, compiling the Triton
+kernels for a GPU target in a process without the interpreter, and which patch op groups the
+interpreted triton backend can run."""
 
 import os
 import subprocess
 import sys
 
-from fusedformer import parity
+from fusedformer import backends, parity
 
 
 def assert_triton_parity(case, dtype, device):
@@ -30,3 +31,20 @@ def assert_compiles_without_interpreter(script, cache_dir):
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# patch op group -> the op families it runs on
+PATCH_FAMILIES = {"attention": ("attention",), "norm": ("layer_norm", "rms_norm"), "mlp": ("linear_act",)}
+
+
+def triton_ops():
+    """The patch op groups the triton backend can run on CPU (interpreted) right now, and why the
+    others cannot."""
+    ops, why = [], []
+    for group, fams in PATCH_FAMILIES.items():
+        reasons = [backends.unsupported_reason("triton", f, "cpu") for f in fams]
+        if all(r is None for r in reasons):
+            ops.append(group)
+        else:
+            why.append(f"{group}: {next(r for r in reasons if r is not None)}")
+    return tuple(ops), "; ".join(why)
