@@ -143,11 +143,14 @@ def cuda_extensions():
     return [CudaExtension("fusedformer._C", sources=sources)]
 
 
-setup(
-    package_dir={"": "python", "fusedformer.kernels": "kernels"},
-    packages=find_packages("python") + ["fusedformer.kernels"],
-    package_data={"fusedformer": ["data/*.txt"]},
-    ext_modules=cuda_extensions(),
-    cmdclass={"build_ext": BuildExt},
-    zip_safe=False,
-)
+# pip's build backend and `python setup.py` both run this file as __main__; the tests import it
+# for find_nvcc without building anything
+if __name__ == "__main__":
+    setup(
+        package_dir={"": "python", "fusedformer.kernels": "kernels"},
+        packages=find_packages("python") + ["fusedformer.kernels"],
+        package_data={"fusedformer": ["data/*.txt"]},
+        ext_modules=cuda_extensions(),
+        cmdclass={"build_ext": BuildExt},
+        zip_safe=False,
+    )

@@ -1,6 +1,7 @@
 """Shared launch decisions of the row-wise kernels (softmax, layer_norm, rms_norm): block shapes
 and warps per row length, program counts, and the deterministic reduction of per-program partial
-sums (dweight / dbias) that the norm backwards use instead of atomics.
+sums (dweight / dbias) that the norm backwards use instead of atomics, and the tile load/store
+helpers the two norm kernels share.
 
 Every choice is a pure function of (row length, rows bucket, dtype size) and is cached in a dict,
 so a call costs a dict lookup, and Triton compiles once per distinct choice, not per call.
@@ -107,3 +108,47 @@ def sum_partials(partial, out):
     _sum_partials_kernel[(triton.cdiv(N, block_n),)](partial, out, G, N, BLOCK_G=32, BLOCK_N=block_n,
                                                      num_warps=4)
     return out
+
+
+# Tile helpers of the norm kernels: inlined by Triton, so they cost nothing at run time. rows and
+# cols are int64/int32 index vectors, mask the (rows, cols) tile mask; loads return fp32.
+@triton.jit
+def load_tile(P, rows, stride, cols, mask):
+    """P[rows, cols] (row stride `stride`, unit column stride) as fp32, 0 where masked."""
+    return tl.load(P + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(P, rows, stride, cols, val, mask):
+    """P[rows, cols] = val in P's dtype."""
+    tl.store(P + rows[:, None] * stride + cols[None, :], val.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_vec(P, cols, cmask):
+    """P[cols] of an (N,) vector (weight, bias) as fp32, 0 where masked."""
+    return tl.load(P + cols, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_h(X, R, rows, sx, sr, cols, mask, HAS_RES: tl.constexpr):
+    """h = x (+ residual) in fp32."""
+    h = load_tile(X, rows, sx, cols, mask)
+    if HAS_RES:
+        h += load_tile(R, rows, sr, cols, mask)
+    return h
+
+
+@triton.jit
+def scale_by_weight(v, W, cols, cmask, HAS_W: tl.constexpr):
+    """v * w[None, :] (v itself without a weight)."""
+    if HAS_W:
+        v = v * load_vec(W, cols, cmask)[None, :]
+    return v
+
+
+@triton.jit
+def add_to_partial(PART, part, cols, cmask, val):
+    """PART[part + cols] += val: this program's own partial row, so no atomics."""
+    acc = tl.load(PART + part + cols, mask=cmask, other=0.0)
+    tl.store(PART + part + cols, acc + val, mask=cmask)

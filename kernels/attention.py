@@ -37,6 +37,15 @@ def interpreted():
 
 
 @triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    """a @ b: full fp32 precision ("ieee") when IEEE_DOT (see ieee_dot), else tl.dot's default."""
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _tile_scores(qk, b, h_row, i_row, j_col, Lq, Lk,
                  Bias,  # bias/mask (B|1, H|1, Lq|1, Lk|1); bool masks viewed as uint8
                  sb_b, sb_h, sb_i, sb_j,  # bias strides, 0 on broadcast dims
@@ -128,10 +137,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
         j64 = j.to(tl.int64)
         kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
                      mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
-        if IEEE_DOT:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
+        qk = _dot(q, kt, IEEE_DOT)
         s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                          qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
                          MASK_KEYS)
@@ -146,10 +152,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
                     mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)
-        if IEEE_DOT:
-            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
+        acc += _dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from fusedformer.kernels.attention import (
     LOG2E,
+    _dot,
     _dropout_keep,
     _key_range,
     _seq_bounds,
@@ -64,10 +65,7 @@ def _probs_tile(q, kt, lse2, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, s
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr = True):
     """P = exp2(S - lse2) for a (BLOCK_M, BLOCK_N) tile; lse2 = +inf on dead rows gives P = 0."""
-    if IEEE_DOT:
-        qk = tl.dot(q, kt, input_precision="ieee")
-    else:
-        qk = tl.dot(q, kt)
+    qk = _dot(q, kt, IEEE_DOT)
     s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                      qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
                      MASK_KEYS)
@@ -105,10 +103,7 @@ def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, r
         p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
                         ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
-        if IEEE_DOT:
-            dp = tl.dot(do, vt, input_precision="ieee")
-        else:
-            dp = tl.dot(do, vt)
+        dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
             keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
             z = tl.where(keep, p * drop_scale, 0.0)
@@ -116,12 +111,8 @@ def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, r
         else:
             z = p
         ds = p * (dp - delta[:, None])
-        if IEEE_DOT:
-            dv += tl.dot(tl.trans(z.to(do.dtype)), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(z.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += _dot(tl.trans(z.to(do.dtype)), do, IEEE_DOT)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
     return dk, dv
 
 
@@ -245,18 +236,12 @@ def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, 
         p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
                         ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
-        if IEEE_DOT:
-            dp = tl.dot(do, vt, input_precision="ieee")
-        else:
-            dp = tl.dot(do, vt)
+        dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
             keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        if IEEE_DOT:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE_DOT)
     return dq
 
 
@@ -398,10 +383,7 @@ def _attn_bwd_dbias(
                     p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq, Lk, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
                                     ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
                                     WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT)
-                    if IEEE_DOT:
-                        dp = tl.dot(do, vt, input_precision="ieee")
-                    else:
-                        dp = tl.dot(do, vt)
+                    dp = _dot(do, vt, IEEE_DOT)
                     if DROPOUT:
                         keep = _dropout_keep(seed, b, h_row, i, j, H, Lq, Lk, drop_threshold)
                         dp = tl.where(keep, dp * drop_scale, 0.0)

@@ -51,19 +51,16 @@ def _layer_norm_fwd_kernel(
             cols = tl.arange(0, BLOCK_N)
             cmask = cols < N
             mask = rmask[:, None] & cmask[None, :]
-            h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
             if HAS_RES:
-                h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty), mask=mask)
+                _rows.store_tile(RES_OUT, rows, so, cols, h, mask)
             mean = tl.sum(h, axis=1) / N
             d = tl.where(mask, h - mean[:, None], 0.0)
             rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
-            y = d * rstd[:, None]
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            y = _rows.scale_by_weight(d * rstd[:, None], W, cols, cmask, HAS_W)
             if HAS_B:
-                y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+                y = y + _rows.load_vec(B, cols, cmask)[None, :]
+            _rows.store_tile(Y, rows, sy, cols, y, mask)
         else:
             # pass 1: per-chunk mean and M2 merged with Chan's formula (stable for large N)
             mean = tl.zeros([BLOCK_M], tl.float32)
@@ -72,9 +69,7 @@ def _layer_norm_fwd_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = rmask[:, None] & (cols < N)[None, :]
-                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_RES:
-                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
                 n_chunk = tl.sum((cols < N).to(tl.float32), axis=0)
                 mean_c = tl.sum(h, axis=1) / n_chunk
                 d = tl.where(mask, h - mean_c[:, None], 0.0)
@@ -89,17 +84,13 @@ def _layer_norm_fwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
                 if HAS_RES:
-                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                    tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty),
-                             mask=mask)
-                y = (h - mean[:, None]) * rstd[:, None]
-                if HAS_W:
-                    y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                    _rows.store_tile(RES_OUT, rows, so, cols, h, mask)
+                y = _rows.scale_by_weight((h - mean[:, None]) * rstd[:, None], W, cols, cmask, HAS_W)
                 if HAS_B:
-                    y = y + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+                    y = y + _rows.load_vec(B, cols, cmask)[None, :]
+                _rows.store_tile(Y, rows, sy, cols, y, mask)
         tl.store(MEAN + rows, mean, mask=rmask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
@@ -127,15 +118,15 @@ def _layer_norm_bwd_kernel(
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
         if HAS_W:
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = _rows.load_vec(W, cols, cmask)
         dw_acc = tl.zeros([BLOCK_N], tl.float32)
         db_acc = tl.zeros([BLOCK_N], tl.float32)
         for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows < M
             mask = rmask[:, None] & cmask[None, :]
-            dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+            x = _rows.load_tile(X, rows, sx, cols, mask)
             mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -147,8 +138,8 @@ def _layer_norm_bwd_kernel(
             c2 = tl.sum(g, axis=1) / N
             dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
             if HAS_DRES:
-                dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
+            _rows.store_tile(DX, rows, sdx, cols, dx, mask)
             if HAS_W:
                 dw_acc += tl.sum(dy * xhat, axis=0)
             if HAS_B:
@@ -171,13 +162,10 @@ def _layer_norm_bwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+                x = _rows.load_tile(X, rows, sx, cols, mask)
                 xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
                 c1 += tl.sum(g * xhat, axis=1)
                 c2 += tl.sum(g, axis=1)
             c1 = c1 / N
@@ -186,23 +174,18 @@ def _layer_norm_bwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+                x = _rows.load_tile(X, rows, sx, cols, mask)
                 xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
                 dx = (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None]
                 if HAS_DRES:
-                    dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                    dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
+                _rows.store_tile(DX, rows, sdx, cols, dx, mask)
                 if HAS_W:
-                    dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
-                    tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
+                    _rows.add_to_partial(DW_PART, part, cols, cmask, tl.sum(dy * xhat, axis=0))
                 if HAS_B:
-                    db = tl.load(DB_PART + part + cols, mask=cmask, other=0.0)
-                    tl.store(DB_PART + part + cols, db + tl.sum(dy, axis=0), mask=cmask)
+                    _rows.add_to_partial(DB_PART, part, cols, cmask, tl.sum(dy, axis=0))
 
 
 # --------------------------------------------------------------------------------------------

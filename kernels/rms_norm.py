@@ -45,23 +45,18 @@ def _rms_norm_fwd_kernel(
             cols = tl.arange(0, BLOCK_N)
             cmask = cols < N
             mask = rmask[:, None] & cmask[None, :]
-            h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
             if HAS_RES:
-                h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty), mask=mask)
+                _rows.store_tile(RES_OUT, rows, so, cols, h, mask)
             rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)
-            y = h * rstd[:, None]
-            if HAS_W:
-                y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+            y = _rows.scale_by_weight(h * rstd[:, None], W, cols, cmask, HAS_W)
+            _rows.store_tile(Y, rows, sy, cols, y, mask)
         else:
             ss = tl.zeros([BLOCK_M], tl.float32)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 mask = rmask[:, None] & (cols < N)[None, :]
-                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_RES:
-                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
                 ss += tl.sum(h * h, axis=1)
             rstd = tl.rsqrt(ss / N + eps)
             # recompute h in fp32 (not from the rounded residual_out), normalize, write
@@ -69,15 +64,11 @@ def _rms_norm_fwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                h = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = _rows.load_h(X, R, rows, sx, sr, cols, mask, HAS_RES)
                 if HAS_RES:
-                    h += tl.load(R + rows[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                    tl.store(RES_OUT + rows[:, None] * so + cols[None, :], h.to(RES_OUT.dtype.element_ty),
-                             mask=mask)
-                y = h * rstd[:, None]
-                if HAS_W:
-                    y = y * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                tl.store(Y + rows[:, None] * sy + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+                    _rows.store_tile(RES_OUT, rows, so, cols, h, mask)
+                y = _rows.scale_by_weight(h * rstd[:, None], W, cols, cmask, HAS_W)
+                _rows.store_tile(Y, rows, sy, cols, y, mask)
         tl.store(RSTD + rows, rstd, mask=rmask)
 
 
@@ -102,14 +93,14 @@ def _rms_norm_bwd_kernel(
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
         if HAS_W:
-            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+            w = _rows.load_vec(W, cols, cmask)
         dw_acc = tl.zeros([BLOCK_N], tl.float32)
         for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             rmask = rows < M
             mask = rmask[:, None] & cmask[None, :]
-            dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+            x = _rows.load_tile(X, rows, sx, cols, mask)
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             xhat = x * rstd[:, None]
             if HAS_W:
@@ -119,8 +110,8 @@ def _rms_norm_bwd_kernel(
             c1 = tl.sum(g * xhat, axis=1) / N
             dx = (g - xhat * c1[:, None]) * rstd[:, None]
             if HAS_DRES:
-                dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
+            _rows.store_tile(DX, rows, sdx, cols, dx, mask)
             if HAS_W:
                 dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_W:
@@ -137,32 +128,25 @@ def _rms_norm_bwd_kernel(
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+                x = _rows.load_tile(X, rows, sx, cols, mask)
+                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
                 c1 += tl.sum(g * x * rstd[:, None], axis=1)
             c1 = c1 / N
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N)
                 cmask = cols < N
                 mask = rmask[:, None] & cmask[None, :]
-                dy = tl.load(DY + rows[:, None] * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(X + rows[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+                x = _rows.load_tile(X, rows, sx, cols, mask)
                 xhat = x * rstd[:, None]
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
                 dx = (g - xhat * c1[:, None]) * rstd[:, None]
                 if HAS_DRES:
-                    dx += tl.load(DRES + rows[:, None] * sdr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + rows[:, None] * sdx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                    dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
+                _rows.store_tile(DX, rows, sdx, cols, dx, mask)
                 if HAS_W:
-                    dw = tl.load(DW_PART + part + cols, mask=cmask, other=0.0)
-                    tl.store(DW_PART + part + cols, dw + tl.sum(dy * xhat, axis=0), mask=cmask)
+                    _rows.add_to_partial(DW_PART, part, cols, cmask, tl.sum(dy * xhat, axis=0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,31 @@ BLOCK_B = 32
 COLUMN_TILE = 8192
 
 
+# Math shared by the rows (AXIS=1) and columns (AXIS=0) kernels; tl.expand_dims(v, AXIS) is the
+# v[:, None] / v[None, :] broadcast of the per-row (per-lane) values, so inlining costs nothing.
+@triton.jit
+def _softmax_tile(x, AXIS: tl.constexpr):
+    """softmax of a tile that holds the whole softmax dim (masked entries -inf)."""
+    e = tl.exp(x - tl.expand_dims(tl.max(x, axis=AXIS), AXIS))
+    return e / tl.expand_dims(tl.sum(e, axis=AXIS), AXIS)
+
+
+@triton.jit
+def _online_max_sum(m, s, x, AXIS: tl.constexpr):
+    """Fold chunk x into the running max m and sum s of exp(x - m): (m, s) after the chunk."""
+    m_new = tl.maximum(m, tl.max(x, axis=AXIS))
+    # a chunk of all -inf so far must add 0, not exp(-inf - -inf) = NaN
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - tl.expand_dims(m_safe, AXIS)), axis=AXIS)
+    return m_new, s
+
+
+@triton.jit
+def _softmax_grad(dy, y, dot, AXIS: tl.constexpr):
+    """dx = y * (dy - sum(dy * y)), with dot = sum(dy * y) per row (lane)."""
+    return y * (dy - tl.expand_dims(dot, AXIS))
+
+
 @triton.jit
 def _softmax_fwd_rows_kernel(
     X,  # input, element (a, b, c) at a*sxa + b*sxb + c*sxc
@@ -52,9 +77,7 @@ def _softmax_fwd_rows_kernel(
             cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
             mask = rmask[:, None] & (cols < N)
             x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-            m = tl.max(x, axis=1)
-            e = tl.exp(x - m[:, None])
-            y = e / tl.sum(e, axis=1)[:, None]
+            y = _softmax_tile(x, 1)
             tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
         else:
             m = tl.full([BLOCK_M], -float("inf"), tl.float32)
@@ -63,11 +86,7 @@ def _softmax_fwd_rows_kernel(
                 cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
                 mask = rmask[:, None] & (cols < N)
                 x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=1))
-                # a chunk of all -inf so far must add 0, not exp(-inf - -inf) = NaN
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-                m = m_new
+                m, s = _online_max_sum(m, s, x, 1)
             for start in range(0, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
                 mask = rmask[:, None] & (cols < N)
@@ -101,9 +120,7 @@ def _softmax_fwd_cols_kernel(
             c = tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
             mask = (c < N) & bmask[None, :]
             x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-            m = tl.max(x, axis=0)
-            e = tl.exp(x - m[None, :])
-            y = e / tl.sum(e, axis=0)[None, :]
+            y = _softmax_tile(x, 0)
             tl.store(y_col + c * syc, y.to(Y.dtype.element_ty), mask=mask)
         else:
             m = tl.full([BLOCK_B], -float("inf"), tl.float32)
@@ -112,10 +129,7 @@ def _softmax_fwd_cols_kernel(
                 c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
                 mask = (c < N) & bmask[None, :]
                 x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, axis=0))
-                m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[None, :]), axis=0)
-                m = m_new
+                m, s = _online_max_sum(m, s, x, 0)
             for start in range(0, N, BLOCK_N):
                 c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
                 mask = (c < N) & bmask[None, :]
@@ -151,7 +165,7 @@ def _softmax_bwd_rows_kernel(
             dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
             dot = tl.sum(dy * y, axis=1)
-            tl.store(dx_row + cols * sxc, (y * (dy - dot[:, None])).to(DX.dtype.element_ty), mask=mask)
+            tl.store(dx_row + cols * sxc, _softmax_grad(dy, y, dot, 1).to(DX.dtype.element_ty), mask=mask)
         else:
             dot = tl.zeros([BLOCK_M], tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -165,7 +179,7 @@ def _softmax_bwd_rows_kernel(
                 mask = rmask[:, None] & (cols < N)
                 dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
                 y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_row + cols * sxc, (y * (dy - dot[:, None])).to(DX.dtype.element_ty), mask=mask)
+                tl.store(dx_row + cols * sxc, _softmax_grad(dy, y, dot, 1).to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -195,7 +209,7 @@ def _softmax_bwd_cols_kernel(
             dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
             dot = tl.sum(dy * y, axis=0)
-            tl.store(dx_col + c * sxc, (y * (dy - dot[None, :])).to(DX.dtype.element_ty), mask=mask)
+            tl.store(dx_col + c * sxc, _softmax_grad(dy, y, dot, 0).to(DX.dtype.element_ty), mask=mask)
         else:
             dot = tl.zeros([BLOCK_B], tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -209,7 +223,7 @@ def _softmax_bwd_cols_kernel(
                 mask = (c < N) & bmask[None, :]
                 dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
                 y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_col + c * sxc, (y * (dy - dot[None, :])).to(DX.dtype.element_ty), mask=mask)
+                tl.store(dx_col + c * sxc, _softmax_grad(dy, y, dot, 0).to(DX.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ the cuda backend's Python-side checks (unsupported(), alignment, mask strides) b
 import importlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +19,16 @@ CUDA_MODULES = ("softmax", "layer_norm", "rms_norm", "linear_act", "attention")
 BUILD_DIR = ROOT / "build" / "test_cuda_build"
 
 
-def _nvcc():
-    """Where setup.py looks for nvcc: CUDA_HOME / CUDA_PATH, then PATH, then /usr/local/cuda."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    return "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__), for the build's own helpers."""
+    spec = importlib.util.spec_from_file_location("fusedformer_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-NVCC = _nvcc()
+# where setup.py looks for nvcc: CUDA_HOME / CUDA_PATH, then PATH, then /usr/local/cuda
+NVCC = _setup_module().find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda): "
                                                      "the CUDA extension cannot be built here")
 

@@ -6,6 +6,7 @@ import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
+from _testing import assert_parity
 from fusedformer import reference
 from fusedformer.parity import Case, run_case
 
@@ -41,11 +42,6 @@ def case(M, D, Fh, activation, recompute, bias=True):
                 lambda x, w1, b1, w2, b2, backend: ff.feed_forward(x, w1, b1, w2, b2, activation, backend=backend,
                                                                    recompute=recompute),
                 lambda x, w1, b1, w2, b2: torch_ffn(x, w1, b1, w2, b2, activation))
-
-
-def assert_parity(rows):
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, "\n".join(f"{r['output']}: err {r['err']:.3e} torch_err {r['torch_err']:.3e}" for r in bad)
 
 
 @pytest.fixture

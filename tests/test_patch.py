@@ -9,7 +9,7 @@ import fusedformer.nn as ffnn
 import pytest
 import torch
 import torch.nn.functional as F
-from fusedformer import backends
+from _testing import triton_ops
 from fusedformer.patch import PatchVerificationError
 
 
@@ -360,19 +360,6 @@ def test_deepcopy_of_patched_model_is_patched_independently():
     x = torch.randn(2, 6)
     torch.testing.assert_close(clone(x), model(x))
     assert clone[0].forward.__self__ is clone[0]
-
-
-def triton_ops():
-    """Patch op groups the triton backend can run on CPU (interpreted) now, and why not the rest."""
-    families = {"attention": ("attention",), "norm": ("layer_norm", "rms_norm"), "mlp": ("linear_act",)}
-    ops, why = [], []
-    for group, fams in families.items():
-        reasons = [backends.unsupported_reason("triton", f, "cpu") for f in fams]
-        if all(r is None for r in reasons):
-            ops.append(group)
-        else:
-            why.append(f"{group}: {next(r for r in reasons if r is not None)}")
-    return tuple(ops), "; ".join(why)
 
 
 @pytest.mark.skipif(not triton_ops()[0], reason=f"triton backend cannot run any patch op on cpu ({triton_ops()[1]})")

@@ -10,7 +10,7 @@ import importlib
 import fusedformer as ff
 import pytest
 import torch
-from fusedformer import backends
+from _testing import triton_ops
 from fusedformer.patch import PatchVerificationError
 
 tf = pytest.importorskip("transformers")
@@ -217,23 +217,6 @@ def test_ops_subset_keeps_attention_and_norms():
     assert model.config._attn_implementation == "sdpa" and report.attention is None
     assert {orig for _, orig, _ in report.replaced} == {"LlamaMLP"}
     ff.unpatch(model)
-
-
-# patch op group -> the op families it runs on
-_FAMILIES = {"attention": ("attention",), "norm": ("layer_norm", "rms_norm"), "mlp": ("linear_act",)}
-
-
-def triton_ops():
-    """The patch op groups the triton backend can run on CPU (interpreted) right now, and why the
-    others cannot."""
-    ops, why = [], []
-    for group, fams in _FAMILIES.items():
-        reasons = [backends.unsupported_reason("triton", f, "cpu") for f in fams]
-        if all(r is None for r in reasons):
-            ops.append(group)
-        else:
-            why.append(f"{group}: {next(r for r in reasons if r is not None)}")
-    return tuple(ops), "; ".join(why)
 
 
 @pytest.mark.skipif(not triton_ops()[0], reason=f"triton backend cannot run any patch op on cpu ({triton_ops()[1]})")

@@ -12,6 +12,7 @@ import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
+from _testing import assert_compiles_without_interpreter, assert_triton_parity
 from fusedformer import backends, parity, reference
 
 pytest.importorskip("triton")
@@ -94,10 +95,7 @@ def _case(B, H, Hkv, Lq, Lk, D, Dv=None, *, causal=False, bias=None, window=(-1,
 
 
 def _assert_parity(case, dtype):
-    rows = parity.run_case(case, "triton", dtype, _device())
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, parity.format_table(rows)
-    return rows
+    return assert_triton_parity(case, dtype, _device())
 
 
 # (name, case) pairs: odd lengths, non-power-of-two head dims, cross attention, every mask kind
@@ -402,13 +400,4 @@ print("ok")
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter never runs triton's compiler: compile the GPU path (to a cubin, with ptxas) for
     sm_90 so type errors that only compiled kernels hit show up on CPU machines too."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_compiles_without_interpreter(_COMPILE_SCRIPT, tmp_path)

@@ -10,6 +10,7 @@ import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
+from _testing import assert_compiles_without_interpreter, assert_parity
 from fusedformer import reference
 from fusedformer.kernels import matmul_act as mm_kernels
 from fusedformer.parity import Case, run_case
@@ -42,11 +43,6 @@ def case(M, K, N, activation, bias=True):
     return Case("linear_act", {"M": M, "K": K, "N": N, "activation": activation}, make,
                 lambda x, w, b, backend: ff.linear_act(x, w, b, activation, backend=backend),
                 lambda x, w, b: torch_linear_act(x, w, b, activation))
-
-
-def assert_parity(rows):
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, "\n".join(f"{r['output']}: err {r['err']:.3e} torch_err {r['torch_err']:.3e}" for r in bad)
 
 
 @pytest.fixture(params=PATHS)
@@ -317,13 +313,4 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter never runs triton's compiler: compile the GPU paths (TMA + wgmma, the pipelined
     pointer path, fp32 ieee for sm_80, the elementwise kernels) to cubins so compile-only errors and a
     lost software pipeline show up on CPU machines too."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_compiles_without_interpreter(_COMPILE_SCRIPT, tmp_path)

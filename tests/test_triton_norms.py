@@ -7,6 +7,7 @@ import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
+from _testing import assert_triton_parity
 from fusedformer import backends, parity, reference
 from fusedformer.kernels import _rows
 
@@ -24,13 +25,6 @@ def _triton_runs(device):
     reason = backends.unavailable_reason("triton", device)
     if reason:
         pytest.skip(reason)
-
-
-def _check(case, dtype, device):
-    rows = parity.run_case(case, "triton", dtype, device)
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, parity.format_table(rows)
-    return rows
 
 
 def _norm_case(op, M, N, *, weight=True, bias=True, residual=False, view=None, pad=0):
@@ -76,37 +70,37 @@ SHAPES = [(1, 1), (7, 113), (5, 1025), (3, 4099)]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_parity(op, shape, dtype, device):
-    _check(_norm_case(op, *shape), dtype, device)
+    assert_triton_parity(_norm_case(op, *shape), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,weight,bias", [("layer_norm", False, False), ("layer_norm", True, False),
                                             ("layer_norm", False, True), ("rms_norm", False, False)])
 def test_optional_affine(op, weight, bias, dtype, device):
-    _check(_norm_case(op, 9, 77, weight=weight, bias=bias), dtype, device)
+    assert_triton_parity(_norm_case(op, 9, 77, weight=weight, bias=bias), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_residual(op, dtype, device):
-    _check(_norm_case(op, 11, 203, residual=True), dtype, device)
-    _check(_norm_case(op, 4, 37, residual=True, weight=False, bias=False), dtype, device)
+    assert_triton_parity(_norm_case(op, 11, 203, residual=True), dtype, device)
+    assert_triton_parity(_norm_case(op, 4, 37, residual=True, weight=False, bias=False), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_strided_rows(op, dtype, device):
     """Row stride != N reaches the kernel as a view (no copy), with and without residual."""
-    _check(_norm_case(op, 6, 45, pad=19), dtype, device)
-    _check(_norm_case(op, 6, 45, pad=3, residual=True), dtype, device)
+    assert_triton_parity(_norm_case(op, 6, 45, pad=19), dtype, device)
+    assert_triton_parity(_norm_case(op, 6, 45, pad=3, residual=True), dtype, device)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_long_rows_loop(op, device):
     """N past both single-block limits (16384 forward, 8192 backward): chunked mean/M2 and
     two-pass backward with per-program partial rows."""
-    _check(_norm_case(op, 2, 16411, residual=True), torch.float32, device)
-    _check(_norm_case(op, 3, 9000), torch.bfloat16, device)
+    assert_triton_parity(_norm_case(op, 2, 16411, residual=True), torch.float32, device)
+    assert_triton_parity(_norm_case(op, 3, 9000), torch.bfloat16, device)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -118,8 +112,8 @@ def test_small_blocks_loop_and_grid_stride(op, monkeypatch, device):
     monkeypatch.setattr(_rows, "LOOP_BLOCK", 16)
     monkeypatch.setattr(_rows, "MAX_PROGRAMS", 2)
     for dtype in (torch.float32, torch.bfloat16):
-        _check(_norm_case(op, 13, 53, residual=True), dtype, device)
-        _check(_norm_case(op, 5, 40, pad=7), dtype, device)
+        assert_triton_parity(_norm_case(op, 13, 53, residual=True), dtype, device)
+        assert_triton_parity(_norm_case(op, 5, 40, pad=7), dtype, device)
 
 
 def _call(op, x, w, b, **kw):
@@ -287,7 +281,7 @@ def test_int64_offsets(op):
 @pytest.mark.parametrize("N", [768, 1024, 4096, 8192])
 def test_benchmark_shapes(op, N):
     """The benchmark's shapes (4096 rows, bf16) on the GPU: output and every gradient."""
-    _check(_norm_case(op, 4096, N, residual=True), torch.bfloat16, "cuda")
+    assert_triton_parity(_norm_case(op, 4096, N, residual=True), torch.bfloat16, "cuda")
 
 
 def test_kernels_compile_for_sm90():

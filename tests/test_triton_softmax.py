@@ -6,6 +6,7 @@ On CPU the kernels run in the Triton interpreter, so shapes stay small."""
 import fusedformer as ff
 import pytest
 import torch
+from _testing import assert_triton_parity
 from fusedformer import backends, parity
 from fusedformer.kernels import _rows
 from fusedformer.kernels import softmax as ksoftmax
@@ -25,13 +26,6 @@ def _triton_runs(device):
         pytest.skip(reason)
 
 
-def _check(case, dtype, device):
-    rows = parity.run_case(case, "triton", dtype, device)
-    bad = [r for r in rows if not r["ok"]]
-    assert not bad, parity.format_table(rows)
-    return rows
-
-
 def _case(shape, dim, view=lambda t: t, scale=3.0):
     """softmax(view(x), dim) for x of ``shape``: ``view`` slices/transposes the cast input."""
     return parity.Case(
@@ -48,7 +42,7 @@ LAST_DIM_SHAPES = [(7, 1), (1, 7), (7, 113), (3, 1000), (2, 1025), (2, 4099)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LAST_DIM_SHAPES, ids=str)
 def test_last_dim(shape, dtype, device):
-    _check(_case(shape, -1), dtype, device)
+    assert_triton_parity(_case(shape, -1), dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,7 +50,7 @@ def test_last_dim(shape, dtype, device):
                          ids=str)
 def test_other_dims(shape, dim, dtype, device):
     # (2, 300, 40) dim 1: 300 * 32 lanes exceed one columns tile, so that kernel loops
-    _check(_case(shape, dim), dtype, device)
+    assert_triton_parity(_case(shape, dim), dtype, device)
 
 
 STRIDED = {
@@ -74,7 +68,7 @@ STRIDED = {
 @pytest.mark.parametrize("name", list(STRIDED))
 def test_strided(name, dtype, device):
     shape, dim, view = STRIDED[name]
-    _check(_case(shape, dim, view), dtype, device)
+    assert_triton_parity(_case(shape, dim, view), dtype, device)
 
 
 def test_strided_inputs_are_read_in_place():
@@ -93,7 +87,7 @@ def test_strided_inputs_are_read_in_place():
 @pytest.mark.parametrize("shape", [(1, 16385), (2, 65536)], ids=str)
 def test_long_rows_loop(shape, dtype, device):
     """Rows longer than one block: online max/sum forward, two-pass backward."""
-    _check(_case(shape, -1), dtype, device)
+    assert_triton_parity(_case(shape, -1), dtype, device)
 
 
 def test_small_blocks_loop_and_grid_stride(monkeypatch, device):
@@ -104,7 +98,7 @@ def test_small_blocks_loop_and_grid_stride(monkeypatch, device):
     monkeypatch.setattr(_rows, "MAX_PROGRAMS", 2)
     monkeypatch.setattr(ksoftmax, "COLUMN_TILE", 64)
     for shape, dim in [((9, 53), -1), ((4, 45, 7), 1)]:
-        _check(_case(shape, dim), torch.float32, device)
+        assert_triton_parity(_case(shape, dim), torch.float32, device)
 
 
 def _nan_inf_rows(device, dtype):

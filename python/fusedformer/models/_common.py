@@ -1,4 +1,4 @@
-"""Helpers the model files share: Hugging Face masks to SDPA masks, weight import."""
+"""Helpers the model files share: Hugging Face masks to SDPA masks, weight init and import."""
 
 import torch
 
@@ -35,3 +35,12 @@ def load_mapped(model, hf_state, mapping):
 
 def hf_dtype(hf_model):
     return next(hf_model.parameters()).dtype
+
+
+def init_weights(module):
+    """BERT / GPT-2 initialisation, for ``model.apply``: Linear and Embedding weights N(0, 0.02),
+    Linear biases 0."""
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        torch.nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        torch.nn.init.zeros_(module.bias)

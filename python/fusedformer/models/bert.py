@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, load_mapped, padding_mask
+from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, padding_mask
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
@@ -81,14 +81,7 @@ class Bert(torch.nn.Module):
         self.layers = torch.nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
         self.pooler = torch.nn.Linear(c.hidden_size, c.hidden_size)
         self.mlm_head = BertMLMHead(c, self.word_embeddings)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
+        self.apply(init_weights)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         c = self.config

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, load_mapped, padding_mask
+from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, padding_mask
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
@@ -62,14 +62,7 @@ class GPT(torch.nn.Module):
         self.wpe = torch.nn.Embedding(c.n_positions, c.n_embd)
         self.h = torch.nn.ModuleList(GPTBlock(c) for _ in range(c.n_layer))
         self.ln_f = LayerNorm(c.n_embd, eps=c.layer_norm_epsilon, backend=c.backend)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
-            torch.nn.init.zeros_(module.bias)
+        self.apply(init_weights)
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False, position_ids=None):
         c = self.config

@@ -3,10 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-from fusedformer.nn.feed_forward import activation_name, mlp
+from fusedformer.nn.feed_forward import activation_name
 from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.multihead_attention import MultiheadAttention
-from fusedformer.nn.transformer_encoder_layer import adopt
+from fusedformer.nn.transformer_encoder_layer import adopt, feed_forward_branch
 
 
 class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
@@ -46,9 +46,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         return self.dropout2(x)
 
     def _ff_block(self, x):
-        act = self._act if self._act is not None else self.activation
-        return self.dropout3(mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                                 act, self.dropout.p, self.training, self.backend))
+        return self.dropout3(feed_forward_branch(self, x))
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):

@@ -16,6 +16,14 @@ def adopt(module, cls, backend):
     return module
 
 
+def feed_forward_branch(layer, x):
+    """FF(x) = linear2(dropout(act(linear1(x)))) of a fused encoder/decoder layer, before the
+    branch's own dropout: one ff.feed_forward call where ``layer._act`` names a fused activation."""
+    act = layer._act if layer._act is not None else layer.activation
+    return mlp(x, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight, layer.linear2.bias, act,
+               layer.dropout.p, layer.training, layer.backend)
+
+
 class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor, defaults, state_dict, forward).
 
@@ -49,9 +57,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         return self.dropout1(x)
 
     def _ff_block(self, x):
-        act = self._act if self._act is not None else self.activation
-        return self.dropout2(mlp(x, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                                 act, self.dropout.p, self.training, self.backend))
+        return self.dropout2(feed_forward_branch(self, x))
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         x = src

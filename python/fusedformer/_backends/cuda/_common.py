@@ -36,6 +36,17 @@ def dtype_reason(op, t, allowed=tuple(DTYPE_CODES)):
     return None
 
 
+def norm_reason(op, x, residual):
+    """Why the cuda norm ``op`` cannot take x (its dtype) or residual (not in x's dtype), or None."""
+    reason = dtype_reason(op, x)
+    if reason:
+        return reason
+    if residual is not None and residual.dtype != x.dtype:
+        return (f"the cuda {op} kernel needs residual in x's dtype ({str(x.dtype).replace('torch.', '')}), "
+                f"got {str(residual.dtype).replace('torch.', '')}")
+    return None
+
+
 def code(t):
     return DTYPE_CODES[t.dtype]
 
@@ -95,3 +106,20 @@ class launch_context:
 
 def num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def weight_vector(t):
+    """A norm's (N,) weight or bias as the contiguous fp32 vector the kernels read, or None."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def num_partials(M, device):
+    """Blocks of a norm backward = rows of the dW/dB partial buffers: enough to fill the GPU twice."""
+    return max(1, min(M, 2 * num_sms(device)))
+
+
+def norm_backward_rows(grad_y, x, grad_residual_out):
+    """(x2, dy2, dr2): a norm backward's row inputs with unit-stride rows, gradients in x's dtype."""
+    x2, dy2 = unit_rows(x), unit_rows(grad_y.to(x.dtype))
+    dr2 = unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
+    return x2, dy2, dr2

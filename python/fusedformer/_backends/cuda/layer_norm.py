@@ -10,22 +10,7 @@ REQUIRED_SYMBOLS = ("layer_norm_forward", "layer_norm_backward", "set_device")
 
 
 def unsupported(x, weight, bias, eps, residual):
-    reason = _common.dtype_reason("layer_norm", x)
-    if reason:
-        return reason
-    if residual is not None and residual.dtype != x.dtype:
-        return (f"the cuda layer_norm kernel needs residual in x's dtype ({str(x.dtype).replace('torch.', '')}), "
-                f"got {str(residual.dtype).replace('torch.', '')}")
-    return None
-
-
-def _vector(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
-
-
-def num_partials(M, device):
-    """Blocks of the backward = rows of the dW/dB partial buffers: enough to fill the GPU twice."""
-    return max(1, min(M, 2 * _common.num_sms(device)))
+    return _common.norm_reason("layer_norm", x, residual)
 
 
 def layer_norm_forward(x, weight, bias, eps, residual=None):
@@ -36,7 +21,7 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
     res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
     mean = torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    w, b = _vector(weight), _vector(bias)
+    w, b = _common.weight_vector(weight), _common.weight_vector(bias)
     with _common.launch_context(x) as stream:
         ext.layer_norm_forward(_common.code(x), x2.data_ptr(), _common.ptr(r2), _common.ptr(w), _common.ptr(b),
                                y.data_ptr(), _common.ptr(res_out), mean.data_ptr(), rstd.data_ptr(), M, N,
@@ -47,18 +32,16 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
 
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2 = _common.unit_rows(x)
-    dy2 = _common.unit_rows(grad_y.to(x.dtype))
-    dr2 = _common.unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
+    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
     M, N = x2.shape
     dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = num_partials(M, x.device)
+    nparts = _common.num_partials(M, x.device)
     f32 = dict(dtype=torch.float32, device=x.device)
     dw_part = torch.empty(nparts, N, **f32) if weight is not None else None
     db_part = torch.empty(nparts, N, **f32) if bias is not None else None
     dw = torch.empty(N, **f32) if weight is not None else None
     db = torch.empty(N, **f32) if bias is not None else None
-    w = _vector(weight)
+    w = _common.weight_vector(weight)
     mean32, rstd32 = mean.to(torch.float32).contiguous(), rstd.to(torch.float32).contiguous()
     with _common.launch_context(x) as stream:
         ext.layer_norm_backward(_common.code(x), dy2.data_ptr(), x2.data_ptr(), _common.ptr(w), mean32.data_ptr(),

@@ -4,19 +4,12 @@ deterministic dweight as in layer_norm."""
 import torch
 
 from fusedformer._backends.cuda import _common
-from fusedformer._backends.cuda.layer_norm import _vector, num_partials
 
 REQUIRED_SYMBOLS = ("rms_norm_forward", "rms_norm_backward", "set_device")
 
 
 def unsupported(x, weight, eps, residual):
-    reason = _common.dtype_reason("rms_norm", x)
-    if reason:
-        return reason
-    if residual is not None and residual.dtype != x.dtype:
-        return (f"the cuda rms_norm kernel needs residual in x's dtype ({str(x.dtype).replace('torch.', '')}), "
-                f"got {str(residual.dtype).replace('torch.', '')}")
-    return None
+    return _common.norm_reason("rms_norm", x, residual)
 
 
 def rms_norm_forward(x, weight, eps, residual=None):
@@ -26,7 +19,7 @@ def rms_norm_forward(x, weight, eps, residual=None):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    w = _vector(weight)
+    w = _common.weight_vector(weight)
     with _common.launch_context(x) as stream:
         ext.rms_norm_forward(_common.code(x), x2.data_ptr(), _common.ptr(r2), _common.ptr(w), y.data_ptr(),
                              _common.ptr(res_out), rstd.data_ptr(), M, N, x2.stride(0), _common.row_stride(r2),
@@ -37,15 +30,13 @@ def rms_norm_forward(x, weight, eps, residual=None):
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2 = _common.unit_rows(x)
-    dy2 = _common.unit_rows(grad_y.to(x.dtype))
-    dr2 = _common.unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
+    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
     M, N = x2.shape
     dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = num_partials(M, x.device)
+    nparts = _common.num_partials(M, x.device)
     dw_part = torch.empty(nparts, N, dtype=torch.float32, device=x.device) if weight is not None else None
     dw = torch.empty(N, dtype=torch.float32, device=x.device) if weight is not None else None
-    w = _vector(weight)
+    w = _common.weight_vector(weight)
     rstd32 = rstd.to(torch.float32).contiguous()
     with _common.launch_context(x) as stream:
         ext.rms_norm_backward(_common.code(x), dy2.data_ptr(), x2.data_ptr(), _common.ptr(w), rstd32.data_ptr(),
