@@ -9,8 +9,8 @@ import math
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 
 OP = "attention"
 

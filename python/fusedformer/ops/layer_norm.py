@@ -3,7 +3,6 @@
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import (
     check_float,
     check_number,
@@ -11,6 +10,7 @@ from fusedformer.ops._checks import (
     check_shape,
     normalized_size,
 )
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 
 OP = "layer_norm"
 

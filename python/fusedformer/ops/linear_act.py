@@ -3,8 +3,8 @@
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 OP = "linear_act"

@@ -3,8 +3,8 @@
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops._checks import check_float, normalize_dim
+from fusedformer.ops._dispatch import call, custom_op, differentiable
 
 OP = "softmax"
 
