@@ -12,10 +12,7 @@ every row is also written, in DESIGN.md's results format, to
 benchmarks/results/attention-<gpu>-<date>.json when the session ends.
 """
 
-import datetime
-import json
 import pathlib
-import re
 
 import pytest
 import torch
@@ -27,6 +24,7 @@ if not torch.cuda.is_available():
 
 import fusedformer as ff  # noqa: E402
 import triton  # noqa: E402
+from fusedformer.bench.report import save_suite  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -194,22 +192,6 @@ def _ceilings():
 @pytest.fixture(scope="session", autouse=True)
 def _write_results():
     yield
-    if not ROWS:
-        return
-    ceilings = _ceilings()
-    for row in ROWS:
-        if row["gbps"] is not None:
-            row["frac_of_ceiling"] = row["gbps"] / ceilings["copy_gbps"]
-        else:
-            row["frac_of_ceiling"] = row["tflops"] / ceilings["matmul_bf16_tflops"]
-    name = torch.cuda.get_device_name()
-    date = datetime.date.today().isoformat()
-    doc = {"kind": "bench", "device": name, "date": date,
-           "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                        "fusedformer": ff.__version__},
-           "ceilings": ceilings, "rows": ROWS}
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    (out / f"attention-{slug}-{date}.json").write_text(json.dumps(doc, indent=1))
+    if ROWS:
+        save_suite("attention", ROWS, _ceilings(), pathlib.Path(__file__).parent / "results")
 

@@ -16,10 +16,7 @@ benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
 Targets on H100 bf16: fused forward >= 1.1x torch eager and >= 0.95x the bare matmul.
 """
 
-import datetime
-import json
 import pathlib
-import re
 import time
 
 import pytest
@@ -32,6 +29,7 @@ if not torch.cuda.is_available():
 
 import fusedformer as ff  # noqa: E402
 import triton  # noqa: E402
+from fusedformer.bench.report import save_suite  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -238,20 +236,5 @@ def _markdown(doc):
 @pytest.fixture(scope="session", autouse=True)
 def _write_results():
     yield
-    if not ROWS:
-        return
-    ceilings = _ceilings()
-    for row in ROWS:
-        if row["tflops"] is not None:
-            row["frac_of_ceiling"] = row["tflops"] / ceilings["matmul_bf16_tflops"]
-    name = torch.cuda.get_device_name()
-    date = datetime.date.today().isoformat()
-    doc = {"kind": "bench", "device": name, "date": date,
-           "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                        "fusedformer": ff.__version__},
-           "ceilings": ceilings, "rows": ROWS}
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    (out / f"ffn-{slug}-{date}.json").write_text(json.dumps(doc, indent=1))
-    (out / f"ffn-{slug}-{date}.md").write_text(_markdown(doc))
+    if ROWS:
+        save_suite("ffn", ROWS, _ceilings(), pathlib.Path(__file__).parent / "results", _markdown)

@@ -195,3 +195,18 @@ def test_gpu_sweep_times_every_competitor():
     assert {"torch-eager", "torch-sdpa-math", "torch-compile", "fusedformer-reference"} <= ran
     assert all(r["host_us"] > 0 and r["peak_mb"] is not None for r in doc["rows"] if not r["skipped"])
     assert "CPU figures" not in doc["device"]
+
+
+def test_save_suite_writes_a_valid_results_file(tmp_path):
+    from fusedformer.bench.report import save_suite
+
+    rows = [{"op": "attention", "provider": "fusedformer-triton", "dtype": "bfloat16", "pass": "fwd",
+             "shape": {"B": 1, "H": 2, "Lq": 8, "Lk": 8, "D": 64, "causal": False},
+             "ms": 1.0, "tflops": 2.0, "gbps": None, "frac_of_ceiling": None},
+            {"op": "softmax", "provider": "torch-eager", "dtype": "bfloat16", "pass": "fwd",
+             "shape": {"M": 8, "N": 8}, "ms": 1.0, "tflops": None, "gbps": 100.0, "frac_of_ceiling": None}]
+    doc = save_suite("suite", rows, {"copy_gbps": 1000.0, "matmul_bf16_tflops": 500.0}, tmp_path, lambda d: "# t\n")
+    assert [r["frac_of_ceiling"] for r in doc["rows"]] == [2.0 / 500.0, 100.0 / 1000.0]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert len(written) == 2 and all(name.startswith("suite-") for name in written)
+    bench.validate_results(json.loads((tmp_path / written[0]).read_text()))

@@ -255,3 +255,31 @@ def results_name(doc):
     device = doc["device"].split(" — ")[0]
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     return f"{slug}-{doc['date']}"
+
+
+def save_suite(suite, rows, ceilings, out_dir, markdown_fn=None):
+    """A pytest-benchmark suite's rows as ``out_dir``/<suite>-<gpu>-<date>.json (and .md with
+    ``markdown_fn``): DESIGN.md's envelope, each row's fraction of the ceiling it is measured
+    against (GB/s of the copy, else TFLOP/s of the bf16 matmul). Returns the document."""
+    import datetime
+
+    import torch
+
+    from fusedformer.bench.sweep import device_name, versions
+
+    for row in rows:
+        if row.get("gbps") is not None:
+            row["frac_of_ceiling"] = row["gbps"] / ceilings["copy_gbps"]
+        elif row.get("tflops") is not None:
+            row["frac_of_ceiling"] = row["tflops"] / ceilings["matmul_bf16_tflops"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    doc = {"kind": "bench", "device": device_name(device), "date": datetime.date.today().isoformat(),
+           "versions": versions(), "ceilings": ceilings, "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{suite}-{results_name(doc)}")
+    with open(stem + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    if markdown_fn is not None:
+        with open(stem + ".md", "w") as f:
+            f.write(markdown_fn(doc))
+    return doc
