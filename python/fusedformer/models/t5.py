@@ -34,6 +34,7 @@ class T5Config:
     tie_word_embeddings: bool = True
     scale_decoder_outputs: bool = True  # multiply by d_model^-0.5 before the (tied) LM head
     decoder_start_token_id: int = 0
+    pad_token_id: int = 0  # what generate writes after a sequence's eos
     backend: str | None = None
 
 
@@ -62,16 +63,23 @@ class T5Block(torch.nn.Module):
                               dropout=c.dropout_rate, backend=b)
         self.dropout = c.dropout_rate
 
-    def forward(self, x, mask, position_bias, memory=None, memory_mask=None):
+    def forward(self, x, mask, position_bias, memory=None, memory_mask=None, past=None, use_cache=False):
+        """``past``: this block's (self-attention K/V, cross-attention K/V) cache or None; with
+        ``use_cache`` returns (x, the updated cache)."""
         def drop(t):
             return F.dropout(t, self.dropout, self.training)
 
-        h = self.self_attn(self.ln_self(x), attn_mask=mask, position_bias=position_bias)
+        self_past, cross_past = past if past is not None else (None, None)
+        h, self_kv = self.self_attn(self.ln_self(x), attn_mask=mask, position_bias=position_bias,
+                                    past_key_value=self_past, use_cache=True)
+        cross_kv = None
         if self.cross_attn is not None:
             h, x = self.ln_cross(drop(h), residual=x)
-            h = self.cross_attn(h, memory=memory, attn_mask=memory_mask)
+            h, cross_kv = self.cross_attn(h, memory=memory, attn_mask=memory_mask, past_key_value=cross_past,
+                                          use_cache=True)
         h, x = self.ln_ff(drop(h), residual=x)
-        return x + drop(self.ff(h))
+        x = x + drop(self.ff(h))
+        return (x, (self_kv, cross_kv)) if use_cache else x
 
 
 class T5Stack(torch.nn.Module):
@@ -86,12 +94,20 @@ class T5Stack(torch.nn.Module):
         self.ln_f = RMSNorm(c.d_model, eps=c.layer_norm_epsilon, backend=c.backend)
         self.dropout = c.dropout_rate
 
-    def forward(self, x, mask, memory=None, memory_mask=None):
-        bias = self.relative_bias(x.shape[1], x.shape[1]).to(x.dtype)
+    def forward(self, x, mask, memory=None, memory_mask=None, past_key_values=None, use_cache=False):
+        """``past_key_values``: one cache per block (from an earlier use_cache call) or None; the
+        new queries then sit at positions past .. past + L - 1 for the relative position bias."""
+        past_len = past_key_values[0][0][0].shape[2] if past_key_values else 0
+        L = x.shape[1]
+        bias = self.relative_bias(L, past_len + L, offset=past_len).to(x.dtype)
         x = F.dropout(x, self.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, mask, bias, memory, memory_mask)
-        return F.dropout(self.ln_f(x), self.dropout, self.training)
+        caches = []
+        for i, block in enumerate(self.blocks):
+            x, cache = block(x, mask, bias, memory, memory_mask, past_key_values[i] if past_key_values else None,
+                             use_cache=True)
+            caches.append(cache)
+        x = F.dropout(self.ln_f(x), self.dropout, self.training)
+        return (x, tuple(caches)) if use_cache else x
 
 
 class T5(torch.nn.Module):
@@ -100,7 +116,8 @@ class T5(torch.nn.Module):
     decoder), RMSNorm, and the LM head.
 
     forward(input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None)
-      -> logits (B, L_dec, vocab). ``encode`` / ``decode`` run the halves.
+      -> logits (B, L_dec, vocab). ``encode`` / ``decode`` run the halves; ``decode`` takes and
+    returns a KV cache (``past_key_values``, ``use_cache``) and ``generate`` decodes with it.
     """
 
     def __init__(self, config):
@@ -119,20 +136,91 @@ class T5(torch.nn.Module):
         mask = padding_mask(attention_mask, *input_ids.shape, input_ids.device)
         return self.encoder(self.shared(input_ids), mask)
 
-    def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None, decoder_attention_mask=None):
+    def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask=None, decoder_attention_mask=None,
+               past_key_values=None, use_cache=False):
+        """Decoder logits (B, L, vocab) for ``decoder_input_ids`` (B, L). With ``past_key_values``
+        (the cache an earlier ``use_cache=True`` call returned) the ids continue the cached ones:
+        their self-attention sees the cached keys too, cross-attention reuses the cached encoder
+        keys/values, and ``decoder_attention_mask`` (if any) covers past + new tokens. With
+        ``use_cache`` returns (logits, cache)."""
         c = self.config
         check_ids("decoder_input_ids", decoder_input_ids, c.vocab_size)
+        if past_key_values is not None and (not isinstance(past_key_values, (tuple, list))
+                                            or len(past_key_values) != len(self.decoder.blocks)):
+            raise ValueError(f"T5.decode: past_key_values must be the cache of a use_cache=True call "
+                             f"({len(self.decoder.blocks)} decoder blocks)")
+        if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.dim() != 3:
+            raise ValueError("T5.decode: encoder_hidden_states must be a 3-D (batch, length, d_model) tensor")
         B, S = encoder_hidden_states.shape[:2]
-        mask = padding_mask(decoder_attention_mask, *decoder_input_ids.shape, decoder_input_ids.device)
-        memory_mask = padding_mask(attention_mask, B, S, decoder_input_ids.device)
-        h = self.decoder(self.shared(decoder_input_ids), mask, encoder_hidden_states, memory_mask)
+        L = decoder_input_ids.shape[1]
+        past_len = past_key_values[0][0][0].shape[2] if past_key_values else 0
+        device = decoder_input_ids.device
+        mask = padding_mask(decoder_attention_mask, decoder_input_ids.shape[0], past_len + L, device)
+        memory_mask = padding_mask(attention_mask, B, S, device)
+        h = self.decoder(self.shared(decoder_input_ids), mask, encoder_hidden_states, memory_mask,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        if use_cache:
+            h, cache = h
         if c.scale_decoder_outputs:
             h = h * c.d_model ** -0.5
-        return linear_act(h, self.lm_head.weight, None, "identity", backend=c.backend)
+        logits = linear_act(h, self.lm_head.weight, None, "identity", backend=c.backend)
+        return (logits, cache) if use_cache else logits
 
     def forward(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None):
         memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, do_sample=False, temperature=1.0, top_k=None,
+                 decoder_start_token_id=None, eos_token_id=None, generator=None):
+        """Decode up to ``max_new_tokens`` tokens for the source ``input_ids`` (B, S): the encoder
+        runs once, each new token is one decoder step on the self-attention KV cache, the
+        cross-attention keys/values of the encoder output are projected once and reused.
+        ``attention_mask`` (B, S) marks source padding (1 = token). The decoder starts from
+        ``decoder_start_token_id`` (default config.decoder_start_token_id). Greedy (argmax) by
+        default; ``do_sample=True`` samples from softmax(logits / temperature), restricted to the
+        ``top_k`` most likely tokens when given. With ``eos_token_id``, a sequence that emitted it
+        continues with config.pad_token_id, and decoding stops once every sequence has (as
+        Hugging Face's generate). Returns (B, 1 + new): the start token, then the new tokens."""
+        c = self.config
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        start = c.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+        for name, tok in (("decoder_start_token_id", start), ("eos_token_id", eos_token_id)):
+            if tok is not None and (not isinstance(tok, int) or not 0 <= tok < c.vocab_size):
+                raise ValueError(f"generate: {name} must be an int in [0, {c.vocab_size}), got {tok!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            memory = self.encode(input_ids, attention_mask)
+            B = input_ids.shape[0]
+            ids = torch.full((B, 1), start, dtype=torch.long, device=input_ids.device)
+            step, cache = ids, None
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            for _ in range(max_new_tokens):
+                logits, cache = self.decode(step, memory, attention_mask, past_key_values=cache, use_cache=True)
+                logits = logits[:, -1].float()
+                if do_sample:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                else:
+                    nxt = logits.argmax(-1, keepdim=True)
+                if eos_token_id is not None:
+                    nxt = nxt.masked_fill(done[:, None], c.pad_token_id)
+                    done = done | (nxt[:, 0] == eos_token_id)
+                ids, step = torch.cat([ids, nxt], dim=1), nxt
+                if eos_token_id is not None and bool(done.all()):
+                    break
+            return ids
+        finally:
+            self.train(was_training)
 
     @classmethod
     def from_hf(cls, hf_model, backend=None):
@@ -147,7 +235,8 @@ class T5(torch.nn.Module):
                           dropout_rate=hc.dropout_rate, layer_norm_epsilon=hc.layer_norm_epsilon,
                           feed_forward_proj=hc.feed_forward_proj, tie_word_embeddings=tied,
                           scale_decoder_outputs=getattr(hc, "scale_decoder_outputs", tied),
-                          decoder_start_token_id=getattr(hc, "decoder_start_token_id", None) or 0, backend=backend)
+                          decoder_start_token_id=getattr(hc, "decoder_start_token_id", None) or 0,
+                          pad_token_id=getattr(hc, "pad_token_id", None) or 0, backend=backend)
         model = cls(config).to(hf_dtype(hf_model))
         sd = hf_model.state_dict()
         m = {"shared.weight": "shared.weight", "lm_head.weight": "lm_head.weight"}

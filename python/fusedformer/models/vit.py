@@ -53,8 +53,11 @@ class ViT(torch.nn.Module):
     embedding, a Conv2d with stride p computed as one GEMM), a learned [CLS] token prepended,
     learned position embeddings added, pre-norm encoder layers, a final LayerNorm.
 
-    forward(pixel_values (B, C, H, W)) -> last_hidden_state (B, 1 + H W / p^2, hidden);
-    ``classify(pixel_values)`` -> logits (B, num_labels) from the [CLS] token's final state.
+    forward(pixel_values (B, C, H, W), interpolate_pos_encoding=False) -> last_hidden_state
+    (B, 1 + H W / p^2, hidden); ``classify(pixel_values, interpolate_pos_encoding=False)`` -> logits
+    (B, num_labels) from the [CLS] token's final state. Without interpolation H = W = image_size;
+    with it H and W may be any multiples of p, the patch position embeddings resized bicubically
+    to the (H/p, W/p) grid (Hugging Face ViT's interpolate_pos_encoding).
     """
 
     def __init__(self, config):
@@ -70,31 +73,61 @@ class ViT(torch.nn.Module):
         self.ln_f = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, backend=c.backend)
         self.classifier = torch.nn.Linear(c.hidden_size, c.num_labels) if c.num_labels else None
 
-    def patchify(self, pixel_values):
-        """(B, C, H, W) -> (B, H/p * W/p, C * p * p), rows in the Conv2d weight's (C, p, p) order."""
+    def patchify(self, pixel_values, interpolate_pos_encoding=False):
+        """(B, C, H, W) -> (B, H/p * W/p, C * p * p), rows in the Conv2d weight's (C, p, p) order.
+        H = W = image_size unless ``interpolate_pos_encoding``, then any positive multiples of p."""
         c = self.config
         p = c.patch_size
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c.num_channels, c.image_size, c.image_size):
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"ViT: pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"ViT: pixel_values must be a 4-D (B, C, H, W) tensor, got {tuple(pixel_values.shape)}")
+        shape = tuple(pixel_values.shape[1:])
+        if interpolate_pos_encoding:
+            H, W = shape[1:]
+            if shape[0] != c.num_channels or H < p or W < p or H % p or W % p:
+                raise ValueError(f"ViT: pixel_values has shape {tuple(pixel_values.shape)}, expected "
+                                 f"(B, {c.num_channels}, H, W) with H and W positive multiples of patch_size {p}")
+        elif shape != (c.num_channels, c.image_size, c.image_size):
             raise ValueError(f"ViT: pixel_values has shape {tuple(pixel_values.shape)}, expected "
-                             f"(B, {c.num_channels}, {c.image_size}, {c.image_size})")
+                             f"(B, {c.num_channels}, {c.image_size}, {c.image_size}) (or pass "
+                             f"interpolate_pos_encoding=True for another image size)")
         B = pixel_values.shape[0]
         x = pixel_values.unfold(2, p, p).unfold(3, p, p)  # (B, C, H/p, W/p, p, p)
         return x.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, c.num_channels * p * p)
 
-    def forward(self, pixel_values):
+    def position_embeddings_for(self, height, width):
+        """The (1, 1 + (height/p)(width/p), hidden) position embeddings for a height x width image:
+        the [CLS] entry as is, the patch grid resized bicubically (align_corners=False) from
+        (image_size/p)^2, in float32 at least; the stored ones when the grid is unchanged."""
+        c = self.config
+        side, gh, gw = c.image_size // c.patch_size, height // c.patch_size, width // c.patch_size
+        pos = self.position_embeddings
+        if (gh, gw) == (side, side):
+            return pos
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # the 4x4-tap weighted sums in float32 at least, so bf16/fp16 models round once, at the end
+        work = torch.promote_types(grid.dtype, torch.float32)
+        grid = F.interpolate(grid.to(work), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], dim=1)
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
         c = self.config
         w = self.patch_embed.weight.reshape(c.hidden_size, -1)
-        x = linear_act(self.patchify(pixel_values), w, self.patch_embed.bias, "identity", backend=c.backend)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embeddings
+        patches = self.patchify(pixel_values, interpolate_pos_encoding)
+        x = linear_act(patches, w, self.patch_embed.bias, "identity", backend=c.backend)
+        pos = (self.position_embeddings_for(*pixel_values.shape[2:]) if interpolate_pos_encoding
+               else self.position_embeddings)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         x = F.dropout(x, c.hidden_dropout_prob, self.training)
         for layer in self.layers:
             x = layer(x)
         return self.ln_f(x)
 
-    def classify(self, pixel_values):
+    def classify(self, pixel_values, interpolate_pos_encoding=False):
         if self.classifier is None:
             raise ValueError("ViT.classify: this ViT has no classifier (config.num_labels is 0)")
-        h = self(pixel_values)[:, 0]
+        h = self(pixel_values, interpolate_pos_encoding)[:, 0]
         return linear_act(h, self.classifier.weight, self.classifier.bias, "identity", backend=self.config.backend)
 
     @classmethod
