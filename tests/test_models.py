@@ -211,12 +211,31 @@ def _rms_norm_in_input_dtype(self, h):
     return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+class _KeepFloat64(torch.overrides.TorchFunctionMode):
+    """``t.float()`` on a float64 tensor returns it unchanged."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func is torch.Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_in_input_dtype(forward):
+    def run(*args, **kwargs):
+        with _KeepFloat64():
+            return forward(*args, **kwargs)
+    return run
+
+
 def _t5_norms_in_input_dtype(hf):
     """Hugging Face's T5LayerNorm takes the variance in float32 even for float64 input (a 1e-7
-    error); for the float64 comparison the oracle computes it in float64, same formula."""
+    error), and transformers 4.x T5Attention its softmax (``scores.float()``); for the float64
+    comparison the oracle computes both in float64, same formulas."""
     for module in hf.modules():
         if type(module).__name__ == "T5LayerNorm":
             module.forward = types.MethodType(_rms_norm_in_input_dtype, module)
+        if type(module).__name__ == "T5Attention":
+            module.forward = _attention_in_input_dtype(module.forward)
 
 
 # tie_word_embeddings=False is how T5 v1.1 configs say "do not scale the decoder output"

@@ -4,6 +4,7 @@
 built from a model's config for patch verification. Imports transformers lazily: fusedformer
 works without it."""
 
+import inspect
 import sys
 
 import torch
@@ -166,6 +167,16 @@ def synthetic_inputs(model, batch=2, length=8, seed=0):
     inputs["attention_mask"] = mask.to(device)
     if getattr(cfg, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(1, length - 2)), generator=gen).to(device)
-    if getattr(cfg, "use_cache", False):
+    if getattr(cfg, "use_cache", False) and _accepts(model.forward, "use_cache"):
         inputs["use_cache"] = False
     return inputs
+
+
+def _accepts(fn, name):
+    """Whether ``fn`` takes keyword ``name``: transformers 4.x configs carry ``use_cache`` even
+    for models whose forward has no such argument (BertForMaskedLM)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
