@@ -123,7 +123,8 @@ def test_family_reference_float32(family, attention_spy):
         assert model.config._attn_implementation == "fusedformer"
     else:  # 4.x BERT and T5 attention modules compute attention themselves: reported, left as they were
         assert report.attention == (f"left as {impl!r}: {type(model).__name__} does not dispatch through "
-                                    "transformers.AttentionInterface (custom attention), so its attention was left as it is")
+                                    "transformers.AttentionInterface (custom attention), so its attention "
+                                    "was left as it is")
         assert model.config._attn_implementation == impl
     kinds = {orig: new for _, orig, new in report.replaced}
     for orig, new in EXPECTED[family].items():

@@ -20,7 +20,9 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "identity
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 
-def _compute_dtype(t):
+def compute_dtype(t):
+    """The dtype math (and saved statistics: mean, rstd, lse) use for ``t``: float64 stays,
+    everything else is float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -31,7 +33,7 @@ def _compute_dtype(t):
 
 def softmax_forward(x, dim):
     """y = exp(x - max) / sum(exp(x - max)) along ``dim``. All -inf rows give NaN, as torch."""
-    xf = x.to(_compute_dtype(x))
+    xf = x.to(compute_dtype(x))
     m = xf.amax(dim=dim, keepdim=True) if xf.shape[dim] > 0 else xf.sum(dim=dim, keepdim=True)
     e = torch.exp(xf - m)
     return (e / e.sum(dim=dim, keepdim=True)).to(x.dtype)
@@ -39,7 +41,7 @@ def softmax_forward(x, dim):
 
 def softmax_backward(grad_y, y, dim):
     """dx = y * (dy - sum(dy * y))."""
-    yf, gf = y.to(_compute_dtype(y)), grad_y.to(_compute_dtype(y))
+    yf, gf = y.to(compute_dtype(y)), grad_y.to(compute_dtype(y))
     return (yf * (gf - (gf * yf).sum(dim=dim, keepdim=True))).to(y.dtype)
 
 
@@ -51,8 +53,8 @@ def softmax_backward(grad_y, y, dim):
 def _add_residual(x, residual):
     """The pre-norm block's h = x + residual; h is kept in the residual's dtype."""
     if residual is None:
-        return x.to(_compute_dtype(x)), None
-    h = x.to(_compute_dtype(x)) + residual.to(_compute_dtype(x))
+        return x.to(compute_dtype(x)), None
+    h = x.to(compute_dtype(x)) + residual.to(compute_dtype(x))
     return h, h.to(residual.dtype)
 
 
@@ -81,7 +83,7 @@ def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=N
 
     ``x`` is the normalized input: h = x + residual when the forward had a residual.
     """
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     xf, dy = x.to(cd), grad_y.to(cd)
     xhat = (xf - mean[:, None].to(cd)) * rstd[:, None].to(cd)
     g = dy * weight.to(cd) if weight is not None else dy
@@ -106,7 +108,7 @@ def rms_norm_forward(x, weight, eps, residual=None):
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     """With xhat = x * rstd and g = dy * weight: dx = rstd * (g - xhat * mean(g * xhat)),
     dweight = sum_rows(dy * xhat)."""
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     xf, dy = x.to(cd), grad_y.to(cd)
     xhat = xf * rstd[:, None].to(cd)
     g = dy * weight.to(cd) if weight is not None else dy
@@ -193,7 +195,7 @@ def linear_act_forward(x, weight, bias, activation):
     Returns (y, preact) with preact = x @ weight^T + bias (M, N) in x's dtype, saved for the
     backward. Gated activations give y of width N // 2.
     """
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     h = x.to(cd) @ weight.to(cd).t()
     if bias is not None:
         h = h + bias.to(cd)
@@ -205,7 +207,7 @@ def linear_act_backward(grad_y, x, weight, bias, preact, activation):
 
     ``preact`` may be None: it is then recomputed from x, weight and bias.
     """
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     if preact is None:
         h = x.to(cd) @ weight.to(cd).t()
         if bias is not None:
@@ -314,7 +316,7 @@ def _expand_kv(t, group):
 
 def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     """Returns (s, p, lse) in the compute dtype; rows with nothing to attend get p = 0, lse = -inf."""
-    cd = _compute_dtype(q)
+    cd = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
     k = _expand_kv(k.to(cd), H // k.shape[1])
@@ -334,7 +336,7 @@ def _dropout_scale(q, k, dropout_p, seed, dropout_mask):
     B, H, Lq, _ = q.shape
     if dropout_mask is None:
         dropout_mask = attention_dropout_keep(int(seed), B, H, Lq, k.shape[2], dropout_p, q.device)
-    return dropout_mask.to(_compute_dtype(q)) / (1.0 - dropout_p)
+    return dropout_mask.to(compute_dtype(q)) / (1.0 - dropout_p)
 
 
 def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1),
@@ -354,7 +356,7 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     drop = _dropout_scale(q, k, dropout_p, seed, dropout_mask)
     if drop is not None:
         p = p * drop
-    cd = _compute_dtype(q)
+    cd = compute_dtype(q)
     out = p @ _expand_kv(v.to(cd), q.shape[1] // v.shape[1])
     return out.to(q.dtype), lse
 
@@ -372,7 +374,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     dQ = scale * dS K, dK = scale * dS^T Q, dbias = dS summed over the bias's broadcast dims.
     GQA sums dK, dV over each kv head's group. Returns (dq, dk, dv, dbias); dbias is None unless
     ``bias_requires_grad`` (a float bias only)."""
-    cd = _compute_dtype(q)
+    cd = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv = k.shape[1]
     group = H // Hkv
@@ -422,7 +424,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     by them). Returns (out (total_q, H, Dv), lse (H, total_q) float32, float64 for float64)."""
     total_q, H, _ = q.shape
     out = q.new_zeros(total_q, H, v.shape[-1])
-    lse = torch.full((H, total_q), float("-inf"), dtype=_compute_dtype(q), device=q.device)
+    lse = torch.full((H, total_q), float("-inf"), dtype=compute_dtype(q), device=q.device)
     for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue

@@ -44,3 +44,16 @@ def init_weights(module):
         torch.nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, torch.nn.Linear) and module.bias is not None:
         torch.nn.init.zeros_(module.bias)
+
+
+def next_token(logits, do_sample, temperature, top_k, generator):
+    """(B, 1) next tokens from last-position logits (B, V): argmax, or a sample at ``temperature``
+    from the ``top_k`` most likely."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

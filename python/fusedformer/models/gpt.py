@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, padding_mask
+from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, next_token, padding_mask
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
@@ -112,15 +112,7 @@ class GPT(torch.nn.Module):
             for _ in range(max_new_tokens):
                 logits, cache = self(step, attention_mask=mask, past_key_values=cache, use_cache=True,
                                      position_ids=pos)
-                logits = logits[:, -1].float()
-                if do_sample:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-                else:
-                    nxt = logits.argmax(-1, keepdim=True)
+                nxt = next_token(logits[:, -1], do_sample, temperature, top_k, generator)
                 ids, step = torch.cat([ids, nxt], dim=1), nxt
                 if mask is not None:
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, load_mapped, padding_mask
+from fusedformer.models._common import check_ids, hf_dtype, load_mapped, next_token, padding_mask
 from fusedformer.nn import Attention, FeedForward, RelativePositionBias, RMSNorm
 from fusedformer.ops import linear_act
 
@@ -203,15 +203,7 @@ class T5(torch.nn.Module):
             done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
             for _ in range(max_new_tokens):
                 logits, cache = self.decode(step, memory, attention_mask, past_key_values=cache, use_cache=True)
-                logits = logits[:, -1].float()
-                if do_sample:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-                else:
-                    nxt = logits.argmax(-1, keepdim=True)
+                nxt = next_token(logits[:, -1], do_sample, temperature, top_k, generator)
                 if eos_token_id is not None:
                     nxt = nxt.masked_fill(done[:, None], c.pad_token_id)
                     done = done | (nxt[:, 0] == eos_token_id)

@@ -11,18 +11,16 @@ import torch
 from fusedformer import backends
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.reference import compute_dtype
 
 OP = "attention"
 
-
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _empty_attention(q, v):
     B, H, Lq, _ = q.shape
     out = q.new_zeros(B, H, Lq, v.shape[-1])
-    return out, torch.full((B, H, Lq), float("-inf"), dtype=_lse_dtype(q), device=q.device)
+    return out, torch.full((B, H, Lq), float("-inf"), dtype=compute_dtype(q), device=q.device)
 
 
 def _seed_value(seed):
@@ -45,7 +43,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
 @attention_fwd.register_fake
 def _(q, k, v, bias, causal, scale, dropout_p, seed, window_left, window_right, alibi_slopes, backend):
     B, H, Lq, _ = q.shape
-    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=_lse_dtype(q))
+    return q.new_empty(B, H, Lq, v.shape[-1]), q.new_empty(B, H, Lq, dtype=compute_dtype(q))
 
 
 @custom_op("attention_bwd")

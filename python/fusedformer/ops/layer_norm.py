@@ -11,12 +11,10 @@ from fusedformer.ops._checks import (
     normalized_size,
 )
 from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.reference import compute_dtype
 
 OP = "layer_norm"
 
-
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @custom_op("layer_norm_fwd")
@@ -27,8 +25,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     if x.numel() == 0:
         M = x.shape[0]
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
-        return x.new_empty(x.shape), res, x.new_empty(M, dtype=_stat_dtype(x)), x.new_empty(
-            M, dtype=_stat_dtype(x))
+        return x.new_empty(x.shape), res, x.new_empty(M, dtype=compute_dtype(x)), x.new_empty(
+            M, dtype=compute_dtype(x))
     y, res, mean, rstd = backends.get_op(backend, "layer_norm_forward")(x, weight, bias, eps, residual)
     res = res.contiguous() if res is not None else x.new_empty(0)
     return y.contiguous(), res, mean.contiguous(), rstd.contiguous()
@@ -38,7 +36,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
 def _(x, weight, bias, eps, residual, backend):
     M = x.shape[0]
     res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
-    return x.new_empty(x.shape), res, x.new_empty(M, dtype=_stat_dtype(x)), x.new_empty(M, dtype=_stat_dtype(x))
+    return x.new_empty(x.shape), res, x.new_empty(M, dtype=compute_dtype(x)), x.new_empty(M, dtype=compute_dtype(x))
 
 
 @custom_op("layer_norm_bwd")

@@ -4,7 +4,8 @@ import torch
 
 from fusedformer import backends
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.ops.layer_norm import _stat_dtype, as_rows, validate_norm
+from fusedformer.ops.layer_norm import as_rows, validate_norm
+from fusedformer.reference import compute_dtype
 
 OP = "rms_norm"
 
@@ -15,7 +16,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
     """x (M, N) -> (y, residual_out or an empty tensor, rstd)."""
     if x.numel() == 0:
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
-        return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
+        return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=compute_dtype(x))
     y, res, rstd = backends.get_op(backend, "rms_norm_forward")(x, weight, eps, residual)
     res = res.contiguous() if res is not None else x.new_empty(0)
     return y.contiguous(), res, rstd.contiguous()
@@ -24,7 +25,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
 @rms_norm_fwd.register_fake
 def _(x, weight, eps, residual, backend):
     res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
-    return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=_stat_dtype(x))
+    return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=compute_dtype(x))
 
 
 @custom_op("rms_norm_bwd")

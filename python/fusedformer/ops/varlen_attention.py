@@ -11,14 +11,12 @@ import torch
 from fusedformer import backends
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.reference import compute_dtype
 
 OP = "varlen_attention"
 # varlen runs on the attention kernels, so ``auto`` prefers backends in the same order
 backends.AUTO_ORDER.setdefault(OP, backends.AUTO_ORDER["attention"])
 
-
-def _lse_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @custom_op("varlen_attention_fwd")
@@ -37,7 +35,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 @varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed,
       window_left, window_right, alibi_slopes, backend):
-    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=_lse_dtype(q))
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=compute_dtype(q))
 
 
 @custom_op("varlen_attention_bwd")
