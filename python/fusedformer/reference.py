@@ -324,8 +324,9 @@ def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
     lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd)
     dead = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(dead, 0.0, lse)[..., None])
-    p = torch.where(dead[..., None], 0.0, p)
+    # softmax, not exp(s - lse): when every score of a row is huge (a mask row filled with
+    # finfo.min), lse has no room for the log(Lk) that normalizes it and each p would be 1
+    p = torch.where(dead[..., None], 0.0, torch.softmax(s, dim=-1))
     return s, p, lse
 
 
