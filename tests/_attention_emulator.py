@@ -123,7 +123,8 @@ def attn_fwd_kernel(p, D, block_x):
         s = np.zeros(lead + (kBN // 8, 4), num.acc)
         for kk in range(D // 16):
             for nt2 in range(kBN // 16):
-                kf = ldsm_x4(smem, sK + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch + kk * 16 + ((LANE // 8) % 2) * 8)
+                kf = ldsm_x4(smem, sK + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch
+                             + kk * 16 + ((LANE // 8) % 2) * 8)
                 s[..., 2 * nt2, :] = mma16816(s[..., 2 * nt2, :], qf[kk], kf[..., 0:2, :])
                 s[..., 2 * nt2 + 1, :] = mma16816(s[..., 2 * nt2 + 1, :], qf[kk], kf[..., 2:4, :])
         i = m0 + lane_axes(WARP * 16 + G) + (E >> 1) * 8
@@ -144,7 +145,8 @@ def attn_fwd_kernel(p, D, block_x):
         for kt in range(kBN // 16):
             pa = accumulators_as_a(num, s, kt)
             for dt2 in range(D // 16):
-                vf = ldsm_x4_t(smem, sV + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch + dt2 * 16 + (LANE // 16) * 8)
+                vf = ldsm_x4_t(smem, sV + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
+                               + dt2 * 16 + (LANE // 16) * 8)
                 o[..., 2 * dt2, :] = mma16816(o[..., 2 * dt2, :], pa, vf[..., 0:2, :])
                 o[..., 2 * dt2 + 1, :] = mma16816(o[..., 2 * dt2 + 1, :], pa, vf[..., 2:4, :])
     bh = (b * p.H + h)[..., None, None]
@@ -211,7 +213,8 @@ def attn_bwd_kernel(p, D, block_x):
         for kk in range(D // 16):
             ka = ldsm_x4(smem, sK + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8)
             for nt2 in range(kBM // 16):
-                qf = ldsm_x4(smem, sQ + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch + kk * 16 + ((LANE // 8) % 2) * 8)
+                qf = ldsm_x4(smem, sQ + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch
+                             + kk * 16 + ((LANE // 8) % 2) * 8)
                 st[..., 2 * nt2, :] = mma16816(st[..., 2 * nt2, :], ka, qf[..., 0:2, :])
                 st[..., 2 * nt2 + 1, :] = mma16816(st[..., 2 * nt2 + 1, :], ka, qf[..., 2:4, :])
         il = NT8 * 8 + lane_axes(TIG) * 2 + (E & 1)  # (1, 32, 8, 4): query of st[nt][e] in the block
@@ -221,7 +224,8 @@ def attn_bwd_kernel(p, D, block_x):
         for kt in range(kBM // 16):
             pa = accumulators_as_a(num, st, kt)
             for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sdO + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch + dt2 * 16 + (LANE // 16) * 8)
+                f = ldsm_x4_t(smem, sdO + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
+                              + dt2 * 16 + (LANE // 16) * 8)
                 dv[..., 2 * dt2, :] = mma16816(dv[..., 2 * dt2, :], pa, f[..., 0:2, :])
                 dv[..., 2 * dt2 + 1, :] = mma16816(dv[..., 2 * dt2 + 1, :], pa, f[..., 2:4, :])
         # dP^T = V dO^T
@@ -229,7 +233,8 @@ def attn_bwd_kernel(p, D, block_x):
         for kk in range(D // 16):
             va = ldsm_x4(smem, sV + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8)
             for nt2 in range(kBM // 16):
-                f = ldsm_x4(smem, sdO + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch + kk * 16 + ((LANE // 8) % 2) * 8)
+                f = ldsm_x4(smem, sdO + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch
+                            + kk * 16 + ((LANE // 8) % 2) * 8)
                 dpt[..., 2 * nt2, :] = mma16816(dpt[..., 2 * nt2, :], va, f[..., 0:2, :])
                 dpt[..., 2 * nt2 + 1, :] = mma16816(dpt[..., 2 * nt2 + 1, :], va, f[..., 2:4, :])
         # dS^T = P^T * (dP^T - delta), kept in registers for dK and in shared memory for dQ
@@ -242,15 +247,18 @@ def attn_bwd_kernel(p, D, block_x):
         for kt in range(kBM // 16):
             pa = accumulators_as_a(num, dpt, kt)
             for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sQ + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch + dt2 * 16 + (LANE // 16) * 8)
+                f = ldsm_x4_t(smem, sQ + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
+                              + dt2 * 16 + (LANE // 16) * 8)
                 dk[..., 2 * dt2, :] = mma16816(dk[..., 2 * dt2, :], pa, f[..., 0:2, :])
                 dk[..., 2 * dt2 + 1, :] = mma16816(dk[..., 2 * dt2 + 1, :], pa, f[..., 2:4, :])
         # dQ (this warp's 16 queries) = dS K, read dS through a transposing ldmatrix of dS^T
         dq = np.zeros(lead + (D // 8, 4), num.acc)
         for kt in range(kBN // 16):
-            a = ldsm_x4_t(smem, sdS + (kt * 16 + LANE % 8 + (LANE // 16) * 8) * (kBM + 8) + WARP * 16 + ((LANE // 8) % 2) * 8)
+            a = ldsm_x4_t(smem, sdS + (kt * 16 + LANE % 8 + (LANE // 16) * 8) * (kBM + 8)
+                          + WARP * 16 + ((LANE // 8) % 2) * 8)
             for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sK + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch + dt2 * 16 + (LANE // 16) * 8)
+                f = ldsm_x4_t(smem, sK + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
+                              + dt2 * 16 + (LANE // 16) * 8)
                 dq[..., 2 * dt2, :] = mma16816(dq[..., 2 * dt2, :], a, f[..., 0:2, :])
                 dq[..., 2 * dt2 + 1, :] = mma16816(dq[..., 2 * dt2 + 1, :], a, f[..., 2:4, :])
         for r in range(2):
@@ -263,7 +271,8 @@ def attn_bwd_kernel(p, D, block_x):
         j = n0 + WARP * 16 + G + r * 8
         row = (bh[..., None, None] * p.Lk + j) * D
         for dt in range(D // 8):
-            p.dk.store(row + dt * 8 + TIG * 2, np.stack([dk[..., dt, 2 * r] * p.scale, dk[..., dt, 2 * r + 1] * p.scale], -1),
+            p.dk.store(row + dt * 8 + TIG * 2,
+                       np.stack([dk[..., dt, 2 * r] * p.scale, dk[..., dt, 2 * r + 1] * p.scale], -1),
                        mask=j < p.Lk, width=2)
             p.dv.store(row + dt * 8 + TIG * 2, np.stack([dv[..., dt, 2 * r], dv[..., dt, 2 * r + 1]], -1),
                        mask=j < p.Lk, width=2)

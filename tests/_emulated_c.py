@@ -13,7 +13,6 @@ import contextlib
 import types
 from unittest import mock
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -31,7 +30,7 @@ class _RecordTensors(TorchDispatchMode):
         super().__init__()
         self.tensors = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func, tensor_types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.tensors += [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import _attention_emulator
 import _mma_emulator as isa
+from _device_memory import EXACT_CODE
 from _emulated_c import EmulatedC, emulated_cuda_attention, exact_attention_backward, exact_attention_forward
 from fusedformer import parity, reference
 
@@ -85,7 +86,8 @@ def _inputs(dtype, B, H, Hkv, Lq, Lk, D, mask=None, strided=False, seed=0):
         k = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64).transpose(1, 2)
         v = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64).transpose(1, 2)
     else:
-        q, k, v = (torch.randn(B, h, L, D, generator=g, dtype=torch.float64) for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+        q, k, v = (torch.randn(B, heads, L, D, generator=g, dtype=torch.float64)
+                   for heads, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
     dout = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
     bias = None
     if mask is not None:
@@ -154,10 +156,11 @@ def _torch_grads(q, k, v, dout, bias, causal, scale):
     return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
 
-# (dtype, B, H, Hkv, Lq, Lk, D, causal, mask)
+# (dtype, B, H, Hkv, Lq, Lk, D, causal, mask, strided)
 HALF_CASES = [
-    (torch.float16, 2, 2, 1, 70, 90, 64, True, "bool"),
-    (torch.bfloat16, 1, 2, 2, 45, 100, 128, False, "float"),
+    (torch.float16, 2, 2, 1, 70, 90, 64, True, "bool", False),
+    (torch.bfloat16, 1, 2, 2, 45, 100, 128, False, "float", False),
+    (torch.float16, 2, 2, 2, 1, 130, 128, False, "key_padding", True),
 ]
 
 
@@ -182,9 +185,9 @@ def _assert_rounded_parity(q, k, v, dout, bias, causal, scale):
         assert err <= bound, f"{name}: err {err:.3e} > {bound:.3e} (torch {torch_err:.3e})"
 
 
-@pytest.mark.parametrize("dtype, B, H, Hkv, Lq, Lk, D, causal, mask", HALF_CASES)
-def test_kernel_rounded_within_parity_rule(dtype, B, H, Hkv, Lq, Lk, D, causal, mask):
-    q, k, v, dout, bias = _inputs(dtype, B, H, Hkv, Lq, Lk, D, mask)
+@pytest.mark.parametrize("dtype, B, H, Hkv, Lq, Lk, D, causal, mask, strided", HALF_CASES)
+def test_kernel_rounded_within_parity_rule(dtype, B, H, Hkv, Lq, Lk, D, causal, mask, strided):
+    q, k, v, dout, bias = _inputs(dtype, B, H, Hkv, Lq, Lk, D, mask, strided)
     bias = bias if bias is None or bias.dtype == torch.bool else bias.float()
     _assert_rounded_parity(q, k, v, dout, bias, causal, _scale(D))
 
@@ -259,7 +262,7 @@ def _launch_forward(q, k, v, Lk=None):
     out, lse = q.new_empty(B, H, Lq, D), q.new_empty(B, H, Lq)
     strides = [s for t in (q, k, v) for s in t.stride()[:3]]
     EmulatedC(lambda: [q, k, v, out, lse]).attention_forward(
-        3, D, q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, out.data_ptr(),
+        EXACT_CODE, D, q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, out.data_ptr(),
         lse.data_ptr(), B, H, k.shape[1], Lq, k.shape[2] if Lk is None else Lk, 0.125, False, 0, 0, [0] * 4, 0)
     return out
 
