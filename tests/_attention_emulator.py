@@ -87,14 +87,14 @@ def score2(p, bias_bh, qk, i, j):
     num = p.num
     masked = (j >= p.Lk) | (p.causal & (j > i))
     s = qk * p.scale * num.f(kLog2e)
-    if bias_bh.kind != 0:  # float32 products may overflow to +-inf, as on the GPU: no warning
+    if bias_bh.kind != 0:
         read = ~masked & (i < p.Lq)  # the early return: no mask element is read for masked keys
         off = bias_bh.off[:, :, None, None, None, None] + i * bias_bh.sq + j * bias_bh.sk
         val = bias_bh.buf.load(np.broadcast_to(off, s.shape), mask=np.broadcast_to(read, s.shape))
         if bias_bh.kind == 1:
             s = np.where(read & (val == 0), -np.inf, s)
         else:
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore"):  # a float32 overflow to -inf, as on the GPU
                 s = s + np.where(read, val * num.f(kLog2e), 0)
     return np.where(masked, -np.inf, s).astype(num.acc)
 

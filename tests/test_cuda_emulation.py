@@ -107,7 +107,7 @@ def _inputs(dtype, B, H, Hkv, Lq, Lk, D, mask=None, strided=False, seed=0):
 
 # (B, H, Hkv, Lq, Lk, D, causal, mask, strided): odd lengths, several query and key tiles
 EXACT_CASES = [
-    (1, 2, 1, 70, 150, 64, False, None, False),  # GQA, online softmax over 3 key tiles
+    (1, 4, 2, 70, 150, 64, False, None, False),  # GQA, online softmax over 3 key tiles
     (1, 2, 2, 130, 75, 64, True, None, True),  # causal, Lq > Lk, strided q/k/v
     (2, 2, 1, 67, 71, 128, True, "bool", False),  # fully masked rows
     (2, 1, 1, 1, 83, 128, False, "float", False),  # Lq = 1 (decode), -inf entries
