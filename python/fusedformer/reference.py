@@ -322,11 +322,14 @@ def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     k = _expand_kv(k.to(cd), H // k.shape[1])
     s = scale * (q.to(cd) @ k.transpose(-1, -2))
     s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
-    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd)
-    dead = torch.isneginf(lse)
-    p = torch.exp(s - torch.where(dead, 0.0, lse)[..., None])
-    p = torch.where(dead[..., None], 0.0, p)
-    return s, p, lse
+    # p from the row max and sum, not exp(s - lse): in a row of finfo.min scores (a mask filled
+    # with finfo(dtype).min) lse = max + log(sum) rounds to max, and exp(s - lse) would be 1
+    m = s.amax(-1, keepdim=True) if Lk > 0 else torch.full((B, H, Lq, 1), float("-inf"), dtype=cd, device=q.device)
+    dead = torch.isneginf(m)
+    e = torch.exp(s - torch.where(dead, 0.0, m))
+    total = e.sum(-1, keepdim=True)
+    p = torch.where(dead, 0.0, e / total)
+    return s, p, (m + torch.log(total)).squeeze(-1)
 
 
 def _dropout_scale(q, k, dropout_p, seed, dropout_mask):
