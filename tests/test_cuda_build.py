@@ -233,7 +233,7 @@ class _FakeExtension:
     BUILT_ARCHS = BUILT
 
     def __init__(self, **info):
-        self.info = dict(driver_version=13000, runtime_version=13000, capability=(9, 0), **info)
+        self.info = {"driver_version": 13000, "runtime_version": 13000, "capability": (9, 0), **info}
 
     def probe(self, device):
         return {k: v for k, v in self.info.items() if v is not None}
@@ -285,6 +285,7 @@ def test_probe_reason_reaches_named_and_auto_selection(fake_gpu, monkeypatch):
 def test_sm90a_code_runs_only_on_sm90():
     common = importlib.import_module("fusedformer._backends.cuda._common")
     assert common.runs_on(("sm_90a",), (9, 0)) and not common.runs_on(("sm_90a",), (10, 0))
+    assert not common.runs_on(("sm_100a",), (10, 3)) and common.runs_on(("sm_100f",), (10, 3))
     assert common.runs_on(("sm_80",), (8, 9)) and not common.runs_on(("sm_80",), (9, 0))
     assert common.runs_on(("compute_80",), (12, 0)) and not common.runs_on(("compute_90",), (8, 9))
 

@@ -40,14 +40,15 @@ def _arch_capability(target):
 
 def runs_on(targets, capability):
     """Whether a binary with these build targets has code a GPU of ``capability`` can run:
-    sm_XY machine code on XY and later minors of the same major (sm_XYa/f: on XY only), or
-    compute_XY PTX on XY and every later GPU (the driver compiles it)."""
+    sm_XY (and family-specific sm_XYf) machine code on XY and later minors of the same major,
+    arch-specific sm_XYa on XY only, compute_XY PTX on XY and every later GPU (the driver
+    compiles it)."""
     for target in targets:
         arch = _arch_capability(target)
         if target.startswith("compute_"):
             if capability >= arch:
                 return True
-        elif target.endswith(("a", "f")):
+        elif target.endswith("a"):
             if capability == arch:
                 return True
         elif capability[0] == arch[0] and capability[1] >= arch[1]:
