@@ -170,32 +170,24 @@ inline int row_threads(int64_t n, int vec) {
   return t;
 }
 
-// row_cache_bytes() for `kernel` on the current device.
+// Dynamic shared memory for a row cache of `bytes` in `kernel`: `bytes` when the current device
+// has room for it beside the kernel's static shared memory (row_cache_bytes()), else 0 (the
+// kernel then rereads global memory).
 template <typename K>
-int64_t row_cache_budget(K kernel) {
+int64_t row_cache_smem(K kernel, int64_t bytes) {
   int device = 0, optin = 0;
   FF_CUDA_CHECK(cudaGetDevice(&device));
   FF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   cudaFuncAttributes attr;
   FF_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  return row_cache_bytes(optin, int64_t(attr.sharedSizeBytes));
-}
-
-// Lets `kernel` launch with up to `max_bytes` of dynamic shared memory (beyond the 48 KB default
-// when the device allows it). Always the kernel's largest request, never the current one, so
-// concurrent launches of the same kernel from other threads cannot shrink it under each other.
-template <typename K>
-void allow_dynamic_smem(K kernel, int64_t max_bytes) {
-  FF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(max_bytes)));
-}
-
-// Dynamic shared memory for a row cache of `bytes` in `kernel`: `bytes` when the device has room
-// for it (the kernel is then allowed that much), else 0 (the kernel rereads global memory).
-template <typename K>
-int64_t row_cache_smem(K kernel, int64_t bytes) {
-  const int64_t budget = row_cache_budget(kernel);
+  const int64_t budget = row_cache_bytes(optin, int64_t(attr.sharedSizeBytes));
   if (bytes > budget) return 0;
-  allow_dynamic_smem(kernel, budget);
+  // Beyond what the kernel is allowed (48 KB less its static memory at first), opt in: to the
+  // whole budget, never to this request, so that launches of the kernel from other threads
+  // cannot shrink the limit under each other.
+  if (bytes > attr.maxDynamicSharedSizeBytes) {
+    FF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget)));
+  }
   return bytes;
 }
 
