@@ -46,7 +46,10 @@ def build_extension(archs, build_dir):
 
 
 def load_extension(path):
-    spec = importlib.util.spec_from_file_location("fusedformer._C", path)
+    """The _C library at ``path``, under a name of its own: loaded as "fusedformer._C" it would be
+    the in-place _C whenever that one was imported first (Python keeps extension modules by name)."""
+    package = "_fusedformer_build_" + "".join(c if c.isalnum() else "_" for c in str(Path(path).parent))
+    spec = importlib.util.spec_from_file_location(f"{package}._C", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -254,6 +254,13 @@ def fake_gpu(monkeypatch):
     return install
 
 
+def test_probe_of_a_stale_extension_is_a_reason(monkeypatch):
+    common = importlib.import_module("fusedformer._backends.cuda._common")
+    monkeypatch.setattr(common, "_runtime_reasons", {})
+    monkeypatch.setattr(backends, "cuda_extension", lambda: object())
+    assert "stale" in common.runtime_reason(0) and "probe" in common.runtime_reason(0)
+
+
 def test_probe_accepts_a_matching_driver_and_gpu(fake_gpu):
     assert fake_gpu() is None
     assert fake_gpu(capability=(8, 6)) is None  # sm_80 code runs on every 8.x

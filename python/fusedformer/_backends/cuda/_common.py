@@ -61,7 +61,10 @@ def runtime_reason(device_index):
     None: a driver older than the CUDA runtime linked into _C, or a GPU architecture _C has no
     code for. Either would make every op fail at its first launch."""
     if device_index not in _runtime_reasons:
-        ext = extension(("probe", "BUILT_ARCHS"))
+        missing = missing_symbols(("probe", "BUILT_ARCHS"))
+        if missing:
+            return f"fusedformer._C is stale: it lacks {', '.join(missing)}; rebuild it"
+        ext = extension()
         _runtime_reasons[device_index] = _probe_reason(ext.probe(device_index), tuple(ext.BUILT_ARCHS))
     return _runtime_reasons[device_index]
 
