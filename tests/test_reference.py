@@ -244,6 +244,24 @@ def test_fully_masked_rows_give_zero_output_and_gradients():
     assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
 
 
+@pytest.mark.parametrize("dtype,tol", [(f64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 1e-2)])
+def test_attention_finfo_min_mask_behaves_as_torch(dtype, tol):
+    """A float mask of finfo(dtype).min is finite: a row masked by it everywhere attends as torch's
+    softmax does (uniformly), neither a zero row nor a sum (exp(s - lse), lse rounded to the max).
+    The oracle is softmax written out: torch's CPU SDPA backward makes that very sum."""
+    q, k, v, do = (t.to(dtype) for t in attention_case(B=1, H=2, Hkv=2, Lq=4, Lk=5))
+    mask = torch.zeros(1, 1, 4, 5, dtype=dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min
+    mask[..., 2, 1:] = torch.finfo(dtype).min
+    want, grads = autograd_grads(lambda q, k, v: torch.softmax(0.3 * q @ k.transpose(-1, -2) + mask.double(), -1) @ v,
+                                 [t.double() for t in (q, k, v)], do.double())
+    out, lse = ref.attention_forward(q, k, v, mask, False, 0.3)
+    dq, dk, dv, _ = ref.attention_backward(do, q, k, v, mask, out, lse, False, 0.3)
+    for got, exp in zip((out, dq, dk, dv), (want, *grads)):
+        torch.testing.assert_close(got.double(), exp, atol=tol, rtol=tol)
+
+
 def test_attention_nan_propagates():
     q, k, v, _ = attention_case(H=2, Hkv=2)
     q[0, 0, 3, 1] = float("nan")

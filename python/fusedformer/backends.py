@@ -156,7 +156,9 @@ def unavailable_reason(name, device):
             return f"inputs are on {device.type}, the cuda backend needs CUDA tensors"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
-        return None
+        from fusedformer._backends.cuda import _common as cuda_common  # imports this module
+
+        return cuda_common.runtime_reason(device.index if device.index is not None else torch.cuda.current_device())
     raise ValueError(f"unknown backend {name!r}")
 
 

@@ -322,7 +322,7 @@ def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     k = _expand_kv(k.to(cd), H // k.shape[1])
     s = scale * (q.to(cd) @ k.transpose(-1, -2))
     s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
-    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd)
+    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd, device=q.device)
     dead = torch.isneginf(lse)
     # softmax, not exp(s - lse): when every score of a row is huge (a mask row filled with
     # finfo.min), lse has no room for the log(Lk) that normalizes it and each p would be 1
