@@ -115,7 +115,11 @@ def switch_attention(model, backend, log):
     if can_set is not None and not can_set():
         return (f"{type(model).__name__} does not dispatch through transformers.AttentionInterface "
                 "(custom attention), so its attention was left as it is")
-    for cfg in _configs(model):
+    configs = _configs(model)
+    if any(getattr(cfg, "attn_logit_softcapping", None) is not None for cfg in configs):
+        return ("its config sets attn_logit_softcapping, which fusedformer attention does not support, so its "
+                "attention was left as it is")
+    for cfg in configs:
         with log.changing(cfg):
             cfg._attn_implementation_internal = NAME
     for m in model.modules():

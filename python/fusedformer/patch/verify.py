@@ -75,21 +75,24 @@ def run_module(module, probe):
 
 
 def compare(before, after, dtype):
-    """(max abs difference, tolerance, ok) over the floating outputs: ok when every element is
-    within atol + rtol * |reference| and non-finite values sit in the same places."""
+    """(max abs difference, tolerance, ok) of the floating output closest to failing: ok when
+    non-finite values sit in the same places and every tensor's finite values are within
+    atol + rtol * its largest reference magnitude (rounding errors grow with the magnitudes a
+    value was computed from, not with the value: a small logit of a deep bfloat16 model carries
+    the error of the large ones)."""
     a = [t for t in output_tensors(before) if t.is_floating_point()]
     b = [t for t in output_tensors(after) if t.is_floating_point()]
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return math.inf, 0.0, False
     atol, rtol = tolerance(dtype)
-    diff, scale, ok = 0.0, 0.0, True
+    worst = (0.0, 0.0, atol)  # (diff / tolerance, diff, tolerance)
     for x, y in zip(a, b):
         x, y = x.detach().double(), y.detach().double()
         finite = torch.isfinite(x)
         if not torch.equal(finite, torch.isfinite(y)):
             return math.inf, 0.0, False
         if finite.any():
-            d, ref = (x - y).abs()[finite], x.abs()[finite]
-            diff, scale = max(diff, d.max().item()), max(scale, ref.max().item())
-            ok = ok and bool((d <= atol + rtol * ref).all())
-    return diff, atol + rtol * scale, ok
+            d = (x - y).abs()[finite].max().item()
+            t = atol + rtol * x.abs()[finite].max().item()
+            worst = max(worst, (d / t, d, t))
+    return worst[1], worst[2], worst[0] <= 1.0
