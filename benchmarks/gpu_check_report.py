@@ -105,7 +105,7 @@ def results(check, date):
            "rows": [], "parity_rows": [], "agreement": [], "environment": env,
            "budget_s": check.args.seconds, "steps": check.steps}
     presets, measured = [], False
-    for name in ("parity", *BENCH_STEPS, "bench-e2e"):
+    for name in ("parity", "bench-headline", "bench-e2e", "bench-sweep"):  # the steps' order
         for line in read_jsonl(check.scratch / f"{name}.jsonl"):
             (key, value), = line.items()
             if key == "header":

@@ -95,28 +95,30 @@ def bench(out, seconds, preset, ops=None):
     return 0
 
 
-def e2e(out, seconds, script, batch=8, seq=1024):
-    """One patched Hugging Face model (bench_e2e.py's GPT-2-small training step) against HF eager,
-    its rows in the results format."""
+def e2e(out, seconds, script, providers=E2E_PROVIDERS, tiny=False):
+    """One patched Hugging Face model (bench_e2e.py's GPT-2-small training step, bf16, 8 x 1024
+    tokens) against HF eager, its rows in the results format. ``tiny``: a 2-layer model on 2 x 16
+    tokens in float32 (a CPU check of this code, nothing measured)."""
     mod = load_module("bench_e2e", script)
     t_end = time.monotonic() + 0.9 * seconds
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, batch, seq = (torch.float32, 2, 16) if tiny else (torch.bfloat16, 8, 1024)
     ceilings = ceilings_mod.measure(device)
     out.write("header", _header(device, ceilings, "e2e"))
-    for provider in E2E_PROVIDERS:
-        row = sweep._row(E2E_OP, provider, torch.bfloat16, "fwd+bwd", {"B": batch, "L": seq})
+    for provider in providers:
+        row = sweep._row(E2E_OP, provider, dtype, "fwd+bwd", {"B": batch, "L": seq})
         if time.monotonic() >= t_end:
             row["skipped"] = OUT_OF_TIME
         else:
             try:
-                measured = mod.run_one(E2E_OP, provider, device, torch.bfloat16, batch, seq, tiny=False, warmup=3,
-                                       iters=10)
+                measured = mod.run_one(E2E_OP, provider, device, dtype, batch, seq, tiny=tiny, warmup=3, iters=10)
                 peak_gb = measured.pop("peak_mem_gb")
                 row.update(measured, peak_mb=peak_gb * 1024 if peak_gb is not None else None,
                            frac_of_ceiling=measured["tflops"] / ceilings["matmul_bf16_tflops"])
             except Exception as exc:  # a provider that cannot run the model is a skipped row, with why
                 row["skipped"] = sweep._short(exc)
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         out.write("bench", row)
     return 0
 
