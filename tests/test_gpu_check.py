@@ -299,3 +299,25 @@ def test_perf_table_add_names_by_gpu_and_date_and_refuses_cpu_runs(tmp_path):
     src.write_text(json.dumps(_results(device="cpu (x86_64) — no CUDA GPU visible")))
     with pytest.raises(ValueError, match="only GPU runs"):
         perf_table.add(src, tmp_path)
+
+
+def test_sweep_shares_its_time_by_cases_planned(monkeypatch):
+    """The headline gives attention most of its cases: an op's share of --max-seconds follows its
+    case count, so softmax (4 cases) gets 4 of 6 seconds, not half of them."""
+    import types
+
+    import fusedformer.bench as bench
+    from fusedformer.bench import sweep
+
+    clock = [0.0]
+
+    def measure(op, provider, fn, shape, dtype, pass_, device, ceilings, cpu_budget_s):
+        clock[0] += 1.0  # every case takes one (fake) second
+        return {**sweep._row(op, provider, dtype, pass_, shape), "ms": 1.0, "gbps": 1.0}
+
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(sweep, "measure", measure)
+    doc = bench.run(ops=["softmax", "rms_norm"], preset="tiny", passes=["fwd"], providers=["torch-eager", "liger"],
+                    extra_providers={"softmax": {"liger": torch.softmax}}, max_seconds=6, ceilings={},
+                    progress=False)
+    assert [(r["op"], r["skipped"]) for r in doc["rows"]] == [("softmax", None)] * 4 + [("rms_norm", None)] * 2

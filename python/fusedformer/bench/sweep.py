@@ -192,16 +192,17 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
                         plan.append((op, name, fn, shape, DTYPES[dtype], pass_))
 
     rows, bar = [], Progress(len(plan), progress)
-    # the budget is shared fairly: each op may use the time left over the ops left, so one slow op
-    # (attention compiling) cannot starve the others; what an op leaves unused carries over
+    # the budget is shared by the cases planned: each op may use the time left times its share of the
+    # cases left, so one slow op (attention compiling) cannot starve the others, and an op with many
+    # cases is not squeezed into an op with few's time; what an op leaves unused carries over
     t_start, t_end, current_op = time.monotonic(), None, None
-    for op, name, fn, shape, dtype, pass_ in plan:
+    for i, (op, name, fn, shape, dtype, pass_) in enumerate(plan):
         bar.update(f"{op} {name} {pass_}")
         if max_seconds is not None and op != current_op:
             current_op = op
-            ops_left = len({p[0] for p in plan[plan.index((op, name, fn, shape, dtype, pass_)):]})
+            mine = sum(p[0] == op for p in plan[i:])
             now = time.monotonic()
-            t_end = now + max(0.0, t_start + max_seconds - now) / ops_left
+            t_end = now + max(0.0, t_start + max_seconds - now) * mine / (len(plan) - i)
         if t_end is not None and time.monotonic() >= t_end:
             row = _row(op, name, dtype, pass_, shape)
             row["skipped"] = f"time budget exhausted (--max-seconds {max_seconds})"
