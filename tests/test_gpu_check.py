@@ -321,3 +321,20 @@ def test_sweep_shares_its_time_by_cases_planned(monkeypatch):
                     extra_providers={"softmax": {"liger": torch.softmax}}, max_seconds=6, ceilings={},
                     progress=False)
     assert [(r["op"], r["skipped"]) for r in doc["rows"]] == [("softmax", None)] * 4 + [("rms_norm", None)] * 2
+
+
+def test_parity_worker_fails_its_step_on_a_row_outside_the_rule(tmp_path, monkeypatch):
+    import types
+
+    from fusedformer import backends, reference
+    from fusedformer.bench import check
+
+    wrong = types.SimpleNamespace(softmax_forward=lambda x, dim: reference.softmax_forward(x, dim) * 1.001,
+                                  softmax_backward=reference.softmax_backward)
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "off")
+    monkeypatch.setitem(backends._cache, ("_family_module", "triton", "softmax"), (wrong, None))
+    lines = tmp_path / "parity.jsonl"
+    assert check.parity(check.Lines(lines), 60, ops=["softmax"]) == 1
+    rows = [x["parity"] for x in map(json.loads, lines.read_text().splitlines()) if "parity" in x]
+    assert {r["backend"] for r in rows if r["ok"] is False} == {"triton"}
+    assert all(r["ok"] for r in rows if r["backend"] == "reference")

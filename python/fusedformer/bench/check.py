@@ -61,7 +61,7 @@ def parity(out, seconds, ops=None):
     cases = [c for c in breadth_first(harness.default_cases(quick=True)) if not ops or c.op in ops]
     header = harness.envelope([], device)
     out.write("header", {k: header[k] for k in ("device", "versions")})
-    t_end = time.monotonic() + seconds
+    t_end, failed = time.monotonic() + seconds, 0
     for case in cases:
         if time.monotonic() >= t_end:
             rows = [r for b in PARITY_BACKENDS for d in PARITY_DTYPES
@@ -70,12 +70,13 @@ def parity(out, seconds, ops=None):
         else:
             result = harness.run_full(backends=PARITY_BACKENDS, dtypes=PARITY_DTYPES, device=device, cases=[case])
             rows, agreement = result["rows"], result["agreement"]
+        failed += len(harness.failures(rows))
         doc = harness.envelope(rows, device, agreement)  # JSON-clean copies: inf / NaN become null
         for row in doc["rows"]:
             out.write("parity", row)
         for row in doc["agreement"]:
             out.write("agreement", row)
-    return 0
+    return 1 if failed else 0  # as `fusedformer parity`: a row outside the 2x rule fails the step
 
 
 def _header(device, ceilings, preset):
