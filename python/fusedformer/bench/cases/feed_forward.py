@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.cases.linear_act import GATED, act, liger_act
+from fusedformer.bench.cases import linear_act as la
+from fusedformer.bench.cases.linear_act import GATED, act, liger_act, llm_headline
 from fusedformer.bench.providers import compiled, fusedformer_providers
 
 SHAPES = {
@@ -16,7 +17,9 @@ SHAPES = {
     "quick": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
     "full": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=2048, F=8192, activation="gelu"),
              dict(M=64, d=4096, F=11008, activation="swiglu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
+    "headline": llm_headline("d", "F"),
 }
+PRESET_PROVIDERS = la.PRESET_PROVIDERS
 PASS_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 
@@ -43,11 +46,17 @@ def eager(x, w1, b1, w2, b2, activation):
     return F.linear(act(F.linear(x, w1, b1), activation), w2, b2)
 
 
+def bare_matmuls(x, w1, b1, w2, b2, activation):
+    """The two GEMMs alone (a gated W1's first half feeds W2): the fused block's ceiling."""
+    return (x @ w1.t())[..., :w2.shape[1]] @ w2.t()
+
+
 def providers(device, shape):
     out = fusedformer_providers(lambda x, w1, b1, w2, b2, activation, backend: ff.feed_forward(
         x, w1, b1, w2, b2, activation, backend=backend), device)
     out["torch-eager"] = eager
     out["torch-compile"] = compiled(eager, device)
+    out["torch-matmul"] = bare_matmuls
     la = liger_act(device, shape["activation"])
     out["liger"] = la if isinstance(la, str) else (
         lambda x, w1, b1, w2, b2, activation: F.linear(la(F.linear(x, w1, b1)), w2, b2))

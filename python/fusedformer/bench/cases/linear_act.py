@@ -9,13 +9,24 @@ import torch.nn.functional as F
 import fusedformer as ff
 from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
 
+
+def llm_headline(width, hidden):
+    """The GPU check's headline GEMM shapes: one LLM shape (LLaMA-7B's MLP, d 4096, d_ff 11008,
+    over 8192 tokens) and its decode-sized batch (64), gelu and swiglu; ``width`` and ``hidden``
+    name the op's two sizes."""
+    return [dict(M=M, **{width: 4096, hidden: 11008}, activation=a) for M in (64, 8192) for a in ("gelu", "swiglu")]
+
+
 SHAPES = {
     "tiny": [dict(M=16, K=32, N=48, activation="gelu"), dict(M=9, K=24, N=20, activation="swiglu")],
     "cpu": [dict(M=256, K=512, N=2048, activation="gelu"), dict(M=256, K=512, N=1024, activation="swiglu")],
     "quick": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
     "full": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=16384, activation="gelu"),
              dict(M=64, K=4096, N=11008, activation="swiglu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
+    "headline": llm_headline("K", "N"),
 }
+# the headline: against eager and the bare GEMM (torch-matmul), the fused op's ceiling
+PRESET_PROVIDERS = {"headline": ("fusedformer-triton", "fusedformer-cuda", "torch-eager", "torch-matmul")}
 GATED = ("swiglu", "geglu")
 PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
@@ -48,6 +59,11 @@ def eager(x, w, b, activation):
     return act(F.linear(x, w, b), activation)
 
 
+def bare_matmul(x, w, b, activation):
+    """The GEMM alone, no bias or activation: what a fused epilogue should cost nothing over."""
+    return x @ w.t()
+
+
 def liger_act(device, activation):
     """Liger fuses only the gated product: cuBLAS GEMM, then its SiLU/GELU-mul kernel."""
     if activation not in GATED:
@@ -69,6 +85,7 @@ def providers(device, shape):
                                                                                    backend=backend), device)
     out["torch-eager"] = eager
     out["torch-compile"] = compiled(eager, device)
+    out["torch-matmul"] = bare_matmul
     la = liger_act(device, shape["activation"])
     out["liger"] = la if isinstance(la, str) else (lambda x, w, b, activation: la(F.linear(x, w, b)))
     return out
