@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fusedformer import backends
 from fusedformer.models import GPT, T5, Bert, BertConfig, GPTConfig, ViT
-from fusedformer.parity import FLOOR
+from fusedformer.vocabulary import parity_bound
 from packaging.version import Version
 
 transformers = pytest.importorskip("transformers")
@@ -309,7 +309,7 @@ def test_low_precision_within_2x_of_hf_error(family, dtype):
     ours = (GPT if family == "gpt" else Bert).from_hf(hf64).to(dtype)
     err = (logits(ours).double() - oracle).abs().max().item()
     torch_err = (logits(hf64.to(dtype)).double() - oracle).abs().max().item()
-    assert err <= 2 * torch_err + FLOOR[dtype] * max(1.0, oracle.abs().max().item()), (err, torch_err)
+    assert err <= parity_bound(torch_err, dtype, oracle.abs().max().item()), (err, torch_err)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer import backends
-from fusedformer.parity import FLOOR, max_error
+from fusedformer.parity import max_error
+from fusedformer.vocabulary import parity_bound
 
 MASK_ID = 256  # BERT's [MASK]: one id past the 256 byte values
 MIN_STEPS = 8  # "loss goes down" needs a few steps however slow the machine
@@ -115,7 +116,7 @@ def model_parity(kind, model, data, device, backend, dtype):
     for name, want in oracle.items():
         err, torch_err = max_error(ours[name], want), max_error(theirs[name], want)
         scale = float(want.abs().max()) if want.numel() else 0.0
-        ok &= err <= 2 * torch_err + FLOOR[dtype] * max(1.0, scale)
+        ok &= err <= parity_bound(torch_err, dtype, scale)
         ratio = err / torch_err if torch_err > 0 else (0.0 if err == 0 else float("inf"))
         if ratio >= worst:
             worst, worst_name = ratio, name

@@ -11,7 +11,7 @@ from fusedformer.ops._checks import (
     normalized_size,
 )
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
 OP = "layer_norm"
 

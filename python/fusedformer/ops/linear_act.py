@@ -5,13 +5,13 @@ import torch
 from fusedformer import backends
 from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
 OP = "linear_act"
 
 
 def output_width(weight, activation):
-    return weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]
+    return ACTIVATIONS[activation].output_width(weight.shape[0])
 
 
 @custom_op("linear_act_fwd")
@@ -69,8 +69,8 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
     check_same_dtype(op, "x", x, **{weight_name: weight, bias_name: bias})
     if not isinstance(activation, str):
         raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; choose one of {FUSED_ACTIVATIONS}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dim, got a 0-D tensor")
     if weight.dim() != 2:
@@ -81,7 +81,7 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
                          f"features; expected ({weight.shape[0]}, {x.shape[-1]})")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: {bias_name} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    if activation in GATED_ACTIVATIONS and weight.shape[0] % 2:
+    if ACTIVATIONS[activation].gated and weight.shape[0] % 2:
         raise ValueError(f"{op}: activation {activation!r} needs an even number of {weight_name} rows "
                          f"([gate; up]), got {weight.shape[0]}")
 

@@ -5,7 +5,7 @@ import torch
 from fusedformer import backends
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops.layer_norm import as_rows, validate_norm
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
 OP = "rms_norm"
 

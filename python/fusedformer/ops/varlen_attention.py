@@ -11,7 +11,7 @@ import torch
 from fusedformer import backends
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
 OP = "varlen_attention"
 # varlen runs on the attention kernels, so ``auto`` prefers backends in the same order

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.cases.linear_act import GATED, act, liger_act
+from fusedformer.bench.cases.linear_act import liger_act
 from fusedformer.bench.providers import compiled, fusedformer_providers
+from fusedformer.vocabulary import ACTIVATIONS
 
 SHAPES = {
     "tiny": [dict(M=12, d=32, F=64, activation="gelu"), dict(M=7, d=24, F=40, activation="swiglu")],
@@ -21,7 +22,7 @@ PASS_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 
 def _w1_rows(shape):
-    return 2 * shape["F"] if shape["activation"] in GATED else shape["F"]
+    return 2 * shape["F"] if ACTIVATIONS[shape["activation"]].gated else shape["F"]
 
 
 def work(shape, pass_, dtype):
@@ -40,7 +41,7 @@ def make(shape, dtype, device):
 
 
 def eager(x, w1, b1, w2, b2, activation):
-    return F.linear(act(F.linear(x, w1, b1), activation), w2, b2)
+    return F.linear(ACTIVATIONS[activation].torch_forward(F.linear(x, w1, b1)), w2, b2)
 
 
 def providers(device, shape):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
+from fusedformer.vocabulary import ACTIVATIONS
 
 SHAPES = {
     "tiny": [dict(M=16, K=32, N=48, activation="gelu"), dict(M=9, K=24, N=20, activation="swiglu")],
@@ -16,12 +17,11 @@ SHAPES = {
     "full": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=16384, activation="gelu"),
              dict(M=64, K=4096, N=11008, activation="swiglu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
 }
-GATED = ("swiglu", "geglu")
 PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
 
 def weight_rows(shape):
-    return 2 * shape["N"] if shape["activation"] in GATED else shape["N"]
+    return 2 * shape["N"] if ACTIVATIONS[shape["activation"]].gated else shape["N"]
 
 
 def work(shape, pass_, dtype):
@@ -36,21 +36,13 @@ def make(shape, dtype, device):
     return [x, w, b], {"activation": shape["activation"]}, [0, 1, 2]
 
 
-def act(h, activation):
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
-
-
 def eager(x, w, b, activation):
-    return act(F.linear(x, w, b), activation)
+    return ACTIVATIONS[activation].torch_forward(F.linear(x, w, b))
 
 
 def liger_act(device, activation):
     """Liger fuses only the gated product: cuBLAS GEMM, then its SiLU/GELU-mul kernel."""
-    if activation not in GATED:
+    if not ACTIVATIONS[activation].gated:
         return f"liger has no fused {activation} epilogue"
     cls = ("swiglu", "LigerSiLUMulFunction") if activation == "swiglu" else ("geglu", "LigerGELUMulFunction")
     fn = liger_function(*cls, device)
