@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer import backends
+from fusedformer._backends.contract import Family
 from fusedformer.parity import max_error
 from fusedformer.vocabulary import parity_bound
 
@@ -38,17 +38,17 @@ def decode(ids):
 def record_backends():
     """Collect {family: {backend names}} of every backend table call made inside (what ran)."""
     seen = {}
-    original = backends.get_op
+    original = Family.implementation
 
-    def get_op(name, op):
-        seen.setdefault(op.rsplit("_", 1)[0], set()).add(name)
-        return original(name, op)
+    def implementation(family, name):
+        seen.setdefault(family.name, set()).add(name)
+        return original(family, name)
 
-    backends.get_op = get_op
+    Family.implementation = implementation
     try:
         yield seen
     finally:
-        backends.get_op = original
+        Family.implementation = original
 
 
 def _describe(seen):

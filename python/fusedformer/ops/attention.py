@@ -9,12 +9,12 @@ import math
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import ATTENTION
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.vocabulary import compute_dtype
 
-OP = "attention"
-
+OP = ATTENTION.name
 
 
 def _empty_attention(q, v):
@@ -35,7 +35,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, H, Lq, Dv), lse (B, H, Lq))."""
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         return _empty_attention(q, v)
-    out, lse = backends.get_op(backend, "attention_forward")(
+    out, lse = ATTENTION.implementation(backend).attention_forward(
         q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
@@ -56,7 +56,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         dbias = torch.zeros_like(bias) if bias_requires_grad and bias is not None else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    dq, dk, dv, dbias = backends.get_op(backend, "attention_backward")(
+    dq, dk, dv, dbias = ATTENTION.implementation(backend).attention_backward(
         grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
         (window_left, window_right), alibi_slopes, bias_requires_grad)
     dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)

@@ -9,14 +9,12 @@ import math
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import VARLEN_ATTENTION
 from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.vocabulary import compute_dtype
 
-OP = "varlen_attention"
-# varlen runs on the attention kernels, so ``auto`` prefers backends in the same order
-backends.AUTO_ORDER.setdefault(OP, backends.AUTO_ORDER["attention"])
-
+OP = VARLEN_ATTENTION.name
 
 
 @custom_op("varlen_attention_fwd")
@@ -26,7 +24,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          window_right: int, alibi_slopes: torch.Tensor | None, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T_q, H, D), k (T_k, Hkv, D), v (T_k, Hkv, Dv) -> (out (T_q, H, Dv), lse (H, T_q))."""
-    out, lse = backends.get_op(backend, "varlen_attention_forward")(
+    out, lse = VARLEN_ATTENTION.implementation(backend).varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
         int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
@@ -46,7 +44,7 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          alibi_slopes: torch.Tensor | None, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv)."""
-    dq, dk, dv = backends.get_op(backend, "varlen_attention_backward")(
+    dq, dk, dv = VARLEN_ATTENTION.implementation(backend).varlen_attention_backward(
         grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale,
         dropout_p, int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
