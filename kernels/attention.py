@@ -354,10 +354,6 @@ def block_d(d):
     return max(16, pow2(d))
 
 
-def strides4(t):
-    return tuple(t.stride())
-
-
 def bias_strides(bias):
     """Strides of a 4-D bias with 0 on every size-1 (broadcast) dim."""
     if bias is None:

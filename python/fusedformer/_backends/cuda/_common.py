@@ -22,12 +22,6 @@ def extension(required=()):
     return ext
 
 
-def missing_symbols(required):
-    """The names of ``required`` that the built _C lacks (all of them when it is not built)."""
-    ext = backends.cuda_extension()
-    return list(required) if ext is None else [name for name in required if not hasattr(ext, name)]
-
-
 def dtype_reason(op, t, allowed=tuple(DTYPE_CODES)):
     """Why the cuda ``op`` cannot take ``t``'s dtype, or None."""
     if t.dtype not in allowed:
