@@ -22,7 +22,7 @@ def _fake_softmax_family(monkeypatch, **functions):
     for name, fn in functions.items():
         setattr(module, name, fn)
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    return Family("softmax", SOFTMAX.required, SOFTMAX.optional, {**SOFTMAX.modules, "fake": module.__name__})
+    return Family("softmax", SOFTMAX.functions, {**SOFTMAX.modules, "fake": module.__name__})
 
 
 def test_a_missing_function_fails_at_load_with_its_name(monkeypatch):

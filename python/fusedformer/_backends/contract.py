@@ -67,19 +67,20 @@ def unsupported(params):
 
 
 class Family:
-    """An op family's backend table: what a backend module must and may define, and where each
-    backend's module is (``modules``: backend name -> dotted module name)."""
+    """An op family's backend table: its ``functions`` (those with a fallback are optional, the
+    others required) and where each backend's module is (``modules``: backend -> dotted name)."""
 
-    def __init__(self, name, required, optional, modules):
+    def __init__(self, name, functions, modules):
         self.name = name
-        self.required = tuple(required)
-        self.optional = tuple(optional)
+        self.functions = tuple(functions)
+        self.required = tuple(f for f in self.functions if f.fallback is None)
+        self.optional = tuple(f for f in self.functions if f.fallback is not None)
         self.modules = dict(modules)
         # backend -> (implementation, None) or (None, why there is none); filled on first use
         self.loaded = {}
 
     def __repr__(self):
-        return f"Family({self.name!r}, backends={tuple(self.modules)})"
+        return f"Family({self.name!r}, modules={self.modules})"
 
     def check(self, module):
         """The declared functions of ``module`` as one namespace (optional ones it lacks filled by
