@@ -81,12 +81,17 @@ def test_t5_matches_hf(ff_proj, dtype, extra):
          lambda t: t)], dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_vit_matches_hf_classifier_and_hidden(dtype):
+def _vit_pair(dtype):
+    """A small random Hugging Face ViT classifier and ours imported from it."""
     config = transformers.ViTConfig(image_size=12, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                                     num_attention_heads=4, intermediate_size=40, num_labels=5)
     hf = hf_eval(transformers.ViTForImageClassification(config), dtype)
-    ours = ViT.from_hf(hf).eval()
+    return hf, ViT.from_hf(hf).eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vit_matches_hf_classifier_and_hidden(dtype):
+    hf, ours = _vit_pair(dtype)
     pixels = torch.randn(2, 3, 12, 12, dtype=dtype)
     out = hf(pixel_values=pixels, output_hidden_states=True)
     hidden = ours(pixels)
@@ -98,7 +103,7 @@ def test_vit_matches_hf_classifier_and_hidden(dtype):
         (ours.patch_embed.weight, hf.vit.embeddings.patch_embeddings.projection.weight, lambda t: t),
         (ours.cls_token, hf.vit.embeddings.cls_token, lambda t: t),
         (ours.ln_f.weight, hf.vit.layernorm.weight, lambda t: t)], dtype)
-    vit_model = hf_eval(transformers.ViTModel(config, add_pooling_layer=False), dtype)
+    vit_model = hf_eval(transformers.ViTModel(hf.config, add_pooling_layer=False), dtype)
     close(ViT.from_hf(vit_model).eval()(pixels), vit_model(pixel_values=pixels).last_hidden_state, dtype)
 
 
@@ -187,10 +192,7 @@ def test_t5_sampling_reproducible_and_bad_input():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vit_interpolate_pos_encoding_matches_hf(dtype):
-    config = transformers.ViTConfig(image_size=12, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=40, num_labels=5)
-    hf = hf_eval(transformers.ViTForImageClassification(config), dtype)
-    ours = ViT.from_hf(hf).eval()
+    hf, ours = _vit_pair(dtype)
     for h, w in ((20, 16), (8, 8), (12, 12)):  # a larger, non-square grid; a smaller one; unchanged
         pixels = torch.randn(2, 3, h, w, dtype=dtype)
         out = hf(pixel_values=pixels, interpolate_pos_encoding=True, output_hidden_states=True)
@@ -202,7 +204,7 @@ def test_vit_interpolate_pos_encoding_matches_hf(dtype):
     grad_check(logits, out.logits, [(ours.position_embeddings, hf.vit.embeddings.position_embeddings, lambda t: t)],
                 dtype)
     pixels = torch.randn(1, 3, 20, 16, dtype=dtype)
-    vit_model = hf_eval(transformers.ViTModel(config, add_pooling_layer=False), dtype)
+    vit_model = hf_eval(transformers.ViTModel(hf.config, add_pooling_layer=False), dtype)
     close(ViT.from_hf(vit_model).eval()(pixels, interpolate_pos_encoding=True),
            vit_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state, dtype)
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):

@@ -10,7 +10,7 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import ATTENTION
-from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
+from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.vocabulary import compute_dtype
 
@@ -160,24 +160,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             if hk == 0 or hq % hk:
                 raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of "
                                  f"key/value heads ({hk})")
-    check_number(OP, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None:
-        check_number(OP, "scale", scale)
-    if window_size is not None:
-        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-                isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-            raise TypeError(f"attention: window_size must be a (left, right) pair of ints, got {window_size!r}")
-        if min(window_size) < -1:
-            raise ValueError(f"attention: window_size entries must be >= 0, or -1 for no limit, got {window_size}")
-    if alibi_slopes is not None:
-        check_float(OP, "alibi_slopes", alibi_slopes)
-        hq = query.shape[-3] if query.dim() >= 3 else 1
-        bq = math.prod(query.shape[:-3])
-        if tuple(alibi_slopes.shape) not in ((hq,), (bq, hq)):
-            raise ValueError(f"attention: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected "
-                             f"({hq},) or ({bq}, {hq})")
+    check_attention_options(OP, dropout_p, is_causal, scale, window_size, alibi_slopes,
+                            heads=query.shape[-3] if query.dim() >= 3 else 1, batch=math.prod(query.shape[:-3]))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
