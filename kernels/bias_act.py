@@ -92,6 +92,20 @@ def act_grad_fn(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT: tl.constexpr, STORE_Y: tl.constexpr):
+    """For y = act(gate) * up: stores dh = [dgate | dup] (dup N_OUT after dgate) and, when
+    STORE_Y, y; returns (dgate, dup) in the compute dtype."""
+    a = act_fn(gate, ACT)
+    d_gate = dy * up * act_grad_fn(gate, ACT)
+    d_up = dy * a
+    tl.store(dh_ptrs, d_gate.to(dh_ptrs.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + N_OUT, d_up.to(dh_ptrs.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(y_ptrs, (a * up).to(y_ptrs.dtype.element_ty), mask=mask)
+    return d_gate, d_up
+
+
+@triton.jit
 def _bias_act_fwd_kernel(
     H,  # matmul output x @ W^T, (M, N) with N = N_OUT, or 2 * N_OUT when GATED ([gate | up])
     B,  # bias (N,); unused unless HAS_BIAS
@@ -166,13 +180,7 @@ def _bias_act_bwd_kernel(
             if ADD_BIAS:
                 gate += b_gate
                 up += b_up
-            a = act_fn(gate, ACT)
-            d_gate = dy * up * act_grad_fn(gate, ACT)
-            d_up = dy * a
-            tl.store(dh_ptrs, d_gate.to(DH.dtype.element_ty), mask=mask)
-            tl.store(dh_ptrs + N_OUT, d_up.to(DH.dtype.element_ty), mask=mask)
-            if STORE_Y:
-                tl.store(y_ptrs, (a * up).to(Y.dtype.element_ty), mask=mask)
+            d_gate, d_up = store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT, STORE_Y)
             if BIAS_GRAD:
                 # summed before rounding to DH's dtype: closer to the float64 oracle
                 db_gate += tl.sum(tl.where(mask, d_gate, 0.0), axis=0)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_act import act_fn, act_grad_fn, interpreted, kernel_activation
+from .bias_act import act_fn, act_grad_fn, interpreted, store_gated_grad, kernel_activation
 
 # fp32 operands: full-precision products unless allowed (parity with torch's default, which
 # keeps torch.backends.cuda.matmul.allow_tf32 off)
@@ -142,15 +142,9 @@ def _matmul_act_kernel(
         else:
             dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask,
                          other=0.0).to(tl.float32)
-            a = act_fn(h, ACT)
             db_ptrs = DB + pid_m.to(tl.int64) * n_total + offs_n
             if GATED:
-                d_gate = dy * up * act_grad_fn(h, ACT)
-                d_up = dy * a
-                tl.store(p_ptrs, d_gate.to(P.dtype.element_ty), mask=mask)
-                tl.store(p_ptrs + N_OUT, d_up.to(P.dtype.element_ty), mask=mask)
-                if STORE_Y:
-                    tl.store(y_ptrs, (a * up).to(Y.dtype.element_ty), mask=mask)
+                d_gate, d_up = store_gated_grad(p_ptrs, y_ptrs, dy, h, up, mask, N_OUT, ACT, STORE_Y)
                 if HAS_BIAS:
                     tl.store(db_ptrs, tl.sum(tl.where(mask, d_gate, 0.0), axis=0), mask=col_ok)
                     tl.store(db_ptrs + N_OUT, tl.sum(tl.where(mask, d_up, 0.0), axis=0), mask=col_ok)
@@ -158,7 +152,7 @@ def _matmul_act_kernel(
                 dh = dy * act_grad_fn(h, ACT)
                 tl.store(p_ptrs, dh.to(P.dtype.element_ty), mask=mask)
                 if STORE_Y:
-                    tl.store(y_ptrs, a.to(Y.dtype.element_ty), mask=mask)
+                    tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
                 if HAS_BIAS:
                     tl.store(db_ptrs, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=col_ok)
 
