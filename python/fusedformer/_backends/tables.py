@@ -14,10 +14,10 @@ from fusedformer._backends.contract import Family, Function, unsupported
 # The reference backend implements every family in one module, the oracle of every test.
 REFERENCE = "fusedformer.reference"
 
-# The families each kernel backend implements, family f of backend b in the module
+# The families every other backend implements, family f of backend b in the module
 # fusedformer._backends.<b>.<f> (python/fusedformer/_backends/<b>/<f>.py). A new backend is one
 # line here and its name in fusedformer.backends (BACKENDS, and AUTO_ORDER to be picked by ``auto``).
-KERNEL_BACKENDS = {
+FAMILIES_BY_BACKEND = {
     "triton": ("attention", "varlen_attention", "softmax", "layer_norm", "rms_norm", "linear_act"),
     "cuda": ("attention", "softmax", "layer_norm", "rms_norm", "linear_act"),
 }
@@ -26,7 +26,7 @@ KERNEL_BACKENDS = {
 def _family(name, *functions):
     modules = {"reference": REFERENCE}
     modules.update({backend: f"fusedformer._backends.{backend}.{name}"
-                    for backend, families in KERNEL_BACKENDS.items() if name in families})
+                    for backend, families in FAMILIES_BY_BACKEND.items() if name in families})
     return Family(name, functions, modules)
 
 
