@@ -21,7 +21,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.vocabulary import ACTIVATIONS, ELEMENTWISE
 
 # the ACT constexpr of the switch in act_fn / act_grad_fn: vocabulary's kernel ids
