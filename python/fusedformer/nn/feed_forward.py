@@ -31,7 +31,7 @@ def mlp(x, w1, b1, w2, b2, activation, dropout, training, backend):
     """Linear(w1, b1) -> activation -> dropout -> Linear(w2, b2). One ff.feed_forward call when the
     activation is fused and no dropout is drawn; otherwise linear_act, activation, dropout, linear_act.
     ``activation`` is a name of vocabulary.ACTIVATIONS or a callable."""
-    if isinstance(activation, str) and not ACTIVATIONS[activation].fused:
+    if isinstance(activation, str) and activation in ACTIVATIONS and not ACTIVATIONS[activation].fused:
         # a gated activation the ops do not fuse: gate and up run as two GEMMs, multiplied here
         (w_gate, w_up), (b_gate, b_up) = w1.chunk(2), (b1.chunk(2) if b1 is not None else (None, None))
         gate_fn = ACTIVATIONS[activation].function.name
