@@ -26,7 +26,8 @@ BACKENDS = ("reference", "triton", "cuda")
 # What ``auto`` tries, fastest first, by device type; any other device type runs the reference.
 # The cuda backend is selectable by name but stays out of ``auto`` until a committed GPU run in
 # benchmarks/results/ shows its kernels passing (they compile here but have never run; see the
-# README's backend matrix). A new backend goes into BACKENDS and, to be picked by ``auto``, here.
+# README's backend matrix). A new backend: its name in BACKENDS, its families in
+# _backends/tables.FAMILIES_BY_BACKEND, its rule in unavailable_reason, and a place here for ``auto``.
 AUTO_ORDER = {
     "cuda": ("triton", "reference"),
     "cpu": ("reference",),
