@@ -1,9 +1,11 @@
 """Pure-PyTorch forward and backward of every op: the CPU path and the oracle of every test.
 
-This module *is* the ``reference`` backend: it implements the op table of ``backends.py`` with
-the same names and signatures as the Triton and CUDA backends. Backward passes are written out
-by hand (no autograd), so each kernel's backward is checked against an independent derivation,
-and autograd of plain PyTorch checks this file in turn (tests/test_reference.py).
+This module is the ``reference`` backend: it implements every op family's table
+(``fusedformer/_backends/tables.py``) with the same names and signatures as the Triton and CUDA
+backends. Backward passes are written out by hand (no autograd), so each kernel's backward is
+checked against an independent derivation, and autograd of plain PyTorch checks this file in turn
+(tests/test_reference.py). What the backends share with it (the activations' math, the Philox
+dropout stream, the compute-dtype rule) lives in ``fusedformer.vocabulary``.
 
 Low-precision inputs are computed in float32 and cast back, as the kernels do; float64 stays
 float64, which is how the tests build their oracle.
@@ -12,19 +14,9 @@ Shape legend: B batch, H query heads, G = H // Hkv (GQA group), Lq/Lk query/key 
 D head dim (Dv for values), M rows, N row length, K/F GEMM inner/outer sizes.
 """
 
-import math
-
 import torch
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "identity")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-
-
-def compute_dtype(t):
-    """The dtype math (and saved statistics: mean, rstd, lse) use for ``t``: float64 stays,
-    everything else is float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
+from fusedformer.vocabulary import ACTIVATIONS, attention_dropout_keep, compute_dtype
 
 # --------------------------------------------------------------------------------------------
 # softmax
@@ -120,74 +112,8 @@ def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
 
 
 # --------------------------------------------------------------------------------------------
-# activations and linear_act: y = act(x @ W^T + b)
+# linear_act: y = act(x @ W^T + b), act from vocabulary.ACTIVATIONS
 # --------------------------------------------------------------------------------------------
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _gelu(h):
-    return 0.5 * h * (1.0 + torch.erf(h * _INV_SQRT_2))
-
-
-def _gelu_grad(h):
-    return 0.5 * (1.0 + torch.erf(h * _INV_SQRT_2)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-
-
-def _gelu_tanh(h):
-    return 0.5 * h * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3)))
-
-
-def _gelu_tanh_grad(h):
-    t = torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3))
-    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * h * h)
-
-
-def _silu(h):
-    return h * torch.sigmoid(h)
-
-
-def _silu_grad(h):
-    s = torch.sigmoid(h)
-    return s * (1.0 + h * (1.0 - s))
-
-
-def _relu_grad(h):
-    # NaN stays NaN in the gradient, as torch's relu backward keeps it through dy * 1.
-    return torch.where(torch.isnan(h), h, (h > 0).to(h.dtype))
-
-
-# name -> (act, act') of the elementwise activations; gated ones use (gate-act, gate-act').
-_ELEMENTWISE = {
-    "relu": (torch.relu, _relu_grad),
-    "gelu": (_gelu, _gelu_grad),
-    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
-    "silu": (_silu, _silu_grad),
-    "identity": (torch.clone, torch.ones_like),  # a copy: y and the saved preact never alias
-    "swiglu": (_silu, _silu_grad),
-    "geglu": (_gelu, _gelu_grad),
-}
-
-
-def activation_forward(h, activation):
-    """act(h); for gated activations h is (..., 2F): gate = h[..., :F], up = h[..., F:]."""
-    act, _ = _ELEMENTWISE[activation]
-    if activation in GATED_ACTIVATIONS:
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
-
-
-def activation_backward(grad_y, h, activation):
-    """dL/dh given dL/dy for y = act(h) (gated: dgate = dy * up * act'(gate), dup = dy * act(gate))."""
-    act, act_grad = _ELEMENTWISE[activation]
-    if activation in GATED_ACTIVATIONS:
-        gate, up = h.chunk(2, dim=-1)
-        return torch.cat([grad_y * up * act_grad(gate), grad_y * act(gate)], dim=-1)
-    return grad_y * act_grad(h)
-
 
 def linear_act_forward(x, weight, bias, activation):
     """y = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,) or None.
@@ -199,7 +125,7 @@ def linear_act_forward(x, weight, bias, activation):
     h = x.to(cd) @ weight.to(cd).t()
     if bias is not None:
         h = h + bias.to(cd)
-    return activation_forward(h, activation).to(x.dtype), h.to(x.dtype)
+    return ACTIVATIONS[activation].forward(h).to(x.dtype), h.to(x.dtype)
 
 
 def linear_act_backward(grad_y, x, weight, bias, preact, activation):
@@ -214,7 +140,7 @@ def linear_act_backward(grad_y, x, weight, bias, preact, activation):
             h = h + bias.to(cd)
     else:
         h = preact.to(cd)
-    dh = activation_backward(grad_y.to(cd), h, activation)
+    dh = ACTIVATIONS[activation].backward(grad_y.to(cd), h)
     dx = dh @ weight.to(cd)
     dweight = dh.t() @ x.to(cd)
     dbias = dh.sum(0).to(bias.dtype) if bias is not None else None
@@ -226,56 +152,6 @@ def feed_forward(x, w1, b1, w2, b2, activation):
     hidden, _ = linear_act_forward(x, w1, b1, activation)
     y, _ = linear_act_forward(hidden, w2, b2, "identity")
     return y
-
-
-# --------------------------------------------------------------------------------------------
-# dropout randomness: Philox4x32-10, shared bit for bit by every backend
-# --------------------------------------------------------------------------------------------
-# Element (b, h, i, j) of the attention probabilities is kept iff
-#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[0]
-#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * Lk + j.
-# This is the stream tl.randint(seed, off) produces, so kernels and this reference agree exactly.
-
-_M32 = 0xFFFFFFFF
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-
-
-def _mul_hi_lo(a, b):
-    """(a * b) >> 32 and (a * b) & 0xffffffff for int64 tensors holding uint32 values (a) and a
-    uint32 constant (b), without overflowing int64."""
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_lo, p_hi = a * b_lo, a * b_hi  # each < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
-
-
-def philox_uint32(seed, offset):
-    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    offset = offset.to(torch.int64)
-    c0, c1 = offset & _M32, (offset >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return c0
-
-
-def dropout_threshold(p):
-    """uint32 threshold below which a random draw drops the element: round(p * 2^32)."""
-    return min(int(round(p * 4294967296.0)), 4294967295)
-
-
-def attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cpu"):
-    """The (B, H, Lq, Lk) bool keep-mask of attention dropout for ``seed``."""
-    off = torch.arange(B * H * Lq * Lk, device=device, dtype=torch.int64).view(B, H, Lq, Lk)
-    return philox_uint32(seed, off) >= dropout_threshold(p)
 
 
 # --------------------------------------------------------------------------------------------
