@@ -1,4 +1,4 @@
-"""The backend registry: reference | triton | cuda, their availability, and backend selection.
+"""The backend registry: reference | torch | triton | cuda, their availability, and backend selection.
 
 Every backend implements one op table, forward and backward written out (reference.py has the
 full contract in its docstrings):
@@ -23,7 +23,7 @@ inputs (head dim, dtype, ...). A family whose module is missing is simply not of
 
 Selection, first match wins: the ``backend=`` argument, the innermost ``use_backend(...)``
 context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in ``AUTO_ORDER``
-that is available for the device and supports the inputs (reference on CPU). A backend asked for
+that is available for the device and supports the inputs (on CPU: torch, then reference). A backend asked for
 by name that cannot run the inputs raises ``BackendUnavailableError`` listing every backend and
 why; ``auto`` falls through and never fails while the reference can run.
 """
@@ -34,13 +34,15 @@ import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "torch", "triton", "cuda")
 FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "varlen_attention")
 
 # Preference of ``auto`` on a GPU, per family, fastest first. Until a committed GPU run in
 # benchmarks/results/ says otherwise, the Triton kernels (verified in the interpreter) come before
 # the CUDA ones (compiled here, never yet run): see the README's backend matrix.
-AUTO_ORDER = {family: ("triton", "cuda", "reference") for family in FAMILIES}
+AUTO_ORDER = {family: ("triton", "cuda", "torch", "reference") for family in FAMILIES}
+# On a CPU: torch's own fused kernels, the reference only for what they cannot compute exactly.
+CPU_AUTO_ORDER = ("torch", "reference")
 
 
 class BackendUnavailableError(ValueError):
@@ -68,7 +70,7 @@ def _cached(fn):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run the enclosed ops on backend ``name`` ('reference', 'triton', 'cuda' or 'auto')."""
+    """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
     _context_stack.append(name)
     try:
@@ -137,7 +139,7 @@ def cuda_extension():
 def unavailable_reason(name, device):
     """Why backend ``name`` cannot run on ``device`` at all, or None if it can."""
     device = torch.device(device)
-    if name == "reference":
+    if name in ("reference", "torch"):
         return None
     if name == "triton":
         err = _triton_import_error()
@@ -209,7 +211,7 @@ def select(family, device, args, backend=None):
         if reason is not None:
             raise BackendUnavailableError(_explain(family, device, args, requested))
         return requested
-    order = AUTO_ORDER[family] if device.type == "cuda" else ("reference",)
+    order = AUTO_ORDER[family] if device.type == "cuda" else CPU_AUTO_ORDER
     for name in order:
         if unsupported_reason(name, family, device, args) is None:
             return name
