@@ -10,9 +10,9 @@ import torch
 from fusedformer import backends
 
 # Every provider name DESIGN.md allows in a results file, in the order the reports list them.
-PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "torch-eager", "torch-compile",
-             "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math", "flex-attention",
-             "liger", "flash-attn")
+PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-torch", "fusedformer-reference", "torch-eager",
+             "torch-compile", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
+             "flex-attention", "liger", "flash-attn")
 
 
 def fusedformer_providers(call, device):

@@ -12,14 +12,13 @@ broadcast over batch and heads (in q's dtype or float32) and causal together wit
 - rows with no key to attend come out of the kernel as out 0, lse 0, and so do rows whose scores
   are all NaN. Rows with lse exactly 0 are re-derived from their own scores (cheap: such rows
   are rare), giving the contract's lse -inf for empty rows and NaN out and lse for NaN rows;
-- a float mask that needs its gradient is differentiated through F.scaled_dot_product_attention's
-  autograd (its math path), recomputing the forward: that path stores Lq x Lk, as the gradient does.
+- the gradient of a float mask (the kernel has none) is torch's softmax backward of the
+  probabilities rebuilt from the lse: Lq x Lk, as that gradient itself is.
 """
 
 import torch
-import torch.nn.functional as F
 
-from fusedformer.reference import attention_mask_bias, compute_dtype
+from fusedformer.reference import _expand_kv, attention_mask_bias, compute_dtype
 
 aten = torch.ops.aten
 
@@ -84,15 +83,18 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     return out, lse
 
 
-def _backward_with_bias_grad(grad_out, q, k, v, bias, causal, scale, window, alibi_slopes):
-    """(dq, dk, dv, dbias) through F.scaled_dot_product_attention's autograd, the forward recomputed."""
+def _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias):
+    """dbias: dS = P * (dP - rowsum(dP * P)) (torch's softmax backward) summed to the bias's shape,
+    with P = exp(S - lse) rebuilt from the saved lse and dP = dO V^T. dS is the one Lq x Lk tensor,
+    as large as a full bias's gradient itself."""
     cd = compute_dtype(q)
-    rules = attention_mask_bias(q.shape[2], k.shape[2], None, causal, window, alibi_slopes, q.device, cd)
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        out = F.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3].to(cd) + rules, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return torch.autograd.grad(out, leaves, grad_out)
+    group = q.shape[1] // k.shape[1]
+    total = attention_mask_bias(q.shape[2], k.shape[2], mask, is_causal, (-1, -1), None, q.device, cd)
+    p = torch.matmul(q.to(cd), _expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
+    p = p.sub_(lse[..., None]).exp_()
+    dp = torch.matmul(grad_out.to(cd), _expand_kv(v.to(cd), group).transpose(-1, -2))
+    ds = torch._softmax_backward_data(dp, p, -1, cd)
+    return ds.sum_to_size(bias.shape).to(bias.dtype)
 
 
 def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1),
@@ -100,11 +102,13 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
     if reason:
         raise ValueError(f"attention (torch): {reason}")
-    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
-        return _backward_with_bias_grad(grad_out, q, k, v, bias, causal, scale, window, alibi_slopes)
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
-    # the kernel's own convention for empty rows (lse 0, all probabilities 0), undone in the forward
+    # the kernel's own convention for empty rows (lse 0: all probabilities exp(-inf - 0) = 0),
+    # which the forward replaced by the contract's -inf
     lse = lse.masked_fill(torch.isneginf(lse), 0.0)
     dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
-    return dq, dk, dv, None
+    dbias = None
+    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
+        dbias = _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias)
+    return dq, dk, dv, dbias
