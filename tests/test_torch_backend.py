@@ -252,7 +252,8 @@ def test_varlen_attention(causal, window):
     lens_q, lens_k = [5, 0, 9, 3], [7, 4, 9, 1]
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
-    q, k, v = _randn(sum(lens_q), 4, 16, gen=gen), _randn(sum(lens_k), 2, 16, gen=gen), _randn(sum(lens_k), 2, 16, gen=gen)
+    q = _randn(sum(lens_q), 4, 16, gen=gen)
+    k, v = _randn(sum(lens_k), 2, 16, gen=gen), _randn(sum(lens_k), 2, 16, gen=gen)
     slopes = torch.rand(4, 4, generator=gen, dtype=F64)
 
     def call(q, k, v, backend):
