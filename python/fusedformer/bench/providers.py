@@ -10,7 +10,7 @@ import torch
 from fusedformer import backends
 
 # Every provider name DESIGN.md allows in a results file, in the order the reports list them.
-PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-torch", "fusedformer-reference", "torch-eager",
+PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "fusedformer-torch", "torch-eager",
              "torch-compile", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
              "flex-attention", "liger", "flash-attn")
 
