@@ -148,3 +148,11 @@ def test_gpu_backends_parity_and_agreement(backend):
         pytest.skip(f"{backend} unavailable")
     result = parity.run_full(backends=["reference", backend], dtypes=["float32", "bfloat16"], device="cuda")
     assert not parity.failures(result["rows"]), parity.format_table(parity.failures(result["rows"]))
+
+
+def test_torch_backend_passes_and_agrees_with_the_reference_on_cpu():
+    result = parity.run_full(backends=["reference", "torch"], dtypes=["float32"], device="cpu")
+    assert {r["backend"] for r in result["rows"]} == {"reference", "torch"}
+    assert not parity.failures(result["rows"]), parity.format_table(parity.failures(result["rows"]))
+    pairs = [a for a in result["agreement"] if a["backends"] == ["reference", "torch"]]
+    assert pairs and max(a["max_diff"] for a in pairs) < 1e-4, parity.format_table([], pairs)

@@ -7,8 +7,8 @@ only chooses the backend's name.
 
 Selection, first match wins: the ``backend=`` argument, the innermost ``use_backend(...)``
 context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in
-``AUTO_ORDER[device type]`` that is available for the device and supports the inputs (the
-reference on CPU). A backend asked for by name that cannot run the inputs raises
+``AUTO_ORDER[device type]`` that is available for the device and supports the inputs (on a
+CPU: torch, then the reference). A backend asked for by name that cannot run the inputs raises
 ``BackendUnavailableError`` listing every backend and why; ``auto`` falls through and never fails
 while the reference can run.
 """
@@ -21,7 +21,7 @@ import torch
 from fusedformer._backends.contract import BackendUnavailableError
 from fusedformer._backends.tables import FAMILIES
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "torch", "triton", "cuda")
 
 # What ``auto`` tries, fastest first, by device type; any other device type runs the reference.
 # The cuda backend is selectable by name but stays out of ``auto`` until a committed GPU run in
@@ -29,8 +29,9 @@ BACKENDS = ("reference", "triton", "cuda")
 # README's backend matrix). A new backend: its name in BACKENDS, its families in
 # _backends/tables.FAMILIES_BY_BACKEND, its rule in unavailable_reason, and a place here for ``auto``.
 AUTO_ORDER = {
-    "cuda": ("triton", "reference"),
-    "cpu": ("reference",),
+    "cuda": ("triton", "torch", "reference"),
+    # torch's own fused kernels; the reference only for what they cannot compute exactly
+    "cpu": ("torch", "reference"),
 }
 
 
@@ -55,7 +56,7 @@ def _cached(fn):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run the enclosed ops on backend ``name`` ('reference', 'triton', 'cuda' or 'auto')."""
+    """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
     _context_stack.append(name)
     try:
@@ -124,7 +125,7 @@ def cuda_extension():
 def unavailable_reason(name, device):
     """Why backend ``name`` cannot run on ``device`` at all, or None if it can."""
     device = torch.device(device)
-    if name == "reference":
+    if name in ("reference", "torch"):
         return None
     if name == "triton":
         err = _triton_import_error()

@@ -18,6 +18,7 @@ REFERENCE = "fusedformer.reference"
 # fusedformer._backends.<b>.<f> (python/fusedformer/_backends/<b>/<f>.py). A new backend is one
 # line here and its name in fusedformer.backends (BACKENDS, and AUTO_ORDER to be picked by ``auto``).
 FAMILIES_BY_BACKEND = {
+    "torch": ("attention", "varlen_attention", "softmax", "layer_norm", "rms_norm", "linear_act"),
     "triton": ("attention", "varlen_attention", "softmax", "layer_norm", "rms_norm", "linear_act"),
     "cuda": ("attention", "softmax", "layer_norm", "rms_norm", "linear_act"),
 }
