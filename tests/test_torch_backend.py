@@ -9,7 +9,7 @@ import math
 import fusedformer as ff
 import pytest
 import torch
-from fusedformer import parity, reference
+from fusedformer import parity, reference, vocabulary
 from fusedformer._backends.torch import attention as torch_attention
 
 F64 = torch.float64
@@ -93,7 +93,7 @@ def test_norms_with_float32_weight_on_bfloat16_input_follow_the_reference():
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+@pytest.mark.parametrize("activation", vocabulary.FUSED_ACTIVATIONS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_act(activation, bias):
     gen = torch.Generator().manual_seed(5)

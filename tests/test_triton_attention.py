@@ -42,7 +42,7 @@ def _torch_sdpa(q, k, v, bias, causal, window, alibi, dropout_p):
         return reference.attention_forward(q, k, v, bias, causal, 1 / math.sqrt(q.shape[-1]), dropout_p,
                                            torch.randint(0, 2**62, ()).item(), window, alibi)[0]
     plain = bias is None and not causal and window == (-1, -1) and alibi is None
-    mask = None if plain else reference.attention_mask_bias(Lq, Lk, bias, causal, window, alibi, q.device, q.dtype)
+    mask = None if plain else vocabulary.attention_mask_bias(Lq, Lk, bias, causal, window, alibi, q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
 
 

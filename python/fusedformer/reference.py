@@ -16,7 +16,8 @@ D head dim (Dv for values), M rows, N row length, K/F GEMM inner/outer sizes.
 
 import torch
 
-from fusedformer.vocabulary import ACTIVATIONS, attention_dropout_keep, compute_dtype
+from fusedformer.vocabulary import (ACTIVATIONS, attention_dropout_keep, attention_mask_bias, compute_dtype, expand_kv,
+                                    varlen_slopes, varlen_spans)
 
 # --------------------------------------------------------------------------------------------
 # softmax
@@ -159,43 +160,12 @@ def feed_forward(x, w1, b1, w2, b2, activation):
 # --------------------------------------------------------------------------------------------
 
 
-def attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, device, dtype):
-    """Everything added to the scaled scores, as one float (.., Lq, Lk) tensor broadcastable to
-    (B, H, Lq, Lk): -inf where a bool mask, the causal rule or the window forbids a key, the float
-    bias where given, and -slope * |i - j| for ALiBi."""
-    i = torch.arange(Lq, device=device)[:, None]
-    j = torch.arange(Lk, device=device)[None, :]
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= j <= i
-    left, right = window
-    if left >= 0:
-        allowed &= j >= i - left
-    if right >= 0:
-        allowed &= j <= i + right
-    total = torch.zeros(Lq, Lk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            total = total.masked_fill(~bias, float("-inf"))
-        else:
-            total = total + bias.to(dtype)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(dtype)
-        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
-        total = total - slopes * (i - j).abs().to(dtype)
-    return total
-
-
-def _expand_kv(t, group):
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
-
-
 def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     """Returns (s, p, lse) in the compute dtype; rows with nothing to attend get p = 0, lse = -inf."""
     cd = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    k = _expand_kv(k.to(cd), H // k.shape[1])
+    k = expand_kv(k.to(cd), H // k.shape[1])
     s = scale * (q.to(cd) @ k.transpose(-1, -2))
     s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
     lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd, device=q.device)
@@ -234,7 +204,7 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     if drop is not None:
         p = p * drop
     cd = compute_dtype(q)
-    out = p @ _expand_kv(v.to(cd), q.shape[1] // v.shape[1])
+    out = p @ expand_kv(v.to(cd), q.shape[1] // v.shape[1])
     return out.to(q.dtype), lse
 
 
@@ -259,7 +229,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     drop = _dropout_scale(q, k, dropout_p, seed, dropout_mask)
     z = p * drop if drop is not None else p
     do = grad_out.to(cd)
-    kx, vx = _expand_kv(k.to(cd), group), _expand_kv(v.to(cd), group)
+    kx, vx = expand_kv(k.to(cd), group), expand_kv(v.to(cd), group)
     dv = z.transpose(-1, -2) @ do
     dp = do @ vx.transpose(-1, -2)
     if drop is not None:
@@ -282,15 +252,6 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
 # --------------------------------------------------------------------------------------------
 
 
-def _varlen_spans(cu_seqlens_q, cu_seqlens_k):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
-
-
-def _varlen_slopes(alibi_slopes, b):
-    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
-
-
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                              dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     """Attention over packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
@@ -302,12 +263,12 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     total_q, H, _ = q.shape
     out = q.new_zeros(total_q, H, v.shape[-1])
     lse = torch.full((H, total_q), float("-inf"), dtype=compute_dtype(q), device=q.device)
-    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+    for b, (qs, qe, ks, ke) in enumerate(varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue
         o, l = attention_forward(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
                                  v[ks:ke].transpose(0, 1)[None], None, causal, scale, dropout_p,
-                                 None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+                                 None if seed is None else int(seed) + b, window, varlen_slopes(alibi_slopes, b))
         out[qs:qe] = o[0].transpose(0, 1)
         lse[:, qs:qe] = l[0]
     return out, lse
@@ -318,13 +279,13 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
     """Gradients of ``varlen_attention_forward``: each sequence's ``attention_backward``.
     Returns (dq (total_q, H, D), dk (total_k, Hkv, D), dv (total_k, Hkv, Dv))."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+    for b, (qs, qe, ks, ke) in enumerate(varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue
         g = attention_backward(grad_out[qs:qe].transpose(0, 1)[None], q[qs:qe].transpose(0, 1)[None],
                                k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], None,
                                out[qs:qe].transpose(0, 1)[None], lse[:, qs:qe][None], causal, scale, dropout_p,
-                               None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+                               None if seed is None else int(seed) + b, window, varlen_slopes(alibi_slopes, b))
         dq[qs:qe] = g[0][0].transpose(0, 1)
         dk[ks:ke] = g[1][0].transpose(0, 1)
         dv[ks:ke] = g[2][0].transpose(0, 1)

@@ -150,6 +150,54 @@ def gated_activation(function_name):
 
 
 # --------------------------------------------------------------------------------------------
+# attention masks: what causal, window, a bool/float mask and ALiBi mean, for every backend
+# --------------------------------------------------------------------------------------------
+
+
+def attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, device, dtype):
+    """Everything added to the scaled scores, as one float (.., Lq, Lk) tensor broadcastable to
+    (B, H, Lq, Lk): -inf where a bool mask, the causal rule or the window forbids a key, the float
+    bias where given, and -slope * |i - j| for ALiBi."""
+    i = torch.arange(Lq, device=device)[:, None]
+    j = torch.arange(Lk, device=device)[None, :]
+    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= j <= i
+    left, right = window
+    if left >= 0:
+        allowed &= j >= i - left
+    if right >= 0:
+        allowed &= j <= i + right
+    total = torch.zeros(Lq, Lk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            total = total.masked_fill(~bias, float("-inf"))
+        else:
+            total = total + bias.to(dtype)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        total = total - slopes * (i - j).abs().to(dtype)
+    return total
+
+
+def expand_kv(t, group):
+    """K or V (B, Hkv, L, D) with each head repeated ``group`` times: (B, Hkv * group, L, D)."""
+    return t if group == 1 else t.repeat_interleave(group, dim=1)
+
+
+def varlen_spans(cu_seqlens_q, cu_seqlens_k):
+    """(q_start, q_end, k_start, k_end) of each packed sequence."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def varlen_slopes(alibi_slopes, b):
+    """The ALiBi slopes of sequence ``b``: (H,) shared, or row b of (B, H)."""
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
+# --------------------------------------------------------------------------------------------
 # dropout randomness: Philox4x32-10, shared bit for bit by every backend
 # --------------------------------------------------------------------------------------------
 # Element (b, h, i, j) of the attention probabilities is kept iff

@@ -18,7 +18,7 @@ broadcast over batch and heads (in q's dtype or float32) and causal together wit
 
 import torch
 
-from fusedformer.reference import _expand_kv, attention_mask_bias, compute_dtype
+from fusedformer.vocabulary import attention_mask_bias, compute_dtype, expand_kv
 
 aten = torch.ops.aten
 
@@ -90,9 +90,9 @@ def _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias):
     cd = compute_dtype(q)
     group = q.shape[1] // k.shape[1]
     total = attention_mask_bias(q.shape[2], k.shape[2], mask, is_causal, (-1, -1), None, q.device, cd)
-    p = torch.matmul(q.to(cd), _expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
+    p = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
     p = p.sub_(lse[..., None]).exp_()
-    dp = torch.matmul(grad_out.to(cd), _expand_kv(v.to(cd), group).transpose(-1, -2))
+    dp = torch.matmul(grad_out.to(cd), expand_kv(v.to(cd), group).transpose(-1, -2))
     ds = torch._softmax_backward_data(dp, p, -1, cd)
     return ds.sum_to_size(bias.shape).to(bias.dtype)
 

@@ -9,7 +9,7 @@ float32: the saved mean and rstd are float32 by contract, and the kernel wants t
 
 import torch
 
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
 
 def normalized_input(x, residual, *params):

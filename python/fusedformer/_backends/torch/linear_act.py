@@ -9,7 +9,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fusedformer.reference import GATED_ACTIVATIONS
+from fusedformer.vocabulary import GATED_ACTIVATIONS
 
 aten = torch.ops.aten
 

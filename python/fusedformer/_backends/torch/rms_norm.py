@@ -5,7 +5,7 @@ decomposition there), so the backward is the closed form in a few fused torch op
 import torch
 
 from fusedformer._backends.torch.layer_norm import backward_dtype, normalized_input
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
 
 def rms_norm_forward(x, weight, eps, residual=None):

@@ -2,7 +2,7 @@
 kernel) on its own, as a (1, H, L, D) view of the packed rows; same contract as reference.py."""
 
 from fusedformer._backends.torch import attention
-from fusedformer.reference import _varlen_slopes, _varlen_spans, compute_dtype
+from fusedformer.vocabulary import compute_dtype, varlen_slopes, varlen_spans
 
 
 def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p=0.0,
@@ -17,7 +17,7 @@ def _sequence(t, start, end):
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
     """(b, q rows, k rows) of every sequence with queries and keys: the others attend nothing."""
-    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+    for b, (qs, qe, ks, ke) in enumerate(varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe > qs and ke > ks:
             yield b, (qs, qe), (ks, ke)
 
@@ -28,7 +28,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=compute_dtype(q))
     for b, rows, keys in _sequences(cu_seqlens_q, cu_seqlens_k):
         o, l = attention.attention_forward(_sequence(q, *rows), _sequence(k, *keys), _sequence(v, *keys), None,
-                                           causal, scale, dropout_p, None, window, _varlen_slopes(alibi_slopes, b))
+                                           causal, scale, dropout_p, None, window, varlen_slopes(alibi_slopes, b))
         _sequence(out, *rows).copy_(o)
         lse[:, rows[0]:rows[1]] = l[0]
     return out, lse
@@ -41,7 +41,7 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
         dq, dk, dv, _ = attention.attention_backward(
             _sequence(grad_out, *rows), _sequence(q, *rows), _sequence(k, *keys), _sequence(v, *keys), None,
             _sequence(out, *rows), lse[None, :, rows[0]:rows[1]], causal, scale, dropout_p, None, window,
-            _varlen_slopes(alibi_slopes, b))
+            varlen_slopes(alibi_slopes, b))
         for grad, part, span in zip(grads, (dq, dk, dv), (rows, keys, keys)):
             _sequence(grad, *span).copy_(part)
     return grads
