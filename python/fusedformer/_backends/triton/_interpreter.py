@@ -174,19 +174,16 @@ def _check(access, ptrs, mask):
     lane = tuple(int(i) for i in np.argwhere(outside)[0])
     address = int(addresses[lane])
     raise OutOfBoundsError(f"{_launch.kernel}: {access} of {int(outside.sum())} enabled lane(s) outside every "
-                           f"tensor argument's storage; lane {lane} at {address:#x} is {_nearest(address, int(width))}")
+                           f"tensor argument's storage; lane {lane} reads {int(width)} bytes at {_nearest(address, int(width))}")
 
 
 def _nearest(address, width):
     """Where ``address`` lies relative to the closest argument storage, in words."""
     best = None
     for start, end, name in zip(_launch.starts.tolist(), _launch.ends.tolist(), _launch.names):
-        if address < start:
-            where = (start - address, f"{start - address} bytes before {name}'s storage ({end - start} bytes)")
-        else:
-            past = address + width - end
-            where = (past, f"{past} bytes past the end of {name}'s storage ({end - start} bytes)")
-        best = min(best or where, where)
+        distance = max(start - address, address + width - end)
+        where = f"byte {address - start} of {name}'s storage ({end - start} bytes)"
+        best = min(best or (distance, where), (distance, where))
     return best[1] if best else "in a launch without tensor arguments"
 
 
