@@ -9,16 +9,14 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import HAS_GPU
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.errors import InterpreterError  # noqa: E402
-
 from fusedformer._backends.triton import _interpreter  # noqa: E402
+from triton.runtime.errors import InterpreterError  # noqa: E402
 
 
 @triton.jit

@@ -88,8 +88,8 @@ def _patch(cls, name, make_wrapper):
 
 
 def _bf16_dot(original):
-    from triton.runtime.interpreter import TensorHandle
     import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
 
     def widen(handle):
         if handle.dtype.scalar != tl.bfloat16:
@@ -103,8 +103,8 @@ def _bf16_dot(original):
 
 
 def _bf16_rounding_cast(original):
-    from triton.runtime.interpreter import TensorHandle
     import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
@@ -172,9 +172,10 @@ def _check(access, ptrs, mask):
     if not outside.any():
         return
     lane = tuple(int(i) for i in np.argwhere(outside)[0])
-    address = int(addresses[lane])
+    width = int(width)
     raise OutOfBoundsError(f"{_launch.kernel}: {access} of {int(outside.sum())} enabled lane(s) outside every "
-                           f"tensor argument's storage; lane {lane} reads {int(width)} bytes at {_nearest(address, int(width))}")
+                           f"tensor argument's storage; lane {lane} reads {width} bytes at "
+                           f"{_nearest(int(addresses[lane]), width)}")
 
 
 def _nearest(address, width):
