@@ -201,7 +201,9 @@ def _attn_fwd_kernel(
     r = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # row indices stay int32: cheaper masks
     if PACK_GQA:
         rows_b = G * Lq_b
-        h_row = (head * G + r // Lq_b).to(tl.int64)  # dense only: Lq_b = Lq >= 1
+        # dense only: Lq_b = Lq >= 1. Padding rows (r >= rows_b) repeat the group's last head, so
+        # their bias and ALiBi slope reads stay inside the tensors; they are never stored.
+        h_row = (head * G + tl.minimum(r // Lq_b, G - 1)).to(tl.int64)
         i_row = r % Lq_b
         hkv = head
     else:
