@@ -65,6 +65,12 @@ class Autotuner(autotuner.Autotuner):
         return hit
 
 
+def smallest(configs):
+    """The config with the smallest BLOCK_M x BLOCK_N tile: the fallback that fits every shape its
+    family's prune rule lets through."""
+    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+
+
 def autotune(configs, key, prune, fallback, cache_results=True):
     """Decorator: ``Autotuner`` over a jitted kernel. ``prune(configs, named_args, **meta)`` is the
     kernel family's early_config_prune rule; ``fallback(pruned)`` picks the config to run untuned

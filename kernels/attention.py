@@ -244,11 +244,6 @@ def prune_fwd(configs, named_args, **meta):
     return [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, rows)] or kept or configs[-1:]
 
 
-def smallest(configs):
-    """Under CUDA graph capture (no tuning) run the smallest kept tile: it fits every shape."""
-    return min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
-
-
 _AUTOTUNE_KEY = ["key_lq", "key_lk", "BLOCK_D", "BLOCK_DV", "BIAS_KIND", "CAUSAL", "DROPOUT", "VARLEN", "PACK_GQA"]
 
 
@@ -258,7 +253,7 @@ def _tuned_fwd():
     configs = fwd_configs()
     if len(configs) == 1:
         return _attn_fwd_kernel, configs[0]
-    return _autotune.autotune(configs, _AUTOTUNE_KEY, prune_fwd, smallest)(_attn_fwd_kernel), None
+    return _autotune.autotune(configs, _AUTOTUNE_KEY, prune_fwd, _autotune.smallest)(_attn_fwd_kernel), None
 
 
 def with_config(meta, config):

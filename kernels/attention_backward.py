@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fusedformer.kernels import _autotune
 from fusedformer.kernels import attention_resources as resources
-from fusedformer.kernels.attention import smallest, with_config
+from fusedformer.kernels.attention import with_config
 from fusedformer.kernels.attention_common import (
     LOG2E,
     _dot,
@@ -337,7 +337,7 @@ def _tuned(name):
     configs = bwd_configs()
     if len(configs) == 1:
         return kernel, configs[0]
-    return _autotune.autotune(configs, _KEY, prune_bwd, smallest)(kernel), None
+    return _autotune.autotune(configs, _KEY, prune_bwd, _autotune.smallest)(kernel), None
 
 
 def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, causal, scale, window, dropout_p,

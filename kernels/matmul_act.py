@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from .bias_act import ACTIVATIONS, act_fn, act_grad_fn, interpreted
 
 # fp32 operands: full-precision products unless allowed (parity with torch's default, which
@@ -202,9 +203,9 @@ def _prune(configs, named_args, **kwargs):
 
 
 _KEY = ["M_BUCKET", "N_OUT", "K", "MODE", "GATED", "ACT", "USE_TMA", "STORE_P", "STORE_Y"]
-# cache_results: the timings also persist in triton's cache dir, so a new process skips the tuning
-_tuned_kernel = triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                                cache_results=True)(
+# the timings persist in triton's cache dir (a new process skips the tuning; _autotune makes that
+# work with the TMA pre_hook), and nothing is tuned under CUDA graph capture
+_tuned_kernel = _autotune.autotune(_configs(), _KEY, _prune, _autotune.smallest)(
     triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_matmul_act_kernel))
 
 # the interpreter (CPU tests): one small config, no autotuning
