@@ -1,4 +1,5 @@
-"""triton.autotune with two guarantees that triton 3.6's Autotuner lacks.
+"""triton.autotune with two guarantees that triton 3.6's Autotuner lacks, and the device limits
+the kernels' prune rules fit their tiles into.
 
 1. The on-disk cache (``cache_results``) works for configs that carry a ``pre_hook``. Triton skips
    its disk cache whenever any config has one (a hook cannot be serialized), so every process
@@ -12,9 +13,22 @@
    Warm the shapes up before capturing to get tuned configs in the graph.
 """
 
+import functools
+
 import torch
 import triton
 from triton.runtime import autotuner
+
+SMEM_SM90 = 227 * 1024  # opt-in shared memory per block: what the prune rules fit tiles into
+SMEM_SM80 = 163 * 1024
+
+
+@functools.cache
+def smem_limit(device):
+    """Opt-in shared memory per block of ``device`` (sm_90's when it is not a CUDA device)."""
+    if device.type != "cuda":
+        return SMEM_SM90
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def capturing():

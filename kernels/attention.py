@@ -239,7 +239,7 @@ def prune_fwd(configs, named_args, **meta):
     attention_resources.fits_fwd), and no row tile larger than the rows (key_lq) beyond 16."""
     rows = named_args.get("key_lq", 1 << 30)
     q = named_args["Q"]
-    elt, smem = q.element_size(), resources.smem_limit(q.device)
+    elt, smem = q.element_size(), _autotune.smem_limit(q.device)
     kept = [c for c in configs if resources.fits_fwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem)]
     return [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, rows)] or kept or configs[-1:]
 

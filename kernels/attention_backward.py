@@ -322,7 +322,7 @@ def prune_bwd(configs, named_args, **meta):
     """The backward family's rule (dK/dV and dQ): keep the tiles that fit this call's dtype and
     head dims (see attention_resources.fits_bwd)."""
     q = named_args["Q"]
-    elt, smem = q.element_size(), resources.smem_limit(q.device)
+    elt, smem = q.element_size(), _autotune.smem_limit(q.device)
     kept = [c for c in configs if resources.fits_bwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem)]
     return kept or configs[-1:]
 

@@ -24,23 +24,11 @@ which spilled in dK/dV (48 B to 1.2 KB); kept fp32 tiles spill at most 148 B (pt
 to 128 registers).
 """
 
-import functools
+from fusedformer.kernels._autotune import SMEM_SM90
 
-import torch
-
-SMEM_SM90 = 227 * 1024  # opt-in shared memory per block
-SMEM_SM80 = 163 * 1024
 MAX_LIVE_FWD = 208
 MAX_LIVE_BWD = 128
 MAX_LIVE_IEEE = 100
-
-
-@functools.cache
-def smem_limit(device):
-    """Opt-in shared memory per block of ``device`` (sm_90's when it is not a CUDA device)."""
-    if device.type != "cuda":
-        return SMEM_SM90
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 def _shape(config):

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 from fusedformer.kernels import attention as fwd_kernels  # noqa: E402
 from fusedformer.kernels import attention_backward as bwd_kernels  # noqa: E402
+from fusedformer.kernels import _autotune  # noqa: E402
 from fusedformer.kernels import attention_resources as resources  # noqa: E402
 
 HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 256)
@@ -24,7 +25,7 @@ def _sm90_lists(monkeypatch):
     return fwd_kernels.fwd_configs(), bwd_kernels.bwd_configs()
 
 
-@pytest.mark.parametrize("smem", [resources.SMEM_SM80, resources.SMEM_SM90], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("smem", [_autotune.SMEM_SM80, _autotune.SMEM_SM90], ids=["sm80", "sm90"])
 def test_every_dtype_and_head_dim_keeps_a_config(monkeypatch, smem):
     fwd, bwd = _sm90_lists(monkeypatch)
     for elt, ieee in ((2, False), (4, False), (4, True)):
