@@ -17,7 +17,6 @@ recompiles the kernel; its autotune key buckets the keys per split (see decode_k
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
 
@@ -46,10 +45,11 @@ from fusedformer.kernels.attention_common import (
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi, b, b_drop, h_row, i_row, row_ok,
-               Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed,
-               drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-               WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE_DOT: tl.constexpr,
-               MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+               Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right,
+               seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+               IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
     """The online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

@@ -6,7 +6,7 @@ Legend: B batch (or sequences, varlen), H query heads, Hkv kv heads, G = H // Hk
 lengths, D/Dv head dims. Scores are kept in the log2 domain (scale * log2(e) folded in).
 
 Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*Lk + j) >= threshold, the exact
-stream of ``fusedformer.reference.attention_dropout_keep`` (varlen: sequence b draws with seed
+stream of the reference's ``attention_dropout_keep`` (varlen: sequence b draws with seed
 + b and b = 0, as the per-sequence reference does). The kernels read the seed from a one-element
 int64 device tensor, never from a host integer, so a captured CUDA graph that draws the seed on
 the device before the kernel gets a fresh mask on every replay.

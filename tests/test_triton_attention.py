@@ -186,7 +186,8 @@ from fusedformer.kernels import attention_backward as AB
 from fusedformer.kernels import attention_dbias as AD
 
 PTR = {"Lse": "*fp32", "Delta": "*fp32", "OutPart": "*fp32", "LsePart": "*fp32", "Bias": "*u8", "Slopes": "*fp32",
-       "Seed": "*i64", "CuQ": "*i32", "CuK": "*i32", **{name: "*bf16" for name in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
+       "Seed": "*i64", "CuQ": "*i32", "CuK": "*i32",
+       **{name: "*bf16" for name in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
 
 
 def compile_for(kernel, consts, arch):
