@@ -311,10 +311,10 @@ def bwd_configs():
     if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # sized for H100 (sm_90); the backward holds two accumulators (dK, dV or dQ) and four operand
-    # tiles per step, so prune_bwd keeps far fewer than in the forward. The 8-warp 16-wide tiles
-    # are for fp32 and D = 256; the last fits every dtype and head dim (the untuned fallback).
+    # tiles per step, so prune_bwd keeps far fewer than in the forward. The last fits every dtype
+    # and head dim (fp32 "ieee" and D = 256 included): the untuned fallback.
     shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-              (32, 32, 4, 2), (16, 32, 4, 1), (16, 32, 8, 1), (16, 16, 8, 1)]
+              (32, 32, 4, 2), (16, 32, 4, 1), (32, 32, 8, 1), (16, 32, 8, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 

@@ -187,10 +187,10 @@ def fits(config, elt, gated, ieee, smem=_autotune.SMEM_SM90):
         smem = num_stages * (BLOCK_M + N') * BLOCK_K * elt                    <= smem
         live = (BLOCK_M * N' + ieee * BLOCK_K * (BLOCK_M + N')) / threads      <= 64 (88 ieee)
 
-    Compiled for sm_90a (pointer path, bf16 and fp32-ieee, plain and gated, 26 tiles) the shared
-    memory formula is exact for bf16 and an upper bound for ieee; bf16 tiles with live <= 64 did
-    not spill and those at 128 did (4 B to 3 KB); ieee tiles at <= 88 did not, at >= 96 they did
-    (0.9 KB to 17 KB, ptxas falling back to 32 registers at 128x256)."""
+    Compiled for sm_90a (pointer path, bf16 and fp32-ieee, plain and gated, 44 tile builds) the
+    shared memory formula is exact for bf16 and an upper bound for ieee; bf16 tiles with
+    live <= 64 did not spill and those at 128 mostly did (4 B to 3 KB); ieee tiles at <= 88 did
+    not, at >= 96 they did (0.9 KB to 17 KB, ptxas falling back to 32 registers at 128x256)."""
     bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
     cols = bn * (2 if gated else 1)
     live = (bm * cols + ieee * bk * (bm + cols)) / (32 * config.num_warps)
