@@ -16,14 +16,14 @@ num_warps threads, "streamed" the tiles loaded per loop step (forward: K and V, 
 
 The constants come from compiling configs for sm_90a with triton's ptxas (no GPU needed) and
 reading shared memory, registers and spill bytes: 47 forward configs (D = 128 and 256; bf16,
-fp32, fp32-ieee) and 40 backward ones (dK/dV and dQ; same dtypes). Every measured shared memory
+fp32, fp32-ieee) and 48 backward ones (dK/dV and dQ; same dtypes). Every measured shared memory
 lies under its bound. Forward: no bf16 or fp32 config the rule keeps spilled (fp32-ieee: 8 B at
 16x32 / 8 warps / D = 256); every 16-bit one it prunes did (44 B to 1.6 KB), and so did the
 pruned ieee tiles (1.4 KB at 32x32 / 4 warps / D = 128, up to 70 KB where ptxas fell back to
 32 registers). Backward (below, limit 128 for 16-bit, 144 for fp32): no bf16 tile it keeps
 spilled in either kernel, each of the six larger bf16 tiles it prunes at D = 128 did in dK/dV
 (48 B to 1.2 KB); kept fp32 tiles spill at most 148 B (ptxas holds some to 128 registers).
-fp32-ieee backward tiles take 16 query rows: the 32-row ones spilled 452 B to 6.7 KB.
+fp32-ieee backward tiles take 16 query rows: a 32-row one spilled 452 B to 6.7 KB in dK/dV.
 """
 
 from fusedformer.kernels._autotune import SMEM_SM90
