@@ -335,18 +335,22 @@ def compile_for(kernel, ptrs, consts, arch=90, warps=8, stages=3):
 
 
 def gemm(dt, tma, mode, gated, act, precision="tf32", arch=90, even_k=False):
-    desc = f"tensordesc<{dt}[128, 64]>"
-    ptrs = {"X": desc if tma else "*" + dt, "W": desc if tma else "*" + dt, "B": "*" + dt, "Y": "*" + dt,
-            "P": "*" + dt, "DY": "*" + dt, "DB": "*fp32"}
+    ptrs = {n: "*" + dt for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
+    if tma:  # operands and (aligned outputs) the epilogue through TMA, boxes as _set_tma_blocks sets them
+        ptrs.update({n: f"tensordesc<{dt}{box}>" for n, box in (("X", [128, 64]), ("W", [64, 64]), ("Y", [128, 64]),
+                                                               ("P", [128, 1, 64]), ("DY", [128, 64]))})
     consts = dict(MODE=mode, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=mode == 1, STORE_P=True, USE_TMA=tma,
-                  EVEN_K=even_k, INPUT_PRECISION=precision, GROUP_M=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                  OUT_TMA=tma, EVEN_K=even_k, INPUT_PRECISION=precision, GROUP_M=8, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
                   stride_xk=1, stride_wk=1)
     return compile_for(MA._matmul_act_kernel, ptrs, consts, arch)
 
 
 k = gemm("bf16", True, 0, True, 4)
-assert "cp.async.bulk.tensor" in k.asm["ptx"] and "wgmma" in k.asm["ptx"], "TMA + wgmma expected on sm_90"
-gemm("fp16", True, 1, False, 3)
+ptx = k.asm["ptx"]
+assert "wgmma" in ptx and "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, "TMA loads + wgmma on sm_90"
+assert "cp.async.bulk.tensor.3d.global.shared" in ptx and "st.global" not in ptx, "the epilogue stores through TMA"
+k = gemm("fp16", True, 1, True, 3)
+assert k.metadata.num_warps == 8 and "st.global" in k.asm["ptx"]  # only the bias partials: pointer stores
 k = gemm("bf16", False, 0, False, 2)
 # the pointer path must be software-pipelined (async copies into num_stages buffers)
 assert "async_copy_global_to_local" in k.asm["ttgir"] and k.metadata.shared >= 2 * 32768, k.metadata.shared

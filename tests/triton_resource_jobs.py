@@ -121,7 +121,7 @@ def attention_jobs(arch):
 # GEMM with the bias + activation epilogue (TMA persistent on sm_90), and the epilogue kernels
 # --------------------------------------------------------------------------------------------
 
-_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hm", "K", "M_BUCKET"}
+_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hm", "K", "N_OUT", "M_BUCKET"}
 
 
 def gemm_jobs(arch, plant=False):
@@ -132,16 +132,17 @@ def gemm_jobs(arch, plant=False):
     act, gated = BA.kernel_activation("matmul_act", "gelu")
     ints = dict(M=GEMM, N_OUT=GEMM, K=GEMM, M_BUCKET=GEMM)
     constexprs = dict(MODE=0, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=False, STORE_P=True, USE_TMA=tma,
-                      INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
+                      OUT_TMA=tma, INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
     sig = {n: "*bf16" for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
 
     def describe(config):
         if not tma:
             return sig
         # the config's pre_hook sets the descriptors' block shapes: ask it rather than copy its rule
-        nargs = {**config.kwargs, "USE_TMA": True, "X": _Descriptor(), "W": _Descriptor()}
+        descs = ("X", "W", "Y", "P")
+        nargs = {**config.kwargs, **constexprs, **{n: _Descriptor() for n in descs}}
         config.pre_hook(nargs)
-        return {**sig, **{n: f"tensordesc<bf16{list(nargs[n].block_shape)}>" for n in ("X", "W")}}
+        return {**sig, **{n: f"tensordesc<bf16{list(nargs[n].block_shape)}>" for n in descs}}
 
     tuner = MA._tuned_kernel
     if plant:  # 4 stages of 64x256 bf16 x and w tiles: 256 KB of shared memory
