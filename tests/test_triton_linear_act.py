@@ -187,19 +187,29 @@ def test_bias_grad_is_deterministic(path):
 
 @pytest.mark.parametrize("activation", ("gelu", "swiglu"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_tma_descriptor_path(activation, dtype):
+@pytest.mark.parametrize("N", (82, 160), ids=("pointer_epilogue", "tma_epilogue"))
+def test_tma_descriptor_path(activation, dtype, N, monkeypatch):
+    """Operands through TMA descriptors; with 16-byte output rows (n_out a multiple of 8) the
+    epilogue too: y and the preact (dh) halves stored, dy loaded, through descriptors."""
+    described = []
+    describe = mm_kernels._descriptor
+    monkeypatch.setattr(mm_kernels, "_descriptor", lambda t, *a: described.append(t) or describe(t, *a))
     g = torch.Generator().manual_seed(5)
-    M, K, N = 37, 40, 82  # K * 2 bytes is a multiple of 16: descriptors are legal
+    M, K = 37, 40  # K * 2 bytes is a multiple of 16: descriptors are legal
+    n_out = N // 2 if activation == "swiglu" else N
     x, w, b = (torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g))
     assert mm_kernels.tma_eligible(x.to(dtype), w.to(dtype))
-    y, p = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation, use_tma=True)
+    y, p = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation, use_tma=True, splits=1)
+    assert len(described) == (4 if n_out % 8 == 0 else 2)  # x, w (+ y, preact)
     y0, p0 = reference.linear_act_forward(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), activation)
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y.double(), y0, rtol=tol, atol=tol)
     torch.testing.assert_close(p.double(), p0, rtol=tol, atol=tol)
     dy = torch.randn(y.shape, generator=g).to(dtype)
+    described.clear()
     dh, db, y_re = mm_kernels.matmul_act_dh(dy, x.to(dtype), w.to(dtype), b.to(dtype), activation, store_y=True,
-                                            use_tma=True)
+                                            use_tma=True, splits=1)
+    assert len(described) == (5 if n_out % 8 == 0 else 2)  # x, w (+ y, dh, dy)
     dh0 = ACTIVATIONS[activation].backward(dy.double(), p0)
     torch.testing.assert_close(dh.double(), dh0, rtol=tol, atol=tol * 4)
     torch.testing.assert_close(db.double(), dh0.sum(0), rtol=tol, atol=tol * M)
@@ -372,3 +382,42 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     pointer path, fp32 ieee for sm_80, the elementwise kernels) to cubins so compile-only errors and a
     lost software pipeline show up on CPU machines too."""
     assert_compiles_without_interpreter(_COMPILE_SCRIPT, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# split-K (decode-size M): K slices' fp32 partials, summed in order by the epilogue pass
+# --------------------------------------------------------------------------------------------
+
+
+def test_split_k_rule():
+    assert mm_kernels.split_k(1, 4096, 4096, 132) == 4  # 32 output tiles on 132 SMs
+    assert mm_kernels.split_k(16, 1024, 4096, 132) == mm_kernels.MAX_SPLITS
+    assert mm_kernels.split_k(16, 1024, 512, 132) == 2  # each slice keeps >= SPLIT_MIN_STEPS K steps
+    assert mm_kernels.split_k(4096, 4096, 4096, 132) == 1
+    assert mm_kernels.split_k(16, 11008, 4096, 132) == 1  # 86 tiles: more slices would not fit twice
+    assert mm_kernels._auto_splits(torch.empty(7, 72), 82) == 2  # the interpreter's rule: odd-shape tests split
+
+
+@pytest.mark.parametrize("M", (1, 16))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_split_k_matches_reference(activation, dtype, M):
+    """Forward (y, preact) and recompute backward (dh, db, y) through 3 K slices, on a strided x,
+    against the float64 reference of the same rounded inputs; two runs give the same bits."""
+    g = torch.Generator().manual_seed(M)
+    K, n_out = 75, 21
+    N = 2 * n_out if ACTIVATIONS[activation].gated else n_out
+    x = torch.randn(M, 2 * K, generator=g).to(dtype)[:, ::2]
+    w, b = (torch.randn(N, K, generator=g) / K**0.5).to(dtype), torch.randn(N, generator=g).to(dtype)
+    dy = torch.randn(M, n_out, generator=g).to(dtype)
+    y, p = mm_kernels.matmul_act_forward(x, w, b, activation, splits=3)
+    dh, db, y_re = mm_kernels.matmul_act_dh(dy, x, w, b, activation, store_y=True, splits=3)
+    y0, p0 = reference.linear_act_forward(x.double(), w.double(), b.double(), activation)
+    dh0 = ACTIVATIONS[activation].backward(dy.double(), p0)
+    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for got, want in ((y, y0), (p, p0), (dh, dh0), (y_re, y0)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
+    torch.testing.assert_close(db.double(), dh0.sum(0), rtol=tol, atol=tol * M)
+    again = mm_kernels.matmul_act_dh(dy, x, w, b, activation, store_y=True, splits=3)
+    assert all(torch.equal(a, c) for a, c in zip((dh, db, y_re), again))
