@@ -14,6 +14,7 @@ from _testing import assert_compiles_without_interpreter, assert_parity
 from fusedformer import reference
 from fusedformer.kernels import _autotune
 from fusedformer.kernels import matmul_act as mm_kernels
+from fusedformer.kernels import matmul_act_configs as mm_configs
 from fusedformer.parity import Case, run_case
 from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
@@ -233,14 +234,14 @@ def test_fp32_precision_flag(monkeypatch):
 
 def _pruned(M, gated, mode, dtype=torch.bfloat16, precision="tf32"):
     named = {"X": torch.empty(1, dtype=dtype), "M_BUCKET": M}
-    return mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode, INPUT_PRECISION=precision)
+    return mm_configs.prune(mm_configs.configs(), named, GATED=gated, MODE=mode, INPUT_PRECISION=precision)
 
 
 def test_config_pruning():
     gated = _pruned(4096, True, 0)
     assert gated and all(c.kwargs["BLOCK_N"] <= 128 for c in gated)
     dh = _pruned(4096, False, 1)
-    assert dh and all(c.kwargs["BLOCK_M"] == mm_kernels.DH_BLOCK_M for c in dh)
+    assert dh and all(c.kwargs["BLOCK_M"] == mm_configs.DH_BLOCK_M for c in dh)
     small = _pruned(16, False, 0)
     assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
     ieee = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
@@ -257,7 +258,7 @@ def test_every_dtype_keeps_a_gemm_config(smem, monkeypatch):
                 kept = _pruned(4096, gated, mode, dtype, precision)
                 assert kept, (dtype, precision, gated, mode)
                 elt = torch.empty(0, dtype=dtype).element_size()
-                assert all(mm_kernels.fits(c, elt, gated, precision == "ieee", smem) for c in kept)
+                assert all(mm_configs.fits(c, elt, gated, precision == "ieee", smem) for c in kept)
 
 
 def test_bad_input():
@@ -293,7 +294,7 @@ def test_gpu_every_gemm_config_compiles_and_matches(activation, dtype, monkeypat
     for mode in (0, 1):
         named = {"X": x, "M_BUCKET": 4096}
         precision = mm_kernels._input_precision(dtype)
-        for config in mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode,
+        for config in mm_configs.prune(mm_configs.configs(), named, GATED=gated, MODE=mode,
                                         INPUT_PRECISION=precision):
             monkeypatch.setattr(mm_kernels._tuned_kernel, "cache", _ForcedConfig(config))
             if mode == 0:
@@ -383,41 +384,3 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     lost software pipeline show up on CPU machines too."""
     assert_compiles_without_interpreter(_COMPILE_SCRIPT, tmp_path)
 
-
-# --------------------------------------------------------------------------------------------
-# split-K (decode-size M): K slices' fp32 partials, summed in order by the epilogue pass
-# --------------------------------------------------------------------------------------------
-
-
-def test_split_k_rule():
-    assert mm_kernels.split_k(1, 4096, 4096, 132) == 4  # 32 output tiles on 132 SMs
-    assert mm_kernels.split_k(16, 1024, 4096, 132) == mm_kernels.MAX_SPLITS
-    assert mm_kernels.split_k(16, 1024, 512, 132) == 2  # each slice keeps >= SPLIT_MIN_STEPS K steps
-    assert mm_kernels.split_k(4096, 4096, 4096, 132) == 1
-    assert mm_kernels.split_k(16, 11008, 4096, 132) == 1  # 86 tiles: more slices would not fit twice
-    assert mm_kernels._auto_splits(torch.empty(7, 72), 82) == 2  # the interpreter's rule: odd-shape tests split
-
-
-@pytest.mark.parametrize("M", (1, 16))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ACTS)
-def test_split_k_matches_reference(activation, dtype, M):
-    """Forward (y, preact) and recompute backward (dh, db, y) through 3 K slices, on a strided x,
-    against the float64 reference of the same rounded inputs; two runs give the same bits."""
-    g = torch.Generator().manual_seed(M)
-    K, n_out = 75, 21
-    N = 2 * n_out if ACTIVATIONS[activation].gated else n_out
-    x = torch.randn(M, 2 * K, generator=g).to(dtype)[:, ::2]
-    w, b = (torch.randn(N, K, generator=g) / K**0.5).to(dtype), torch.randn(N, generator=g).to(dtype)
-    dy = torch.randn(M, n_out, generator=g).to(dtype)
-    y, p = mm_kernels.matmul_act_forward(x, w, b, activation, splits=3)
-    dh, db, y_re = mm_kernels.matmul_act_dh(dy, x, w, b, activation, store_y=True, splits=3)
-    y0, p0 = reference.linear_act_forward(x.double(), w.double(), b.double(), activation)
-    dh0 = ACTIVATIONS[activation].backward(dy.double(), p0)
-    tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
-    for got, want in ((y, y0), (p, p0), (dh, dh0), (y_re, y0)):
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 4)
-    torch.testing.assert_close(db.double(), dh0.sum(0), rtol=tol, atol=tol * M)
-    again = mm_kernels.matmul_act_dh(dy, x, w, b, activation, store_y=True, splits=3)
-    assert all(torch.equal(a, c) for a, c in zip((dh, db, y_re), again))

@@ -74,10 +74,7 @@ KNOWN_SPILLS = {
         "16x32 w4 s1")),
     "_attn_bwd_dq sm_90 64x128 w8 s2", "_attn_bwd_dq sm_90 32x32 w4 s2", "_attn_bwd_dq sm_90 16x32 w4 s1",
     "_attn_bwd_dq sm_80 128x64 w8 s2", "_attn_bwd_dq sm_80 64x128 w8 s2", "_attn_bwd_dq sm_80 64x64 w4 s3",
-    *(f"_matmul_act_kernel sm_{arch} {tile}" for arch in (90, 80) for tile in (
-        "128x256x64 w8 s3", "128x128x64 w8 s3", "128x128x64 w8 s4", "128x128x32 w4 s4", "128x64x64 w4 s4",
-        "64x128x64 w4 s4", "64x256x64 w8 s3")),
-    "_bias_act_bwd_kernel sm_90 32x128 w4", "_bias_act_bwd_kernel sm_80 32x128 w4",
+    "_bias_act_bwd_kernel sm_80 32x128 w4",
 }
 
 
