@@ -292,9 +292,9 @@ def _launch(x, weight, bias, activation, mode, y, p, grad_y, db, store_y, store_
     if tma:
         X, W = _descriptor(x), _descriptor(weight)
     if out_tma:
-        halves = 2 if gated else 1
         Y = _descriptor(y)
-        P = _descriptor(p, (M, halves, n_out), (p.stride(0), n_out, 1))
+        # (M, halves, N_OUT): gate and up halves of the preact / dh (p is y when nothing is stored)
+        P = _descriptor(p, (M, p.shape[1] // n_out, n_out), (p.stride(0), n_out, 1))
         DY = _descriptor(dy) if mode == 1 else dy
     args = (X, W, bias if bias is not None else y, Y, P, DY, db if db is not None else y, M, n_out, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), dy.stride(0), dy.stride(1), splits,

@@ -202,6 +202,9 @@ def test_tma_descriptor_path(activation, dtype, N, monkeypatch):
     assert mm_kernels.tma_eligible(x.to(dtype), w.to(dtype))
     y, p = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation, use_tma=True, splits=1)
     assert len(described) == (4 if n_out % 8 == 0 else 2)  # x, w (+ y, preact)
+    y_alone, none = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation,
+                                                  store_preact=False, use_tma=True, splits=1)
+    assert none is None and torch.equal(y_alone, y)
     y0, p0 = reference.linear_act_forward(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), activation)
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y.double(), y0, rtol=tol, atol=tol)
