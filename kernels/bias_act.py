@@ -292,7 +292,8 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     """dh = dy * act'(preact) and, when ``bias_grad``, db = sum_rows(dh) (fp32, deterministic).
 
     ``h`` is the saved preact, or with ``add_bias`` a recomputed x @ W^T (or its split-K partials
-    (SPLITS, M, N)) to which ``bias`` is added here. ``store_y`` also returns the activation output act(preact) (for a recompute).
+    (SPLITS, M, N)) to which ``bias`` is added here. ``store_y`` also returns the activation
+    output act(preact) (for a recompute).
     Returns (dh, db or None, y or None); dh and y in ``out_dtype`` (default h's), db in fp32.
     """
     act, gated = kernel_activation("bias_act", activation)

@@ -28,8 +28,8 @@ descriptors in a persistent kernel (one program per SM walking tiles in grouped 
 flattened into one software-pipelined loop so each epilogue overlaps the next tile's loads), and
 when the output rows are aligned too (N_OUT a multiple of 8) the epilogue stores (and dy loads)
 are TMA too (OUT_TMA); else masked pointer loads, where rows and columns past the edge wrap
-(loads stay in bounds) and stores are masked. Configs are autotuned per (M bucket, N_OUT, K, mode, gated, dtypes) and the
-choice is cached in memory and on disk (triton's cache dir).
+(loads stay in bounds) and stores are masked. Configs are autotuned per (M bucket, N_OUT, K,
+slices, mode, gated, dtypes) and the choice is cached in memory and on disk (triton's cache dir).
 """
 
 import functools
@@ -122,9 +122,11 @@ def _matmul_act_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
-            # out-of-bounds rows/cols of a TMA box read as zeros; gate columns past N_OUT read up
-            # rows, which only feed output columns the stores mask off
-            for kt in range(k_lo, k_hi):
+            # out-of-bounds rows/cols of a TMA box read as zeros (so may the last slice's K steps);
+            # gate columns past N_OUT read up rows, which only feed columns the stores mask off.
+            # The same trip count every tile: what lets the compiler flatten the walk
+            for step in range(k_per_split):
+                kt = k_lo + step
                 x = X.load([m0, kt * BLOCK_K])
                 w = W.load([n0, kt * BLOCK_K])
                 acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)

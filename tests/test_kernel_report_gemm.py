@@ -26,7 +26,8 @@ for job in kernel_report.gemm_jobs(kernel_report.ARCH):
     if job.family.startswith("matmul_act") and job.family not in seen:
         seen.add(job.family)
         got = compile_kernel(job.fn, job.types, job.constexprs, job.aligned, job.num_warps, job.num_stages, 90)
-        print(json.dumps(dict(family=job.family, spill=got["spill"], **kernel_report.engines(got["ptx"], job.num_warps))))
+        row = dict(family=job.family, spill=got["spill"], **kernel_report.engines(got["ptx"], job.num_warps))
+        print(json.dumps(row))
 """
 
 
