@@ -43,7 +43,10 @@ def fits(config, elt, gated, ieee, smem=_autotune.SMEM_SM90, staged=0):
 
 def staged_tiles(args):
     """Output tiles the TMA epilogue stages in shared memory for these kernel arguments: each
-    store's (y, preact or dh halves) and the dy load's."""
+    store's (y, preact or dh halves) and the dy load's; split-K's fp32 partial tile (two 16-bit
+    tiles' bytes), which the flattened TMA loop converts through shared memory before its stores."""
+    if args["MODE"] == 2:
+        return 2 if args.get("USE_TMA") else 0
     if not args.get("OUT_TMA"):  # a pointer epilogue (or a caller that never asks for TMA)
         return 0
     halves = 2 if args["GATED"] else 1
