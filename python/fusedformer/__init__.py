@@ -1,9 +1,8 @@
 """fusedformer: fused Triton and CUDA C++ kernels for the transformer's hot paths, with
 pure-PyTorch references as the CPU path and the oracle of every parity test."""
 
-__version__ = "0.1.0"
-
 from fusedformer import models, nn
+from fusedformer._version import __version__
 from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
 from fusedformer.ops import (
     feed_forward,
