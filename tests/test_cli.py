@@ -5,9 +5,11 @@ import subprocess
 import sys
 import types
 
+import fusedformer
 import pytest
 import torch
 from fusedformer import backends, reference
+from fusedformer._files import write_atomic
 from fusedformer.bench import validate_results
 from fusedformer.cli import main
 
@@ -50,11 +52,57 @@ def test_bench_tiny_writes_results(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["bench", "--op", "conv"], ["bench", "--quick", "--full"],
-                                  ["parity", "--backend", "fast"], ["nothing"]])
+                                  ["parity", "--backend", "fast"], ["parity", "--op", "nosuchop"],
+                                  ["parity", "--quick", "--full"], ["nothing"]])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedformer {fusedformer.__version__}"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the cuda backend must be unable to run")
+def test_parity_of_a_backend_that_ran_nothing_fails(capsys):
+    assert main(["parity", "--quick", "--op", "softmax", "--backend", "cuda", "--dtype", "float32"]) == 1
+    assert "backend 'cuda' ran no case" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, kind", [(["parity", "--op", "softmax"], "dir"), (["bench", "--tiny"], "file")])
+def test_unusable_out_is_refused_before_any_work(argv, kind, tmp_path, monkeypatch, capsys):
+    from fusedformer import bench, parity
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("ran before checking --out")
+
+    monkeypatch.setattr(parity, "run_full", no_work)
+    monkeypatch.setattr(bench, "run", no_work)
+    out = tmp_path / "taken"
+    out.mkdir() if kind == "dir" else out.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(out)])
+    assert info.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    write_atomic(target, "old")
+    write_atomic(target, b"new")
+    assert target.read_text() == "new"
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_atomic(target, "half")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_demo_runs_and_says_which_backend(capsys):

@@ -121,7 +121,9 @@ def _cuda_extension_error():
     try:
         from fusedformer import _C  # noqa: F401
     except ImportError:
-        return "fusedformer._C is not built (no nvcc at install time, or FUSEDFORMER_BUILD_CUDA=0)"
+        from fusedformer._build_info import missing_extension_reason
+
+        return missing_extension_reason()
     return None
 
 

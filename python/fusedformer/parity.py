@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
+from fusedformer._files import write_atomic
 
 # Absolute error floor per dtype, relative to the oracle's magnitude: summation order alone
 # moves results by about this much.
@@ -358,5 +359,4 @@ def failures(rows):
 
 
 def write_json(rows, device, path, agreement=None):
-    with open(path, "w") as f:
-        json.dump(envelope(rows, device, agreement), f, indent=1)
+    write_atomic(path, json.dumps(envelope(rows, device, agreement), indent=1))

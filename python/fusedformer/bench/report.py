@@ -2,11 +2,13 @@
 op, dtype and pass: shapes down, providers across, each cell ms, throughput, fraction of the
 ceiling and speed-up over torch eager) and PNG plots (matplotlib when importable)."""
 
+import io
 import json
 import math
 import os
 import re
 
+from fusedformer._files import write_atomic
 from fusedformer.bench.providers import PROVIDERS
 
 # "check": the GPU check's one file (benchmarks/gpu_check.py), bench rows in "rows" and parity rows
@@ -240,7 +242,9 @@ def plots(doc, out_dir):
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}-{dtype}-{pass_.replace('+', '_')}.png")
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        write_atomic(path, png.getvalue())
         plt.close(fig)
         written.append(path)
     return written
@@ -251,10 +255,8 @@ def write(doc, out_dir, stem="bench"):
     validate_results(doc)
     os.makedirs(out_dir, exist_ok=True)
     json_path, md_path = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
-    with open(json_path, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(md_path, "w") as f:
-        f.write(markdown(doc))
+    write_atomic(json_path, json.dumps(doc, indent=1))
+    write_atomic(md_path, markdown(doc))
     return {"json": json_path, "markdown": md_path, "plots": plots(doc, os.path.join(out_dir, "plots"))}
 
 
@@ -285,9 +287,7 @@ def save_suite(suite, rows, ceilings, out_dir, markdown_fn=None):
            "versions": versions(), "ceilings": ceilings, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{results_name(doc)}")
-    with open(stem + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
+    write_atomic(stem + ".json", json.dumps(doc, indent=1))
     if markdown_fn is not None:
-        with open(stem + ".md", "w") as f:
-            f.write(markdown_fn(doc))
+        write_atomic(stem + ".md", markdown_fn(doc))
     return doc
