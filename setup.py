@@ -100,6 +100,11 @@ class CudaExtension(Extension):
     """An extension built by nvcc through ninja rather than by setuptools' compiler."""
 
 
+def _banner(msg):
+    line = "!" * 78
+    _log(f"\n{line}\n{msg}\n{line}")
+
+
 class BuildExt(build_ext):
     """Builds the CUDA extension with nvcc, times it, and records the outcome beside it."""
 
@@ -144,11 +149,6 @@ class BuildExt(build_ext):
         for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
             (d / BUILD_RECORD).write_text(text)
-
-
-def _banner(msg):
-    line = "!" * 78
-    _log(f"\n{line}\n{msg}\n{line}")
 
     def _build_cuda(self, ext):
         import pybind11
