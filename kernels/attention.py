@@ -14,7 +14,7 @@ one kv head, so a single query token still fills a BLOCK_M tile, and splits the 
 chunks whose partial results a combine kernel merges by their log-sum-exp (split-K).
 
 Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*Lk + j) >= threshold, the exact
-stream of ``fusedformer.reference.attention_dropout_keep`` (varlen: sequence b draws with seed
+stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
 + b and b = 0, as the per-sequence reference does).
 """
 
@@ -352,10 +352,6 @@ def pow2(n):
 
 def block_d(d):
     return max(16, pow2(d))
-
-
-def strides4(t):
-    return tuple(t.stride())
 
 
 def bias_strides(bias):

@@ -284,7 +284,7 @@ def test_probe_reason_reaches_named_and_auto_selection(fake_gpu, monkeypatch):
     x = torch.randn(4, 8)
     with pytest.raises(backends.BackendUnavailableError, match="R580"):
         backends.select("softmax", torch.device("cuda", 0), (x, 1), "cuda")
-    monkeypatch.setitem(backends.AUTO_ORDER, "softmax", ("cuda", "reference"))  # cuda first: auto must skip it
+    monkeypatch.setitem(backends.AUTO_ORDER, "cuda", ("cuda", "reference"))  # cuda first: auto must skip it
     assert backends.select("softmax", torch.device("cuda", 0), (x, 1)) == "reference"
     assert "cuda" not in backends.available_backends("cuda:0")
 

@@ -329,10 +329,12 @@ def test_parity_worker_fails_its_step_on_a_row_outside_the_rule(tmp_path, monkey
     from fusedformer import backends, reference
     from fusedformer.bench import check
 
+    from fusedformer._backends.tables import SOFTMAX
+
     wrong = types.SimpleNamespace(softmax_forward=lambda x, dim: reference.softmax_forward(x, dim) * 1.001,
-                                  softmax_backward=reference.softmax_backward)
+                                  softmax_backward=lambda grad_y, y, dim: reference.softmax_backward(grad_y, y, dim))
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "off")
-    monkeypatch.setitem(backends._cache, ("_family_module", "triton", "softmax"), (wrong, None))
+    monkeypatch.setitem(SOFTMAX.loaded, "triton", (SOFTMAX.check(wrong), None))
     lines = tmp_path / "parity.jsonl"
     assert check.parity(check.Lines(lines), 60, ops=["softmax"]) == 1
     rows = [x["parity"] for x in map(json.loads, lines.read_text().splitlines()) if "parity" in x]

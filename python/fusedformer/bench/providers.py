@@ -9,10 +9,10 @@ import torch
 
 from fusedformer import backends
 
-# Every provider name DESIGN.md allows in a results file, in the order the reports list them.
+# Every provider name the results format (benchmarks/results/README.md) allows, in the order the reports list them.
 # torch-matmul: the op's GEMMs alone (no bias, no activation), the ceiling a fused GEMM op aims at.
-PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "torch-eager", "torch-compile",
-             "torch-matmul", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
+PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "fusedformer-torch", "torch-eager",
+             "torch-compile", "torch-matmul", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
              "flex-attention", "liger", "flash-attn")
 
 # The GPU check's headline for the row-wise ops (softmax, layer / RMS norm): hidden 1024 / 4096 /

@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 
+from fusedformer import backends
 from fusedformer.patch import hf
 from fusedformer.patch.hf_inputs import synthetic_batches
 from fusedformer.patch.mlp import try_mlp
@@ -15,7 +16,6 @@ from fusedformer.patch.undo import UndoLog
 from fusedformer.patch.verify import compare, dtype_device, float_param, run, run_module
 
 OPS = ("attention", "norm", "mlp")
-BACKENDS = ("reference", "triton", "cuda", "auto")
 _STATE = "_fusedformer_patch"
 _REPORT = "_fusedformer_report"
 
@@ -64,8 +64,9 @@ def _check_arguments(model, ops, backend, example_inputs):
     ops = (ops,) if isinstance(ops, str) else tuple(ops)
     if not ops or any(o not in OPS for o in ops):
         raise ValueError(f"patch: ops must be a non-empty subset of {OPS}, got {ops!r}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"patch: backend must be 'reference', 'triton', 'cuda', 'auto' or None, got {backend!r}")
+    if backend is not None and backend not in backends.BACKENDS + ("auto",):
+        choices = ", ".join(repr(b) for b in backends.BACKENDS + ("auto",))
+        raise ValueError(f"patch: backend must be one of {choices} or None, got {backend!r}")
     if example_inputs is not None and not isinstance(example_inputs, (tuple, dict, torch.Tensor)):
         raise TypeError("patch: example_inputs must be a tensor, a tuple of args or a dict of kwargs")
     return ops

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from fusedformer.nn.feed_forward import mlp
 from fusedformer.ops import linear_act
 from fusedformer.patch.verify import close, eval_no_grad, float_param, has_hooks, wrapped_forward
+from fusedformer.vocabulary import gated_activation
 
 ACT_NAMES = ("act_fn", "act", "activation_fn", "activation", "act_func", "intermediate_act_fn")
 GATED = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"))
 PLAIN = (("fc1", "fc2"), ("c_fc", "c_proj"), ("wi", "wo"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
          ("w_1", "w_2"), ("linear1", "linear2"))
 SINGLE = (("dense",),)
-# the gated activation whose gate is the given plain one (FeedForward's names)
-GATED_FORM = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
 
 
 def activation_name(act):
@@ -130,7 +129,7 @@ def _match(module):
     if wrapped_forward(module):
         return "its forward is an instance attribute (a wrapper), which patching would replace"
     drop_name = next((k for k, c in children.items() if isinstance(c, torch.nn.Dropout)), None)
-    activation = GATED_FORM[act] if names in GATED else act
+    activation = gated_activation(act).name if names in GATED else act
     return MlpMatch(names, activation, drop_name)
 
 

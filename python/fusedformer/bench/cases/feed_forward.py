@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.cases import linear_act as la
-from fusedformer.bench.cases.linear_act import GATED, act, liger_act, llm_headline
+from fusedformer.bench.cases import linear_act
+from fusedformer.bench.cases.linear_act import liger_act, llm_headline
 from fusedformer.bench.providers import compiled, fusedformer_providers
+from fusedformer.vocabulary import ACTIVATIONS
 
 SHAPES = {
     "tiny": [dict(M=12, d=32, F=64, activation="gelu"), dict(M=7, d=24, F=40, activation="swiglu")],
@@ -19,12 +20,12 @@ SHAPES = {
              dict(M=64, d=4096, F=11008, activation="swiglu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
     "headline": llm_headline("d", "F"),
 }
-PRESET_PROVIDERS = la.PRESET_PROVIDERS
+PRESET_PROVIDERS = linear_act.PRESET_PROVIDERS
 PASS_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 
 def _w1_rows(shape):
-    return 2 * shape["F"] if shape["activation"] in GATED else shape["F"]
+    return 2 * shape["F"] if ACTIVATIONS[shape["activation"]].gated else shape["F"]
 
 
 def work(shape, pass_, dtype):
@@ -43,7 +44,7 @@ def make(shape, dtype, device):
 
 
 def eager(x, w1, b1, w2, b2, activation):
-    return F.linear(act(F.linear(x, w1, b1), activation), w2, b2)
+    return F.linear(ACTIVATIONS[activation].torch_forward(F.linear(x, w1, b1)), w2, b2)
 
 
 def bare_matmuls(x, w1, b1, w2, b2, activation):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
+from fusedformer.vocabulary import ACTIVATIONS
 
 
 def llm_headline(width, hidden):
@@ -27,12 +28,11 @@ SHAPES = {
 }
 # the headline: against eager and the bare GEMM (torch-matmul), the fused op's ceiling
 PRESET_PROVIDERS = {"headline": ("fusedformer-triton", "fusedformer-cuda", "torch-eager", "torch-matmul")}
-GATED = ("swiglu", "geglu")
 PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
 
 def weight_rows(shape):
-    return 2 * shape["N"] if shape["activation"] in GATED else shape["N"]
+    return 2 * shape["N"] if ACTIVATIONS[shape["activation"]].gated else shape["N"]
 
 
 def work(shape, pass_, dtype):
@@ -47,16 +47,8 @@ def make(shape, dtype, device):
     return [x, w, b], {"activation": shape["activation"]}, [0, 1, 2]
 
 
-def act(h, activation):
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
-
-
 def eager(x, w, b, activation):
-    return act(F.linear(x, w, b), activation)
+    return ACTIVATIONS[activation].torch_forward(F.linear(x, w, b))
 
 
 def bare_matmul(x, w, b, activation):
@@ -66,7 +58,7 @@ def bare_matmul(x, w, b, activation):
 
 def liger_act(device, activation):
     """Liger fuses only the gated product: cuBLAS GEMM, then its SiLU/GELU-mul kernel."""
-    if activation not in GATED:
+    if not ACTIVATIONS[activation].gated:
         return f"liger has no fused {activation} epilogue"
     cls = ("swiglu", "LigerSiLUMulFunction") if activation == "swiglu" else ("geglu", "LigerGELUMulFunction")
     fn = liger_function(*cls, device)
