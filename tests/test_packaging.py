@@ -170,3 +170,42 @@ def test_make_keeps_the_torch_of_a_virtualenv_python(tmp_path):
     version, torch_file, ff_file = got.stdout.split()
     assert version == torch.__version__ and Path(torch_file).resolve() == Path(torch.__file__).resolve()
     assert Path(ff_file).is_relative_to(ROOT / "python")
+
+
+# --------------------------------------------------------------------------------------------
+# integration: attn_implementation="fusedformer" after `import fusedformer`
+# --------------------------------------------------------------------------------------------
+
+_TINY_GPT2 = """
+import sys, tempfile, torch
+from transformers import AutoModelForCausalLM, GPT2Config
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from fusedformer.patch import hf
+cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+torch.manual_seed(0)
+eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+ids = torch.randint(0, 64, (2, 9))
+want = eager(ids).logits
+assert ALL_ATTENTION_FUNCTIONS["fusedformer"] is hf.fusedformer_attention_forward
+with tempfile.TemporaryDirectory() as d:
+    eager.save_pretrained(d)
+    loaded = AutoModelForCausalLM.from_pretrained(d, attn_implementation="fusedformer").eval()
+assert loaded.config._attn_implementation == "fusedformer"
+torch.testing.assert_close(loaded(ids).logits, want, atol=1e-5, rtol=1e-5)
+eager.set_attn_implementation("fusedformer")
+assert eager.config._attn_implementation == "fusedformer"
+torch.testing.assert_close(eager(ids).logits, want, atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("first", ["fusedformer", "transformers"])
+def test_attn_implementation_fusedformer_after_import(first):
+    """Either import order: `import fusedformer` first must not import transformers, and then
+    from_pretrained(attn_implementation="fusedformer") and set_attn_implementation work."""
+    pytest.importorskip("transformers")
+    before = ("import sys, fusedformer; assert 'transformers' not in sys.modules\n" if first == "fusedformer"
+              else "import transformers.modeling_utils, fusedformer\n")
+    proc = subprocess.run([sys.executable, "-c", before + _TINY_GPT2], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

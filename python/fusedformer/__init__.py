@@ -21,6 +21,10 @@ from fusedformer.patch import (
     patched,
     unpatch,
 )
+from fusedformer.patch import hf_import_hook as _hf_import_hook
+
+# attn_implementation="fusedformer" in transformers, without importing it (patch/hf_import_hook.py)
+_hf_import_hook.install()
 
 __all__ = [
     "BackendUnavailableError",
