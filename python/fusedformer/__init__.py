@@ -4,6 +4,7 @@ pure-PyTorch references as the CPU path and the oracle of every parity test."""
 from fusedformer import models, nn
 from fusedformer._version import __version__
 from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
+from fusedformer.explain import Explanation, Selection, explain, which_backend
 from fusedformer.ops import (
     feed_forward,
     layer_norm,
@@ -28,9 +29,12 @@ _hf_import_hook.install()
 
 __all__ = [
     "BackendUnavailableError",
+    "Explanation",
     "PatchReport",
     "PatchVerificationError",
+    "Selection",
     "available_backends",
+    "explain",
     "feed_forward",
     "layer_norm",
     "linear_act",
@@ -45,4 +49,5 @@ __all__ = [
     "unpatch",
     "use_backend",
     "varlen_attention",
+    "which_backend",
 ]

@@ -10,10 +10,12 @@ context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in
 ``AUTO_ORDER[device type]`` that is available for the device and supports the inputs (on a
 CPU: torch, then the reference). A backend asked for by name that cannot run the inputs raises
 ``BackendUnavailableError`` listing every backend and why; ``auto`` falls through and never fails
-while the reference can run.
+while the reference can run. On a GPU, each backend ``auto`` passes over is logged once per
+(op, backend, reason) on the ``fusedformer`` logger; ``fusedformer.explain`` shows every choice.
 """
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -169,14 +171,37 @@ def select(family, device, args, backend=None):
     requested = requested_backend(backend)
     device = torch.device(device)
     if requested != "auto":
-        reason = unsupported_reason(requested, family, device, args)
-        if reason is not None:
-            raise BackendUnavailableError(_explain(family, device, args, requested))
-        return requested
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
-        if unsupported_reason(name, family, device, args) is None:
-            return name
-    raise BackendUnavailableError(_explain(family, device, args, "auto"))
+        chosen = requested if unsupported_reason(requested, family, device, args) is None else None
+    else:
+        chosen = None
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            reason = unsupported_reason(name, family, device, args)
+            if reason is None:
+                chosen = name
+                break
+            if device.type == "cuda":
+                _report_pass_over(family, name, reason)
+    for observer in observers:
+        observer(family, device, args, requested, chosen)
+    if chosen is None:
+        raise BackendUnavailableError(_explain(family, device, args, requested))
+    return chosen
+
+
+# Called as observer(family, device, args, requested, chosen or None) by every selection:
+# fusedformer.explain records through it. Empty in normal runs.
+observers = []
+log = logging.getLogger("fusedformer")
+_passed_over = set()
+
+
+def _report_pass_over(family, name, reason):
+    """On a GPU, ``auto`` skipping a backend is worth knowing (a slower path runs): said once per
+    (op, backend, reason) on the ``fusedformer`` logger; not while torch.compile traces (a logging
+    call would break the graph), where the eager call before has said it."""
+    if not torch.compiler.is_compiling() and (family, name, reason) not in _passed_over:
+        _passed_over.add((family, name, reason))
+        log.warning("fusedformer: auto passed over the %s backend for %s: %s", name, family, reason)
 
 
 def _explain(family, device, args, requested):
