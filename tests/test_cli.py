@@ -109,11 +109,24 @@ def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
 def test_demo_runs_and_says_which_backend(capsys):
     assert main(["demo", "--seconds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ran: attention=" in out and "tokens/s" in out and "loss" in out
+    assert "ran: attention=" in out and "tokens/s over steps 2-" in out
+    assert "held-out loss" in out and "never trained on" in out and "drawn at temperature" in out
     if HAS_GPU:
         assert "[fused (auto)]" in out and "[reference]" in out
     else:
         assert "everything below runs on the REFERENCE backend" in out
+
+
+def test_demo_held_out_loss_is_fixed_batches_of_text_never_trained_on():
+    from fusedformer import demo
+
+    data = demo.load_text()
+    train, held = demo.split(data)
+    assert train.numel() + held.numel() == data.numel() and held.numel() >= data.numel() // 10
+    assert torch.equal(torch.cat([train, held]), data)  # disjoint: the held-out tenth follows the training text
+    model = demo.build("bert", "cpu", small=True)
+    first = demo.held_out_loss("bert", model, held, "cpu", 2, 16)
+    assert demo.held_out_loss("bert", model, held, "cpu", 2, 16) == first and model.training
 
 
 def test_demo_text_ships_with_the_package():
