@@ -62,6 +62,16 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
+# The suite on the oldest torch / triton pair the README claims, in its own venv (.venv-oldest).
+# PyPI's Linux torch 2.5.1 is a CUDA build (about 3 GB with its nvidia-* wheels); it runs on a CPU.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PINS := torch==2.5.1 triton==3.1.0 "numpy<2.3"
+test-oldest:
+	@[ -x $(OLDEST_VENV)/bin/pip ] || $(PYTHON) -m venv --clear $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q $(BUILD_DEPS) $(OLDEST_PINS) $(TEST_DEPS)
+	FUSEDFORMER_BUILD_CUDA=0 $(OLDEST_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(OLDEST_VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
+
 demo: $(STAMP)
 	$(VPY) -m fusedformer demo
 
@@ -83,4 +93,4 @@ lint: $(STAMP)
 	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check python kernels tests benchmarks setup.py
 
 clean:
-	rm -rf build $(VENV) python/fusedformer/_C*.so python/*.egg-info
+	rm -rf build $(VENV) $(OLDEST_VENV) python/fusedformer/_C*.so python/fusedformer/_build.json python/*.egg-info

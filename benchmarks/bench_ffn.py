@@ -11,8 +11,8 @@ N1 = w1's rows, F = d_ff: linear_act fwd 2*T*D*N1, feed_forward fwd 2*T*D*N1 + 2
 2x fwd (dX and dW GEMMs). feed_forward(recompute=True) is charged the same model FLOPs: its extra
 x @ w1^T GEMM in the backward is the price of not storing the T x N1 preact and T x F hidden.
 Times are CUDA-event medians (triton.testing.do_bench); "bwd" times the backward alone on a
-retained graph, "fwd+bwd" a whole training step of the op. Every row is written in DESIGN.md's results format to
-benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
+retained graph, "fwd+bwd" a whole training step of the op. Every row is written in the results
+format (docs/results-format.md) to benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
 Targets on H100 bf16: fused forward >= 1.1x torch eager and >= 0.95x the bare matmul.
 """
 

@@ -1,4 +1,4 @@
-"""Results files: the JSON of DESIGN.md ("Results JSON"), its validator, Markdown tables (one per
+"""Results files: the JSON of docs/results-format.md, its validator, Markdown tables (one per
 op, dtype and pass: shapes down, providers across, each cell ms, throughput, fraction of the
 ceiling and speed-up over torch eager) and PNG plots (matplotlib when importable)."""
 
@@ -31,7 +31,7 @@ def _num_or_none(x):
 
 
 def validate_results(doc):
-    """Check ``doc`` (a dict, or a path to a JSON file) against DESIGN.md's results format; return
+    """Check ``doc`` (a dict, or a path to a JSON file) against docs/results-format.md; return
     the dict, or raise ValueError listing every problem."""
     if isinstance(doc, (str, os.PathLike)):
         with open(doc) as f:
@@ -59,7 +59,7 @@ def validate_results(doc):
     for key, row_problems in row_lists.get(kind, {"rows": lambda r, where, skipped: []}).items():
         problems += _rows_problems(doc.get(key), key, row_problems)
     if problems:
-        raise ValueError("results do not match DESIGN.md's format:\n  " + "\n  ".join(problems))
+        raise ValueError("results do not match docs/results-format.md:\n  " + "\n  ".join(problems))
     return doc
 
 
@@ -301,7 +301,7 @@ def results_name(doc):
 
 def save_suite(suite, rows, ceilings, out_dir, markdown_fn=None):
     """A pytest-benchmark suite's rows as ``out_dir``/<suite>-<gpu>-<date>.json (and .md with
-    ``markdown_fn``): DESIGN.md's envelope, each row's fraction of the ceiling it is measured
+    ``markdown_fn``): docs/results-format.md's envelope, each row's fraction of the ceiling it is measured
     against (GB/s of the copy, else TFLOP/s of the bf16 matmul). Returns the document."""
     import datetime
 

@@ -143,7 +143,7 @@ def _row(op, provider, dtype, pass_, shape):
 
 def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, passes=None, max_seconds=None,
         progress=True, extra_providers=None, cpu_budget_s=None, ceilings=None, on_row=None):
-    """The sweep as a results document (DESIGN.md "Results JSON", kind "bench").
+    """The sweep as a results document (docs/results-format.md, kind "bench").
 
     ``providers`` limits the providers by name; ``extra_providers`` {op: {name: fn}} adds
     callables (tests use it to inject a broken one). ``max_seconds`` bounds the run, shared fairly
