@@ -209,3 +209,51 @@ def test_attn_implementation_fusedformer_after_import(first):
     proc = subprocess.run([sys.executable, "-c", before + _TINY_GPT2], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "python")})
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# floors: no extra replaces torch; each Triton kernel family checks the installed triton
+# --------------------------------------------------------------------------------------------
+
+
+def test_no_extra_can_make_pip_replace_torch():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for extra, requirements in project["optional-dependencies"].items():
+        for requirement in requirements:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+            assert name != "torch", f"extra [{extra}] names torch: {requirement}"
+            # a floor on triton above the installed torch's own triton resolves by replacing torch
+            assert name != "triton" or requirement.strip().lower() == "triton", f"[{extra}]: {requirement}"
+    assert [r for r in project["dependencies"] if r.startswith("torch")] == ["torch>=2.5"]
+
+
+def test_triton_floors():
+    from fusedformer._backends.triton_floors import floor_reason
+
+    assert "older than 3.4" in floor_reason("linear_act", "3.3.1") and "tensor_descriptor" in floor_reason(
+        "linear_act", "3.3.1")
+    assert floor_reason("linear_act", "3.4.0") is None and floor_reason("softmax", "3.1.0+git4a1b") is None
+    assert "older than 3.1" in floor_reason("softmax", "3.0.0")
+
+
+def test_a_triton_below_a_floor_declines_that_family_with_its_reason(monkeypatch):
+    import triton
+    from fusedformer import backends
+
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    # the floors are cached per process: a copy of the cache without them, the original put back after
+    monkeypatch.setattr(backends, "_cache", {k: v for k, v in backends._cache.items() if k[0] != "_triton_floor_reason"})
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    reason = backends.unsupported_reason("triton", "linear_act", "cpu", (x, w, None, "gelu"))
+    assert reason.startswith("triton 3.3.1 is older than 3.4: the Triton GEMM")
+    with pytest.raises(ValueError, match="older than 3.4"):
+        backends.select("linear_act", "cpu", (x, w, None, "gelu"), backend="triton")
+    assert backends.unsupported_reason("triton", "softmax", "cpu", (x, -1)) is None
+
+
+def test_the_gemm_floor_is_what_the_gemm_imports():
+    """The linear_act floor names the module the Triton GEMM imports; the installed triton has it."""
+    source = (ROOT / "kernels" / "matmul_act.py").read_text()
+    assert "from triton.tools.tensor_descriptor import TensorDescriptor" in source
+    pytest.importorskip("triton.tools.tensor_descriptor")

@@ -102,6 +102,15 @@ def _triton_import_error():
     return None
 
 
+@_cached
+def _triton_floor_reason(family):
+    import triton
+
+    from fusedformer._backends.triton_floors import floor_reason
+
+    return floor_reason(family, triton.__version__)
+
+
 def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -157,7 +166,7 @@ def unavailable_reason(name, device):
 def unsupported_reason(name, family, device, args=None):
     """Why backend ``name`` cannot run op family ``family`` (its name) on these forward ``args``
     (on ``device`` at all, when ``args`` is None), or None."""
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device) or (_triton_floor_reason(family) if name == "triton" else None)
     if reason:
         return reason
     impl, reason = FAMILIES[family].load(name)

@@ -26,6 +26,13 @@ def _versions():
 def info(args):
     for name, version in _versions().items():
         print(f"{name:<14} {version}")
+    if backends._triton_import_error() is None:
+        import triton
+
+        from fusedformer._backends.tables import FAMILIES
+        from fusedformer._backends.triton_floors import summary
+
+        print(f"{'triton floors':<14} {summary(triton.__version__, FAMILIES)}")
     if torch.cuda.is_available():
         device = "cuda"
         sm = "".join(map(str, torch.cuda.get_device_capability()))
@@ -54,7 +61,7 @@ def info(args):
 
 def _describe_build(record):
     if record is None:
-        return "no CUDA build ran at install (FUSEDFORMER_BUILD_CUDA=0, or nvcc not found)"
+        return "no build record (FUSEDFORMER_BUILD_CUDA=0 or no nvcc at install, or _C built by setup.py build_ext)"
     where = f"FUSEDFORMER_BUILD_CUDA={record.get('mode')}, nvcc {record.get('nvcc')}"
     if record.get("cuda_build") == "built":
         return f"built for {', '.join(record.get('targets', []))} in {record.get('seconds')} s ({where})"
