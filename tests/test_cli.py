@@ -114,7 +114,7 @@ def test_demo_runs_and_says_which_backend(capsys):
     if HAS_GPU:
         assert "[fused (auto)]" in out and "[reference]" in out
     else:
-        assert "everything below runs on the REFERENCE backend" in out
+        assert "NO CUDA GPU" in out and "[auto]" in out
 
 
 def test_demo_held_out_loss_is_fixed_batches_of_text_never_trained_on():
