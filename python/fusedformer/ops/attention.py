@@ -164,9 +164,11 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
                             heads=query.shape[-3] if query.dim() >= 3 else 1, batch=math.prod(query.shape[:-3]))
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, backend=None, window_size=None,
-                                 alibi_slopes=None):
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 backend: str | None = None, window_size: tuple[int, int] | None = None,
+                                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, computed by a fusedformer backend.
 
     query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev). ``attn_mask`` is a
@@ -178,7 +180,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Extensions (keyword-only): ``window_size=(left, right)`` keeps i - left <= j <= i + right
     (-1: unbounded); ``alibi_slopes`` (Hq,) or (batch, Hq) adds -slope * |i - j| in-kernel.
     Dropout is drawn from Philox seeded by torch's default generator, so torch.manual_seed
-    reproduces it (the mask differs from torch's own dropout stream).
+    reproduces it (the mask differs from torch's own dropout stream). Returns (..., Hq, Lq, Ev) in
+    the inputs' dtype.
+
+    Backends: reference everything, any float dtype; torch on a CPU, without dropout, Ev = E; triton
+    everything in float32/float16/bfloat16, head dims up to 256; cuda float16/bfloat16, head dims
+    64 and 128, masks, causal and GQA (no dropout, window, ALiBi or float-mask gradient).
     """
     _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes)
     out_shape = (*query.shape[:-1], value.shape[-1])

@@ -96,10 +96,13 @@ def _backward(ctx, grad_y, grad_hidden, grad_preact):
 _feed_forward_fwd = differentiable(feed_forward_fwd, _setup_context, _backward)
 
 
-def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recompute=False):
-    """Linear -> activation -> Linear. w1 (F, d_model) or (2F, d_model) for gated activations
-    (rows [:F] gate, [F:] up), w2 (d_out, F); b1, b2 optional. ``recompute=True`` keeps no
-    M x F activation for the backward and recomputes it there (one more x @ w1^T GEMM)."""
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, activation: str = "gelu", *, backend: str | None = None,
+                 recompute: bool = False) -> torch.Tensor:
+    """Linear -> activation -> Linear. x (..., d_model), w1 (F, d_model) or (2F, d_model) for gated
+    activations (rows [:F] gate, [F:] up), w2 (d_out, F); b1, b2 optional; returns (..., d_out) in
+    x's dtype. ``recompute=True`` keeps no M x F activation for the backward and recomputes it
+    there (one more x @ w1^T GEMM). Backends: as linear_act (both GEMMs are linear_act's)."""
     validate_linear(OP, x, w1, b1, activation, "w1", "b1")
     hidden_width = output_width(w1, activation)
     if isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] != hidden_width:

@@ -1,5 +1,7 @@
 """ff.layer_norm: F.layer_norm, plus the pre-norm block's fused residual add."""
 
+from collections.abc import Sequence
+
 import torch
 
 from fusedformer import backends
@@ -105,9 +107,16 @@ def as_rows(t, n):
     return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, residual: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """F.layer_norm(x, normalized_shape, weight, bias, eps). With ``residual=`` it normalizes
-    h = x + residual and returns ``(out, h)``: the pre-norm block's add & norm in one pass."""
+    h = x + residual and returns ``(out, h)``: the pre-norm block's add & norm in one pass.
+    ``x`` (..., *normalized_shape), ``weight``/``bias`` normalized_shape; fp32 math inside, the
+    result in x's dtype.
+
+    Backends: reference and torch any float dtype; triton float32/float16/bfloat16 (residual of any
+    of them); cuda float32/float16/bfloat16 with the residual in x's dtype."""
     n = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None

@@ -1,5 +1,7 @@
 """ff.rms_norm: F.rms_norm, plus the pre-norm block's fused residual add."""
 
+from collections.abc import Sequence
+
 import torch
 
 from fusedformer import backends
@@ -63,10 +65,15 @@ def _backward(ctx, grad_y, grad_res, grad_rstd):
 _rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backend=None):
+def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+             eps: float | None = None, *, residual: torch.Tensor | None = None,
+             backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """F.rms_norm(x, normalized_shape, weight, eps): x * rsqrt(mean(x^2) + eps) * weight, eps
     defaulting to torch.finfo(x.dtype).eps. With ``residual=`` it normalizes h = x + residual and
-    returns ``(out, h)``."""
+    returns ``(out, h)``. Shapes and dtypes as layer_norm.
+
+    Backends: reference and torch any float dtype; triton float32/float16/bfloat16; cuda
+    float32/float16/bfloat16 with the residual in x's dtype."""
     n = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
     eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
     x2 = as_rows(x, n)

@@ -47,9 +47,13 @@ def _backward(ctx, grad_y):
 _softmax_fwd = differentiable(softmax_fwd, _setup_context, _backward)
 
 
-def softmax(x, dim=-1, *, backend=None):
+def softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None) -> torch.Tensor:
     """Softmax of ``x`` along ``dim`` (computed in float32 for low-precision input), as
-    ``torch.softmax(x, dim)``: a row of all -inf gives NaN, NaN propagates."""
+    ``torch.softmax(x, dim)``: a row of all -inf gives NaN, NaN propagates. ``x`` any shape, a
+    floating dtype; the result has its shape and dtype.
+
+    Backends: reference and torch any float dtype; triton and cuda float32/float16/bfloat16 on a
+    GPU (float64 runs on the reference)."""
     check_float(OP, "x", x)
     dim = normalize_dim(OP, "dim", dim, x.dim())
     if x.dim() == 0:

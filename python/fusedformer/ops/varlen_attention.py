@@ -123,8 +123,11 @@ def _validate(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, wi
                             batch=cu_q.numel() - 1)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     is_causal=False, scale=None, *, window_size=None, alibi_slopes=None, backend=None):
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None, *,
+                     window_size: tuple[int, int] | None = None, alibi_slopes: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Attention over packed sequences, as flash-attn's ``flash_attn_varlen_func``.
 
     q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), H a multiple of Hkv (GQA).
@@ -133,6 +136,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     longest lengths. Each sequence is attended on its own with scaled_dot_product_attention's
     rules (causal top-left aligned, ``window_size=(left, right)``, ``alibi_slopes`` (H,) or (B, H),
     dropout drawn with seed + b). Returns (total_q, H, Dv).
+
+    Backends: reference and triton (as scaled_dot_product_attention); torch on a CPU, without
+    dropout, Dv = D; not cuda.
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
               window_size, alibi_slopes)
