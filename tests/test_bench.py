@@ -200,7 +200,8 @@ def test_cpu_timing_is_torch_benchmark_with_its_spread(monkeypatch):
 
 
 def test_timing_spread_of_known_samples():
-    assert Timing.of([5.0, 1.0, 4.0, 2.0, 3.0]) == Timing(median_ms=3.0, iqr_ms=2.0, reps=5)  # numpy's (linear) quartiles
+    # quartiles interpolated as numpy's default: 2 and 4
+    assert Timing.of([5.0, 1.0, 4.0, 2.0, 3.0]) == Timing(median_ms=3.0, iqr_ms=2.0, reps=5)
     assert Timing.of([2.0]) == Timing(2.0, 0.0, 1)
 
 

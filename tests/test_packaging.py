@@ -243,7 +243,8 @@ def test_a_triton_below_a_floor_declines_that_family_with_its_reason(monkeypatch
 
     monkeypatch.setattr(triton, "__version__", "3.3.1")
     # the floors are cached per process: a copy of the cache without them, the original put back after
-    monkeypatch.setattr(backends, "_cache", {k: v for k, v in backends._cache.items() if k[0] != "_triton_floor_reason"})
+    kept = {k: v for k, v in backends._cache.items() if k[0] != "_triton_floor_reason"}
+    monkeypatch.setattr(backends, "_cache", kept)
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     reason = backends.unsupported_reason("triton", "linear_act", "cpu", (x, w, None, "gelu"))
     assert reason.startswith("triton 3.3.1 is older than 3.4: the Triton GEMM")

@@ -50,4 +50,5 @@ __all__ = [
     "use_backend",
     "varlen_attention",
     "which_backend",
+    "__version__",
 ]
