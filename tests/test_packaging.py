@@ -235,6 +235,7 @@ def test_triton_floors():
         "linear_act", "3.3.1")
     assert floor_reason("linear_act", "3.4.0") is None and floor_reason("softmax", "3.1.0+git4a1b") is None
     assert "older than 3.1" in floor_reason("softmax", "3.0.0")
+    assert "cache_results" in floor_reason("attention", "3.3.1") and floor_reason("attention", "3.4.1") is None
 
 
 def test_a_triton_below_a_floor_declines_that_family_with_its_reason(monkeypatch):
@@ -253,8 +254,9 @@ def test_a_triton_below_a_floor_declines_that_family_with_its_reason(monkeypatch
     assert backends.unsupported_reason("triton", "softmax", "cpu", (x, -1)) is None
 
 
-def test_the_gemm_floor_is_what_the_gemm_imports():
-    """The linear_act floor names the module the Triton GEMM imports; the installed triton has it."""
-    source = (ROOT / "kernels" / "matmul_act.py").read_text()
-    assert "from triton.tools.tensor_descriptor import TensorDescriptor" in source
-    pytest.importorskip("triton.tools.tensor_descriptor")
+def test_the_floors_name_what_the_kernels_use():
+    """Each 3.4 floor names what the kernels use from triton 3.4 (absent from the 3.3.1 wheel): the
+    GEMM's host tensor descriptors, the attention autotuner's cache_results."""
+    assert "from triton.tools.tensor_descriptor import TensorDescriptor" in (ROOT / "kernels/matmul_act.py").read_text()
+    assert "cache_results" in (ROOT / "kernels/_autotune.py").read_text()
+    assert "_autotune" in (ROOT / "kernels/attention.py").read_text()

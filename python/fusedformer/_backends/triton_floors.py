@@ -10,9 +10,13 @@ something newer.
 import re
 
 TRITON_OLDEST = ((3, 1), "the oldest triton fusedformer's kernels are tested with (torch 2.5's)")
+_AUTOTUNER = ((3, 4), "the attention kernels' autotuner keeps its results on disk (triton's Autotuner "
+                      "cache_results, new in triton 3.4, which torch >= 2.8 ships)")
 FAMILY_FLOORS = {
+    "attention": _AUTOTUNER,
+    "varlen_attention": _AUTOTUNER,
     "linear_act": ((3, 4), "the Triton GEMM builds host-side tensor descriptors (triton.tools.tensor_descriptor, "
-                           "new in triton 3.4, which torch >= 2.8 ships)"),
+                           "new in triton 3.4, which torch >= 2.8 ships) and is autotuned as attention is"),
 }
 
 
