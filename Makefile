@@ -49,7 +49,7 @@ $(STAMP): setup.py pyproject.toml
 	    $(VPY) -m pip install -q "$(TORCH_PIN)" --extra-index-url $(TORCH_CPU_INDEX); \
 	  $(VPY) -m pip install -q $(CPU_PINS) $(TEST_DEPS) "$(TORCH_PIN)"; \
 	fi
-	@echo "fusedformer: installing fusedformer (editable); with nvcc, fusedformer._C compiles now (about a minute on 2 cores)"
+	@echo "fusedformer: installing fusedformer (editable); with nvcc, fusedformer._C compiles now (1-4 minutes on 2 cores)"
 	@t0=$$(date +%s); \
 	$(VPY) -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee $(VENV)/install.log | \
 	  (grep --line-buffered -E '^ *(fusedformer:|\[[0-9]+/[0-9]+\] |!!!|error|ERROR)' || true); \

@@ -202,7 +202,7 @@ class BuildExt(build_ext):
 
             ninja_bin = str(Path(ninja_pkg.BIN_DIR) / "ninja")
         _log(f"building fusedformer._C with {nvcc} ({', '.join(targets)}), {jobs} jobs "
-             f"(about a minute on 2 cores)")
+             "(1-4 minutes on 2 cores)")
         subprocess.run([ninja_bin, "-C", str(build), "-j", jobs], check=True)
         return targets
 
