@@ -260,3 +260,14 @@ def test_the_floors_name_what_the_kernels_use():
     assert "from triton.tools.tensor_descriptor import TensorDescriptor" in (ROOT / "kernels/matmul_act.py").read_text()
     assert "cache_results" in (ROOT / "kernels/_autotune.py").read_text()
     assert "_autotune" in (ROOT / "kernels/attention.py").read_text()
+
+
+def test_test_files_of_a_family_below_its_floor_are_not_collected(monkeypatch):
+    import conftest
+    import triton
+
+    assert all(list((ROOT / "tests").glob(g)) for globs in conftest.TRITON_FAMILY_TESTS.values() for g in globs)
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    assert {"test_triton_attention*.py", "test_triton_linear_act.py"} <= set(conftest._below_triton_floor())
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    assert conftest._below_triton_floor() == []
