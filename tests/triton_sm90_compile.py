@@ -14,7 +14,6 @@ import tempfile
 import triton
 from fusedformer.kernels import _rows
 from fusedformer.kernels import layer_norm as kl
-from fusedformer.kernels import rms_norm as kr
 from fusedformer.kernels import softmax as ks
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -51,21 +50,18 @@ def main(N):
         if not backward:
             compile_kernel("softmax_fwd_rows", ks._softmax_fwd_rows_kernel, {"X": bf, "Y": bf}, (),
                            dict(blocks, sxc=1, syc=1), w)
-            compile_kernel("layer_norm_fwd", kl._layer_norm_fwd_kernel,
-                           dict(X=bf, R=bf, W=bf, B=bf, Y=bf, RES_OUT=bf, MEAN="fp32", RSTD="fp32"), ("eps",),
-                           dict(blocks, HAS_RES=True, HAS_W=True, HAS_B=True), w)
-            compile_kernel("rms_norm_fwd", kr._rms_norm_fwd_kernel,
-                           dict(X=bf, R=bf, W=bf, Y=bf, RES_OUT=bf, RSTD="fp32"), ("eps",),
-                           dict(blocks, HAS_RES=True, HAS_W=True), w)
+            for label, rms in (("layer_norm_fwd", False), ("rms_norm_fwd", True)):
+                compile_kernel(label, kl._norm_fwd_kernel,
+                               dict(X=bf, R=bf, W=bf, B=bf, Y=bf, RES_OUT=bf, MEAN="fp32", RSTD="fp32"), ("eps",),
+                               dict(blocks, IS_RMS=rms, HAS_RES=True, HAS_W=True, HAS_B=not rms), w)
         else:
             compile_kernel("softmax_bwd_rows", ks._softmax_bwd_rows_kernel, {"DY": bf, "Y": bf, "DX": bf}, (),
                            dict(blocks, sdc=1, syc=1, sxc=1), w)
-            compile_kernel("layer_norm_bwd", kl._layer_norm_bwd_kernel,
-                           dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32",
-                                DB_PART="fp32"), (), dict(blocks, HAS_W=True, HAS_B=True, HAS_DRES=True), w)
-            compile_kernel("rms_norm_bwd", kr._rms_norm_bwd_kernel,
-                           dict(DY=bf, X=bf, W=bf, RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32"), (),
-                           dict(blocks, HAS_W=True, HAS_DRES=True), w)
+            for label, rms in (("layer_norm_bwd", False), ("rms_norm_bwd", True)):
+                compile_kernel(label, kl._norm_bwd_kernel,
+                               dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32",
+                                    DB_PART="fp32"), (),
+                               dict(blocks, IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DRES=True), w)
     bb, bn, single, w = ks._columns_config(128, N)
     compile_kernel("softmax_fwd_cols", ks._softmax_fwd_cols_kernel, {"X": bf, "Y": bf}, (),
                    dict(BLOCK_N=bn, BLOCK_B=bb, SINGLE=single, sxb=1, syb=1), w)
