@@ -15,10 +15,12 @@ Memory traffic (elements): forward reads M*N (+ M*N residual) + 2N, writes M*N (
 residual_out) + 2M; backward reads 2*M*N (+ M*N d_residual_out) + N + 2M, writes M*N, plus
 G*N fp32 partials per weight written and read once (G = persistent programs, a few per SM).
 (RMS norm: no bias, no mean: N and M fewer.) A row longer than one block (N > MAX_FUSED_*) is
-read twice: chunked mean/M2 (Chan's merge), then normalize; backward: reductions, then dx.
+read twice: chunked mean/M2 (Chan's merge), then normalize; backward: a stats kernel reduces
+each row to two floats, then a (G x column chunks) grid writes dx.
 
-dw/db are deterministic: each persistent program sums its own rows in a fixed order into its own
-row of a (G, N) fp32 buffer, then _rows.sum_partials adds the G rows in a fixed order. No atomics.
+dw/db are deterministic: each persistent program sums its own rows (of its column chunk) in a
+fixed order in registers and stores them once into its row of a (G, N) fp32 buffer, then
+_rows.sum_partials adds the G rows in a fixed order. No atomics, no read-modify-write.
 Rows may have any row stride (unit column stride); offsets are int64.
 """
 
@@ -130,12 +132,43 @@ def _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS: tl.constexpr)
 
 
 @triton.jit
+def _norm_bwd_stats_kernel(
+    DY, X, W, MEAN, RSTD,  # as _norm_bwd_kernel
+    C1,  # (M,) fp32: sum(g * xhat) / N per row
+    C2,  # (M,) fp32: sum(g) / N per row (written unless IS_RMS)
+    M, N,
+    sdy, sx,  # row strides
+    IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The per-row reductions of dx for rows longer than one tile, walked in BLOCK_N chunks."""
+    for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        c1 = tl.zeros([BLOCK_M], tl.float32)
+        c2 = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < N
+            mask = rmask[:, None] & cmask[None, :]
+            xhat, _ = _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS)
+            g = _rows.scale_by_weight(_rows.load_tile(DY, rows, sdy, cols, mask), W, cols, cmask, HAS_W)
+            c1 += tl.sum(g * xhat, axis=1)
+            if not IS_RMS:
+                c2 += tl.sum(g, axis=1)
+        tl.store(C1 + rows, c1 / N, mask=rmask)
+        if not IS_RMS:
+            tl.store(C2 + rows, c2 / N, mask=rmask)
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY,  # upstream gradient, (M, N), row stride sdy
     X,  # the normalized input h, (M, N), row stride sx
     W,  # weight, (N,) (read only when HAS_W)
     MEAN,  # (M,) fp32 (read unless IS_RMS)
     RSTD,  # (M,) fp32
+    C1, C2,  # (M,) fp32 row reductions from _norm_bwd_stats_kernel (read only when not SINGLE)
     DRES,  # gradient of residual_out, (M, N), row stride sdr (read only when HAS_DRES)
     DX,  # input gradient, (M, N), row stride sdx
     DW_PART,  # (G, N) fp32 partial sums of dy * xhat, row = program (written when HAS_W)
@@ -143,80 +176,52 @@ def _norm_bwd_kernel(
     M, N,
     sdy, sx, sdr, sdx,  # row strides
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DRES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile (1 when not SINGLE)
+    BLOCK_N: tl.constexpr,  # the whole row when SINGLE, else the column chunk of program_id(1)
+    SINGLE: tl.constexpr,  # the tile holds whole rows: reduce them here, not in the stats kernel
 ):
+    """Grid (G, column chunks): program (g, j) owns columns [j * BLOCK_N, (j + 1) * BLOCK_N) of
+    every G-th row tile, and sums dw/db over them in registers: one store of its partial row."""
     pid = tl.program_id(0)
-    n_tiles = tl.cdiv(M, BLOCK_M)
-    part = pid.to(tl.int64) * N
-    if SINGLE:
-        cols = tl.arange(0, BLOCK_N)
-        cmask = cols < N
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    if HAS_W:
+        w = _rows.load_vec(W, cols, cmask)
+    dw_acc = tl.zeros([BLOCK_N], tl.float32)
+    db_acc = tl.zeros([BLOCK_N], tl.float32)
+    for tile in range(pid.to(tl.int64), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        dy = _rows.load_tile(DY, rows, sdy, cols, mask)
+        xhat, rstd = _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS)
         if HAS_W:
-            w = _rows.load_vec(W, cols, cmask)
-        dw_acc = tl.zeros([BLOCK_N], tl.float32)
-        db_acc = tl.zeros([BLOCK_N], tl.float32)
-        for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = rows < M
-            mask = rmask[:, None] & cmask[None, :]
-            dy = _rows.load_tile(DY, rows, sdy, cols, mask)
-            xhat, rstd = _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS)
-            if HAS_W:
-                g = dy * w[None, :]
-            else:
-                g = dy
+            g = dy * w[None, :]
+        else:
+            g = dy
+        if SINGLE:
             c1 = tl.sum(g * xhat, axis=1) / N
             if not IS_RMS:
-                g = g - (tl.sum(g, axis=1) / N)[:, None]
-            dx = (g - xhat * c1[:, None]) * rstd[:, None]
-            if HAS_DRES:
-                dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
-            _rows.store_tile(DX, rows, sdx, cols, dx, mask)
-            if HAS_W:
-                dw_acc += tl.sum(dy * xhat, axis=0)
-            if HAS_B:
-                db_acc += tl.sum(dy, axis=0)
+                c2 = tl.sum(g, axis=1) / N
+        else:
+            c1 = tl.load(C1 + rows, mask=rmask, other=0.0)
+            if not IS_RMS:
+                c2 = tl.load(C2 + rows, mask=rmask, other=0.0)
+        if not IS_RMS:
+            g = g - c2[:, None]
+        dx = (g - xhat * c1[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
+        _rows.store_tile(DX, rows, sdx, cols, dx, mask)
         if HAS_W:
-            tl.store(DW_PART + part + cols, dw_acc, mask=cmask)
+            dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_B:
-            tl.store(DB_PART + part + cols, db_acc, mask=cmask)
-    else:
-        # one row per tile; this program's partial rows live in DW_PART/DB_PART (zeroed by the
-        # launcher) and only this program touches them, so load-add-store needs no atomics
-        for tile in range(pid.to(tl.int64), n_tiles, tl.num_programs(0)):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = rows < M
-            c1 = tl.zeros([BLOCK_M], tl.float32)
-            c2 = tl.zeros([BLOCK_M], tl.float32)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                cmask = cols < N
-                mask = rmask[:, None] & cmask[None, :]
-                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
-                xhat, rstd = _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS)
-                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
-                c1 += tl.sum(g * xhat, axis=1)
-                if not IS_RMS:
-                    c2 += tl.sum(g, axis=1)
-            c1 = c1 / N
-            c2 = c2 / N
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N)
-                cmask = cols < N
-                mask = rmask[:, None] & cmask[None, :]
-                dy = _rows.load_tile(DY, rows, sdy, cols, mask)
-                xhat, rstd = _load_xhat(X, MEAN, RSTD, rows, sx, cols, rmask, mask, IS_RMS)
-                g = _rows.scale_by_weight(dy, W, cols, cmask, HAS_W)
-                if not IS_RMS:
-                    g = g - c2[:, None]
-                dx = (g - xhat * c1[:, None]) * rstd[:, None]
-                if HAS_DRES:
-                    dx += _rows.load_tile(DRES, rows, sdr, cols, mask)
-                _rows.store_tile(DX, rows, sdx, cols, dx, mask)
-                if HAS_W:
-                    _rows.add_to_partial(DW_PART, part, cols, cmask, tl.sum(dy * xhat, axis=0))
-                if HAS_B:
-                    _rows.add_to_partial(DB_PART, part, cols, cmask, tl.sum(dy, axis=0))
+            db_acc += tl.sum(dy, axis=0)
+    part = pid.to(tl.int64) * N
+    if HAS_W:
+        tl.store(DW_PART + part + cols, dw_acc, mask=cmask)
+    if HAS_B:
+        tl.store(DB_PART + part + cols, db_acc, mask=cmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,13 +263,19 @@ def norm_bwd(grad_y, x, weight, mean, rstd, grad_residual_out, dx, dweight, dbia
     block_m, block_n, single, warps = _rows.row_config(M, N, x.element_size(), backward=True)
     G = _rows.persistent_programs(triton.cdiv(M, block_m), M, x.element_size(), x.device)
     has_w, has_b, has_dres = weight is not None, dbias is not None, grad_residual_out is not None
-    # the looped path accumulates into its partial rows, so they start at zero
-    alloc = torch.empty if single else torch.zeros
-    dw_part = alloc((G, N), dtype=torch.float32, device=x.device) if has_w else rstd
-    db_part = alloc((G, N), dtype=torch.float32, device=x.device) if has_b else rstd
-    _norm_bwd_kernel[(G,)](
-        grad_y, x, weight if has_w else x, rstd if is_rms else mean, rstd, grad_residual_out if has_dres else x,
-        dx, dw_part, db_part,
+    mean = rstd if is_rms else mean  # an unread placeholder for RMS norm
+    w_arg = weight if has_w else x
+    c1 = c2 = rstd  # unread when a tile holds whole rows
+    if not single:
+        c1 = torch.empty(M, dtype=torch.float32, device=x.device)
+        c2 = c1 if is_rms else torch.empty(M, dtype=torch.float32, device=x.device)
+        _norm_bwd_stats_kernel[(_rows.num_programs(M),)](
+            grad_y, x, w_arg, mean, rstd, c1, c2, M, N, grad_y.stride(0), x.stride(0),
+            IS_RMS=is_rms, HAS_W=has_w, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    dw_part = torch.empty((G, N), dtype=torch.float32, device=x.device) if has_w else rstd
+    db_part = torch.empty((G, N), dtype=torch.float32, device=x.device) if has_b else rstd
+    _norm_bwd_kernel[(G, triton.cdiv(N, block_n))](
+        grad_y, x, w_arg, mean, rstd, c1, c2, grad_residual_out if has_dres else x, dx, dw_part, db_part,
         M, N, grad_y.stride(0), x.stride(0), grad_residual_out.stride(0) if has_dres else 0, dx.stride(0),
         IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_b, HAS_DRES=has_dres,
         BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)

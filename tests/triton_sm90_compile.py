@@ -59,9 +59,13 @@ def main(N):
                            dict(blocks, sdc=1, syc=1, sxc=1), w)
             for label, rms in (("layer_norm_bwd", False), ("rms_norm_bwd", True)):
                 compile_kernel(label, kl._norm_bwd_kernel,
-                               dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32",
-                                    DB_PART="fp32"), (),
+                               dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", C1="fp32", C2="fp32", DRES=bf,
+                                    DX=bf, DW_PART="fp32", DB_PART="fp32"), (),
                                dict(blocks, IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DRES=True), w)
+                if not single:  # rows past one tile: the per-row reductions run first
+                    compile_kernel(label + "_stats", kl._norm_bwd_stats_kernel,
+                                   dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", C1="fp32", C2="fp32"), (),
+                                   dict(BLOCK_M=bm, BLOCK_N=bn, IS_RMS=rms, HAS_W=True), w)
     bb, bn, single, w = ks._columns_config(128, N)
     compile_kernel("softmax_fwd_cols", ks._softmax_fwd_cols_kernel, {"X": bf, "Y": bf}, (),
                    dict(BLOCK_N=bn, BLOCK_B=bb, SINGLE=single, sxb=1, syb=1), w)
