@@ -48,8 +48,9 @@ def main(N):
         bm, bn, single, w = _rows.row_config(4096, N, 2, backward)
         blocks = dict(BLOCK_M=bm, BLOCK_N=bn, SINGLE=single)
         if not backward:
+            *_, softmax_warps, head = ks.forward_rows_config(4096, N, 2)
             compile_kernel("softmax_fwd_rows", ks._softmax_fwd_rows_kernel, {"X": bf, "Y": bf}, (),
-                           dict(blocks, sxc=1, syc=1), w)
+                           dict(blocks, HEAD=head, sxc=1, syc=1), softmax_warps)
             for label, rms in (("layer_norm_fwd", False), ("rms_norm_fwd", True)):
                 compile_kernel(label, kl._norm_fwd_kernel,
                                dict(X=bf, R=bf, W=bf, B=bf, Y=bf, RES_OUT=bf, MEAN="fp32", RSTD="fp32"), ("eps",),
