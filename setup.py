@@ -8,7 +8,8 @@ stream handle, so one build serves every torch version.
 Environment:
   FUSEDFORMER_BUILD_CUDA   0 skips the CUDA build; 1 makes a failed build fatal (default: auto,
                            build when nvcc is found, warn and go on without _C if it fails)
-  FUSEDFORMER_CUDA_ARCHS   semicolon/comma separated, e.g. "80;90a" (default "80;90a")
+  FUSEDFORMER_CUDA_ARCHS   semicolon/comma separated, e.g. "80;90a" (default "80;90a"); PTX of
+                           the newest is added for later GPUs (cuda_targets())
   MAX_JOBS                 parallel compile jobs (default: CPU count)
   CUDA_HOME / CUDA_PATH    where to look for bin/nvcc before PATH
 """
@@ -43,14 +44,19 @@ def find_nvcc():
     return str(default) if default.exists() else None
 
 
-def cuda_archs():
+def cuda_targets():
+    """What _C is built for, e.g. ["sm_80", "sm_90a", "compute_90"]: machine code for every arch
+    of FUSEDFORMER_CUDA_ARCHS, and PTX of the newest one (without an arch-specific a/f suffix,
+    whose PTX no other GPU can use), which the driver compiles for GPUs newer than all of them."""
     raw = os.environ.get("FUSEDFORMER_CUDA_ARCHS", "80;90a")
-    archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
-    flags = []
-    for arch in archs:
-        arch = arch.replace("sm_", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return flags
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    newest = max((a.rstrip("af") for a in archs), key=int)
+    return [f"sm_{a}" for a in archs] + [f"compute_{newest}"]
+
+
+def gencode_flags(targets):
+    """nvcc flags building `targets` (cuda_targets() entries)."""
+    return [f"-gencode=arch=compute_{t.split('_')[1]},code={t}" for t in targets]
 
 
 class CudaExtension(Extension):
@@ -84,13 +90,17 @@ class BuildExt(build_ext):
         build = Path(self.build_temp).resolve() / "csrc"
         build.mkdir(parents=True, exist_ok=True)
 
+        targets = cuda_targets()
         includes = [pybind11.get_include(), sysconfig.get_paths()["include"], str(CSRC)]
         inc = " ".join(f"-I{p}" for p in includes)
         cuflags = " ".join([
             "-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-            "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden", *cuda_archs(),
+            "-Xcompiler=-fPIC", "-Xcompiler=-fvisibility=hidden", *gencode_flags(targets),
         ])
-        cxxflags = "-O2 -std=c++17 -Xcompiler=-fPIC -Xcompiler=-fvisibility=hidden"
+        # _C.BUILT_ARCHS, what the availability check compares the GPU with (":"-separated: nvcc
+        # splits option values at commas)
+        cxxflags = ("-O2 -std=c++17 -Xcompiler=-fPIC -Xcompiler=-fvisibility=hidden "
+                    f"-DFF_BUILT_ARCHS={':'.join(targets)}")
         objs, lines = [], []
         for src in sorted(ext.sources):
             src = (ROOT / src).resolve()
@@ -122,7 +132,7 @@ class BuildExt(build_ext):
             import ninja as ninja_pkg
 
             ninja_bin = str(Path(ninja_pkg.BIN_DIR) / "ninja")
-        _log(f"building fusedformer._C with {nvcc} ({' '.join(cuda_archs())}), {jobs} jobs")
+        _log(f"building fusedformer._C with {nvcc} ({', '.join(targets)}), {jobs} jobs")
         subprocess.run([ninja_bin, "-C", str(build), "-j", jobs], check=True)
 
 

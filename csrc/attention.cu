@@ -20,6 +20,7 @@ namespace ff {
 namespace {
 
 constexpr int kBM = 64, kBN = 64, kWarps = 4, kThreads = kWarps * 32;
+constexpr int kDeltaThreads = 256;  // attn_bwd_delta_kernel: a warp per row
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -111,6 +112,14 @@ struct Params {
   Bias bias;
 };
 
+// Finite log2-domain scores are clamped at kScoreFloor. A float mask of finfo(float32 or
+// bfloat16).min overflows to -inf once scaled by log2(e), which would make a row the reference
+// computes (uniform over such keys) a masked row of zeros. The floor lies below every score a
+// mask of finfo(float16).min gives (-65504 -> -94502) and near enough to 0 that the lse of a row
+// at the floor still carries log2(row sum) (fp32 ulp there: 2^-7). Only a row with no score
+// above about -69000 (natural units) tells the floor from the exact result.
+constexpr float kScoreFloor = -1.0e5f;
+
 // The log2-domain score of query i, key j from the raw q.k product, or -inf where masked.
 __device__ __forceinline__ float score2(const Params& p, const Bias& bias_bh, float qk, int64_t i, int64_t j) {
   if (j >= p.Lk || (p.causal && j > i)) return -INFINITY;
@@ -120,10 +129,12 @@ __device__ __forceinline__ float score2(const Params& p, const Bias& bias_bh, fl
     if (bias_bh.kind == 1) {
       if (!static_cast<const uint8_t*>(bias_bh.ptr)[off]) return -INFINITY;
     } else {
-      s += static_cast<const float*>(bias_bh.ptr)[off] * kLog2e;
+      const float b = static_cast<const float*>(bias_bh.ptr)[off];
+      if (b == -INFINITY) return -INFINITY;  // only a true -inf masks a key
+      s += b * kLog2e;
     }
   }
-  return s;
+  return s < kScoreFloor ? kScoreFloor : s;  // NaN stays NaN
 }
 
 __device__ __forceinline__ Bias bias_at(const Bias& b, int64_t bi, int64_t hi) {
@@ -254,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
 
 // delta[row] = sum_d dO[row, d] * O[row, d] over (B*H*Lq) contiguous rows of D; a warp per row
 template <typename T>
-__global__ void attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
+__global__ void __launch_bounds__(kDeltaThreads, 1) attn_bwd_delta_kernel(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
                                       int64_t rows, int D) {
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
@@ -477,6 +488,14 @@ void launch(K kernel, dim3 grid, size_t smem, cudaStream_t stream, const Params&
 
 }  // namespace
 
+std::vector<LaunchLimit> attention_launch_limits() {
+  return {{"attn_fwd_kernel", 64, kThreads, int64_t(fwd_smem<64>(2)), true},
+          {"attn_fwd_kernel", 128, kThreads, int64_t(fwd_smem<128>(2)), true},
+          {"attn_bwd_kernel", 64, kThreads, int64_t(bwd_smem<64>(2)), true},
+          {"attn_bwd_kernel", 128, kThreads, int64_t(bwd_smem<128>(2)), true},
+          {"attn_bwd_delta_kernel", 0, kDeltaThreads, 0, false}};
+}
+
 void attention_forward(int dtype, int head_dim, uintptr_t q, uintptr_t k, uintptr_t v, std::vector<int64_t> strides,
                        uintptr_t out, uintptr_t lse, int64_t B, int64_t H, int64_t Hkv, int64_t Lq, int64_t Lk,
                        double scale, bool causal, int bias_kind, uintptr_t bias, std::vector<int64_t> bias_strides,
@@ -511,11 +530,12 @@ void attention_backward(int dtype, int head_dim, uintptr_t q, uintptr_t k, uintp
   require(head_dim == 64 || head_dim == 128,
           "attention_backward: head_dim must be 64 or 128, got " + std::to_string(head_dim));
   const int64_t rows = B * H * Lq;
-  const int64_t dblocks = (rows + 7) / 8;  // 8 warps of 32 per block, a warp per row
+  constexpr int kRowsPerBlock = kDeltaThreads / 32;
+  const int64_t dblocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   require(dblocks <= 0x7fffffff, "attention_backward: too many rows");
   const dim3 grid = attn_grid((Lk + kBN - 1) / kBN, H, B);
   FF_DISPATCH_HALF(dtype, T, {
-    attn_bwd_delta_kernel<T><<<unsigned(dblocks), 256, 0, as_stream(stream)>>>(
+    attn_bwd_delta_kernel<T><<<unsigned(dblocks), kDeltaThreads, 0, as_stream(stream)>>>(
         ptr<const T>(dout), ptr<const T>(out), ptr<float>(delta), rows, int(head_dim));
     FF_LAUNCH_CHECK("attn_bwd_delta_kernel");
     if (head_dim == 64) {

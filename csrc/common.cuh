@@ -15,6 +15,8 @@
 #include <string>
 #include <type_traits>
 
+#include "ops.h"
+
 namespace ff {
 
 struct CudaError : std::runtime_error {
@@ -152,12 +154,41 @@ inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_
 
 template <typename T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// ---- launch limits. A kernel's __launch_bounds__ and its launcher share one constant for the
+// block size, and each .cu lists its kernels' largest launches (ops.h's LaunchLimit).
+// __launch_bounds__(threads, 1) caps registers at 65536 / threads, so every launch fits; the
+// explicit 1 matters: with the block size alone ptxas spilled bias_act_fwd_kernel<float> at 32
+// registers where 38 fit.
+
+constexpr int kRowThreads = 1024;  // softmax / norm row kernels: the largest block
+
 // Threads per block for a row-wise kernel over rows of n elements.
 inline int row_threads(int64_t n, int vec) {
   const int64_t per_thread = vec * 2;
   int t = 32;
-  while (t < 1024 && t * per_thread < n) t *= 2;
+  while (t < kRowThreads && t * per_thread < n) t *= 2;
   return t;
+}
+
+// Dynamic shared memory for a row cache of `bytes` in `kernel`: `bytes` when the current device
+// has room for it beside the kernel's static shared memory (row_cache_bytes()), else 0 (the
+// kernel then rereads global memory).
+template <typename K>
+int64_t row_cache_smem(K kernel, int64_t bytes) {
+  int device = 0, optin = 0;
+  FF_CUDA_CHECK(cudaGetDevice(&device));
+  FF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cudaFuncAttributes attr;
+  FF_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t budget = row_cache_bytes(optin, int64_t(attr.sharedSizeBytes));
+  if (bytes > budget) return 0;
+  // Beyond what the kernel is allowed (48 KB less its static memory at first), opt in: to the
+  // whole budget, never to this request, so that launches of the kernel from other threads
+  // cannot shrink the limit under each other.
+  if (bytes > attr.maxDynamicSharedSizeBytes) {
+    FF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(budget)));
+  }
+  return bytes;
 }
 
 // Rows processed by a grid of at most this many blocks (blocks loop over the rest).

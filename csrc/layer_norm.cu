@@ -4,6 +4,12 @@
 
 namespace ff {
 
+std::vector<LaunchLimit> norm_launch_limits() {
+  return {{"norm_fwd_kernel", 0, kRowThreads, kRowCacheSmem, true},
+          {"norm_bwd_kernel", 0, kRowThreads, kRowCacheSmem, true},
+          {"column_sum_kernel", 0, kColumnSumThreads, 0, false}};
+}
+
 void layer_norm_forward(int dtype, uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t b, uintptr_t y,
                         uintptr_t res_out, uintptr_t mean, uintptr_t rstd, int64_t M, int64_t N, int64_t sx,
                         int64_t sres, int64_t sy, int64_t sro, double eps, bool vec, uintptr_t stream) {

@@ -12,6 +12,8 @@ namespace {
 // codes shared with python/fusedformer/_backends/cuda/linear_act.py
 enum Act : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4, kSwiglu = 5, kGeglu = 6 };
 
+constexpr int kThreads = 256;  // every launch's block size
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
@@ -45,7 +47,7 @@ __device__ __forceinline__ float act_grad(float h, int act) {
 
 // One thread handles W consecutive output columns j of one row; blocks tile (columns, rows).
 template <typename T, bool VEC, bool GATED>
-__global__ void bias_act_fwd_kernel(T* __restrict__ z,              // GEMM output (M, Nz), row stride sz; becomes preact
+__global__ void __launch_bounds__(kThreads, 1) bias_act_fwd_kernel(T* __restrict__ z,              // GEMM output (M, Nz), row stride sz; becomes preact
                                     const float* __restrict__ bias, // (Nz,) or null
                                     T* __restrict__ y,              // output (M, Ny), row stride sy
                                     int64_t M, int64_t Ny, int64_t sz, int64_t sy, int act) {
@@ -85,7 +87,7 @@ __global__ void bias_act_fwd_kernel(T* __restrict__ z,              // GEMM outp
 
 // dh = dy * act'(h); gated: dgate = dy * up * act'(gate), dup = dy * act(gate).
 template <typename T, bool VEC, bool GATED>
-__global__ void bias_act_bwd_kernel(const T* __restrict__ dy,  // grad of y (M, Ny), row stride sdy
+__global__ void __launch_bounds__(kThreads, 1) bias_act_bwd_kernel(const T* __restrict__ dy,  // grad of y (M, Ny), row stride sdy
                                     const T* __restrict__ h,   // preact (M, Nz), row stride sh
                                     T* __restrict__ dh,        // grad of preact (M, Nz), row stride sdh
                                     int64_t M, int64_t Ny, int64_t sdy, int64_t sh, int64_t sdh, int act) {
@@ -122,9 +124,11 @@ __global__ void bias_act_bwd_kernel(const T* __restrict__ dy,  // grad of y (M, 
   }
 }
 
-constexpr int kThreads = 256;
-
 }  // namespace
+
+std::vector<LaunchLimit> linear_act_launch_limits() {
+  return {{"bias_act_fwd_kernel", 0, kThreads, 0, false}, {"bias_act_bwd_kernel", 0, kThreads, 0, false}};
+}
 
 void bias_act_forward(int dtype, uintptr_t z, uintptr_t bias, uintptr_t y, int64_t M, int64_t Ny, int64_t sz,
                       int64_t sy, int act, bool vec, uintptr_t stream) {

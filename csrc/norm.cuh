@@ -3,7 +3,8 @@
 //
 // forward  reads M*N (x) [+ M*N residual], writes M*N (y) [+ M*N residual_out] + 2M floats.
 // backward reads 2*M*N [+ M*N grad_residual_out], writes M*N + grid*N partials per dw/db.
-// A row is cached in shared memory (fp32) when it fits, so each input is read once.
+// A row is cached in shared memory (fp32) when it fits the device (row_cache_smem), so each input
+// is read once.
 //
 // dW/dB are deterministic: block b owns a fixed row range and writes its column sums to
 // partial[b, :] (each column is always handled by the same thread: no race, no atomics); a
@@ -15,11 +16,11 @@
 namespace ff {
 namespace {  // each including .cu gets its own copy of these kernels
 
-constexpr int64_t kNormCacheBytes = 48 * 1024;
+constexpr int kColumnSumThreads = 256;
 
 // h = x (+ residual); y = (h - mean) * rstd * w + b   (RMS: mean = 0, no b)
 template <typename T, bool VEC, bool RMS>
-__global__ void norm_fwd_kernel(const T* __restrict__ x,      // input, (M, N), row stride sx
+__global__ void __launch_bounds__(kRowThreads, 1) norm_fwd_kernel(const T* __restrict__ x,      // input, (M, N), row stride sx
                                 const T* __restrict__ res,    // residual or null, (M, N), row stride sres
                                 const float* __restrict__ w,  // weight or null, (N,)
                                 const float* __restrict__ b,  // bias or null, (N,)
@@ -101,7 +102,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x,      // input, (M, N), 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dres)   (RMS: without mean(g))
 // dw_part[blk] = sum over the block's rows of dy * xhat, db_part[blk] = sum of dy.
 template <typename T, bool VEC, bool RMS>
-__global__ void norm_bwd_kernel(const T* __restrict__ dy,       // grad of y, (M, N), row stride sdy
+__global__ void __launch_bounds__(kRowThreads, 1) norm_bwd_kernel(const T* __restrict__ dy,       // grad of y, (M, N), row stride sdy
                                 const T* __restrict__ x,        // normalized input h, (M, N), row stride sx
                                 const float* __restrict__ w,    // weight or null, (N,)
                                 const float* __restrict__ mean, // (M,) or null (RMS)
@@ -189,7 +190,7 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy,       // grad of y, (M
 }
 
 // out[j] = sum over b of part[b, j], b in order: the deterministic second reduction.
-__global__ void column_sum_kernel(const float* __restrict__ part,  // (nparts, N)
+__global__ void __launch_bounds__(kColumnSumThreads, 1) column_sum_kernel(const float* __restrict__ part,  // (nparts, N)
                                   float* __restrict__ out,         // (N,)
                                   int64_t nparts, int64_t N) {
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < N; j += int64_t(gridDim.x) * blockDim.x) {
@@ -206,15 +207,13 @@ void norm_forward(int dtype, uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t 
   require(M >= 0 && N >= 0, "norm forward: negative size");
   require((res == 0) == (res_out == 0), "norm forward: residual and residual_out go together");
   if (M == 0 || N == 0) return;
-  const bool cached = N * 4 <= kNormCacheBytes;
-  const size_t smem = cached ? size_t(N) * 4 : 0;
   const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    const int threads = row_threads(N, vec ? kVec<T> : 1);
     auto kernel = vec ? norm_fwd_kernel<T, true, RMS> : norm_fwd_kernel<T, false, RMS>;
-    kernel<<<blocks, threads, smem, as_stream(stream)>>>(
+    const int64_t smem = row_cache_smem(kernel, N * 4);
+    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
         ptr<const T>(x), ptr<const T>(res), ptr<const float>(w), ptr<const float>(b), ptr<T>(y), ptr<T>(res_out),
-        ptr<float>(mean), ptr<float>(rstd), M, N, sx, sres, sy, sro, float(eps), cached);
+        ptr<float>(mean), ptr<float>(rstd), M, N, sx, sres, sy, sro, float(eps), smem > 0);
   });
   FF_LAUNCH_CHECK(RMS ? "rms_norm_fwd_kernel" : "layer_norm_fwd_kernel");
 }
@@ -230,26 +229,24 @@ void norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t 
   require((dw_part == 0) == (dw_out == 0) && (db_part == 0) == (db_out == 0),
           "norm backward: partial and output buffers go together");
   if (M == 0 || N == 0) return;
-  const bool cached = N * 8 <= kNormCacheBytes;
-  const size_t smem = cached ? size_t(N) * 8 : 0;
   const int64_t rows_per_block = (M + nparts - 1) / nparts;
   FF_DISPATCH(dtype, T, {
-    const int threads = row_threads(N, vec ? kVec<T> : 1);
     auto kernel = vec ? norm_bwd_kernel<T, true, RMS> : norm_bwd_kernel<T, false, RMS>;
-    kernel<<<unsigned(nparts), threads, smem, as_stream(stream)>>>(
+    const int64_t smem = row_cache_smem(kernel, N * 8);
+    kernel<<<unsigned(nparts), row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
         ptr<const T>(dy), ptr<const T>(x), ptr<const float>(w), ptr<const float>(mean), ptr<const float>(rstd),
         ptr<const T>(dres), ptr<T>(dx), ptr<float>(dw_part), ptr<float>(db_part), M, N, sdy, sx, sdr, sdx,
-        rows_per_block, cached);
+        rows_per_block, smem > 0);
   });
   FF_LAUNCH_CHECK(RMS ? "rms_norm_bwd_kernel" : "layer_norm_bwd_kernel");
-  const int64_t cblocks64 = (N + 255) / 256;
+  const int64_t cblocks64 = (N + kColumnSumThreads - 1) / kColumnSumThreads;
   const unsigned cblocks = unsigned(cblocks64 < kMaxRowBlocks ? cblocks64 : kMaxRowBlocks);
   if (dw_part) {
-    column_sum_kernel<<<cblocks, 256, 0, as_stream(stream)>>>(ptr<const float>(dw_part), ptr<float>(dw_out), nparts, N);
+    column_sum_kernel<<<cblocks, kColumnSumThreads, 0, as_stream(stream)>>>(ptr<const float>(dw_part), ptr<float>(dw_out), nparts, N);
     FF_LAUNCH_CHECK("column_sum_kernel");
   }
   if (db_part) {
-    column_sum_kernel<<<cblocks, 256, 0, as_stream(stream)>>>(ptr<const float>(db_part), ptr<float>(db_out), nparts, N);
+    column_sum_kernel<<<cblocks, kColumnSumThreads, 0, as_stream(stream)>>>(ptr<const float>(db_part), ptr<float>(db_out), nparts, N);
     FF_LAUNCH_CHECK("column_sum_kernel");
   }
 }

@@ -9,6 +9,31 @@
 
 namespace ff {
 
+// How the largest launch of a kernel looks; each .cu lists its kernels' (the *_launch_limits()
+// below), _C exports them for tests/test_cuda_resources.py.
+constexpr int64_t kDefaultSmemBytes = 48 * 1024;  // static + dynamic shared memory without opt-in
+constexpr int64_t kRowCacheSmem = -1;  // max_dynamic_smem of a row cache: row_cache_bytes() of the device
+
+struct LaunchLimit {
+  const char* kernel;        // the kernel's name in the binary (template arguments aside)
+  int head_dim;              // attention kernels: their D template argument; 0 otherwise
+  int max_threads;           // the largest block any launch uses (= its __launch_bounds__)
+  int64_t max_dynamic_smem;  // bytes, or kRowCacheSmem
+  bool opt_in;               // the launcher raises cudaFuncAttributeMaxDynamicSharedMemorySize
+};
+
+std::vector<LaunchLimit> softmax_launch_limits();
+std::vector<LaunchLimit> norm_launch_limits();  // layer_norm.cu; rms_norm.cu has the same kernels
+std::vector<LaunchLimit> linear_act_launch_limits();
+std::vector<LaunchLimit> attention_launch_limits();
+
+// The row cache a kernel with `static_bytes` of static shared memory may take on a device whose
+// opt-in shared memory limit per block is `optin_bytes` (16-byte multiples).
+inline int64_t row_cache_bytes(int64_t optin_bytes, int64_t static_bytes) {
+  const int64_t left = optin_bytes - static_bytes;
+  return left > 0 ? left / 16 * 16 : 0;
+}
+
 void softmax_forward(int dtype, uintptr_t x, uintptr_t y, int64_t M, int64_t N, int64_t sx, int64_t sy, bool vec,
                      uintptr_t stream);
 void softmax_backward(int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_t M, int64_t N, int64_t sdy,

@@ -1,17 +1,16 @@
 // Softmax over the last dim of (M, N) rows, forward and backward.
 // forward reads M*N, writes M*N; backward reads 2*M*N, writes M*N. One block per row; the row
-// is kept in shared memory (fp32) when it fits, so global memory is read once.
+// is kept in shared memory (fp32) when it fits the device (row_cache_smem), so global memory is
+// read once.
 #include "common.cuh"
 #include "ops.h"
 
 namespace ff {
 namespace {
 
-constexpr int64_t kCacheBytes = 48 * 1024;  // the default dynamic shared memory limit
-
 // y = exp(x - max) / sum(exp(x - max)); an all -inf row gives NaN, as torch.
 template <typename T, bool VEC>
-__global__ void softmax_fwd_kernel(const T* __restrict__ x,  // input, (M, N), row stride sx
+__global__ void __launch_bounds__(kRowThreads, 1) softmax_fwd_kernel(const T* __restrict__ x,  // input, (M, N), row stride sx
                                    T* __restrict__ y,        // output, (M, N), row stride sy
                                    int64_t M, int64_t N, int64_t sx, int64_t sy, bool cached) {
   extern __shared__ float cache[];  // N floats when `cached`
@@ -63,7 +62,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x,  // input, (M, N), r
 
 // dx = y * (dy - sum(dy * y))
 template <typename T, bool VEC>
-__global__ void softmax_bwd_kernel(const T* __restrict__ dy,  // grad of y, (M, N), row stride sdy
+__global__ void __launch_bounds__(kRowThreads, 1) softmax_bwd_kernel(const T* __restrict__ dy,  // grad of y, (M, N), row stride sdy
                                    const T* __restrict__ y,   // forward output, (M, N), row stride sy
                                    T* __restrict__ dx,        // grad of x, (M, N), row stride sdx
                                    int64_t M, int64_t N, int64_t sdy, int64_t sy, int64_t sdx, bool cached) {
@@ -111,22 +110,21 @@ __global__ void softmax_bwd_kernel(const T* __restrict__ dy,  // grad of y, (M, 
 
 }  // namespace
 
+std::vector<LaunchLimit> softmax_launch_limits() {
+  return {{"softmax_fwd_kernel", 0, kRowThreads, kRowCacheSmem, true},
+          {"softmax_bwd_kernel", 0, kRowThreads, kRowCacheSmem, true}};
+}
+
 void softmax_forward(int dtype, uintptr_t x, uintptr_t y, int64_t M, int64_t N, int64_t sx, int64_t sy,
                      bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_forward: negative size");
   if (M == 0 || N == 0) return;
-  const bool cached = N * 4 <= kCacheBytes;
-  const size_t smem = cached ? size_t(N) * 4 : 0;
   const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    const int threads = row_threads(N, vec ? kVec<T> : 1);
-    if (vec) {
-      softmax_fwd_kernel<T, true><<<blocks, threads, smem, as_stream(stream)>>>(
-          ptr<const T>(x), ptr<T>(y), M, N, sx, sy, cached);
-    } else {
-      softmax_fwd_kernel<T, false><<<blocks, threads, smem, as_stream(stream)>>>(
-          ptr<const T>(x), ptr<T>(y), M, N, sx, sy, cached);
-    }
+    auto kernel = vec ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>;
+    const int64_t smem = row_cache_smem(kernel, N * 4);
+    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
+        ptr<const T>(x), ptr<T>(y), M, N, sx, sy, smem > 0);
   });
   FF_LAUNCH_CHECK("softmax_fwd_kernel");
 }
@@ -135,18 +133,12 @@ void softmax_backward(int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_
                       int64_t sy, int64_t sdx, bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_backward: negative size");
   if (M == 0 || N == 0) return;
-  const bool cached = N * 8 <= kCacheBytes;
-  const size_t smem = cached ? size_t(N) * 8 : 0;
   const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    const int threads = row_threads(N, vec ? kVec<T> : 1);
-    if (vec) {
-      softmax_bwd_kernel<T, true><<<blocks, threads, smem, as_stream(stream)>>>(
-          ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx, cached);
-    } else {
-      softmax_bwd_kernel<T, false><<<blocks, threads, smem, as_stream(stream)>>>(
-          ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx, cached);
-    }
+    auto kernel = vec ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>;
+    const int64_t smem = row_cache_smem(kernel, N * 8);
+    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
+        ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx, smem > 0);
   });
   FF_LAUNCH_CHECK("softmax_bwd_kernel");
 }

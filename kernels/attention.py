@@ -14,7 +14,7 @@ one kv head, so a single query token still fills a BLOCK_M tile, and splits the 
 chunks whose partial results a combine kernel merges by their log-sum-exp (split-K).
 
 Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*Lk + j) >= threshold, the exact
-stream of ``fusedformer.reference.attention_dropout_keep`` (varlen: sequence b draws with seed
+stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
 + b and b = 0, as the per-sequence reference does).
 """
 
@@ -201,7 +201,9 @@ def _attn_fwd_kernel(
     r = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # row indices stay int32: cheaper masks
     if PACK_GQA:
         rows_b = G * Lq_b
-        h_row = (head * G + r // Lq_b).to(tl.int64)  # dense only: Lq_b = Lq >= 1
+        # dense only: Lq_b = Lq >= 1. Padding rows (r >= rows_b) repeat the group's last head, so
+        # their bias and ALiBi slope reads stay inside the tensors; they are never stored.
+        h_row = (head * G + tl.minimum(r // Lq_b, G - 1)).to(tl.int64)
         i_row = r % Lq_b
         hkv = head
     else:
@@ -352,10 +354,6 @@ def pow2(n):
 
 def block_d(d):
     return max(16, pow2(d))
-
-
-def strides4(t):
-    return tuple(t.stride())
 
 
 def bias_strides(bias):

@@ -12,8 +12,8 @@ reads M*N_out + M*N, writes M*N. db is reduced deterministically: each program w
 column sums of its ROW_BLOCKS * BLOCK_M rows to its own row of an fp32 partials buffer, which
 the launcher sums (no atomics). The activation functions here are shared with kernels/matmul_act.py.
 
-Activation codes: IDENTITY 0, RELU 1, GELU (erf) 2, GELU_TANH 3, SILU 4; swiglu and geglu are
-SILU and GELU with ``gated``. Math runs in float32 (float64 for float64 inputs).
+Activations: the ACT code of their elementwise function (fusedformer.vocabulary's kernel ids) and
+GATED. Math runs in float32 (float64 for float64 inputs).
 """
 
 import os
@@ -21,19 +21,20 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fusedformer.vocabulary import ACTIVATIONS, ELEMENTWISE
 
-IDENTITY, RELU, GELU, GELU_TANH, SILU = 0, 1, 2, 3, 4
+# the ACT constexpr of the switch in act_fn / act_grad_fn: vocabulary's kernel ids
+IDENTITY, RELU, GELU, GELU_TANH, SILU = (tl.constexpr(ELEMENTWISE[name].kernel_id)
+                                         for name in ("identity", "relu", "gelu", "gelu_tanh", "silu"))
 
-# activation name -> (code, gated)
-ACTIVATIONS = {
-    "identity": (IDENTITY, False),
-    "relu": (RELU, False),
-    "gelu": (GELU, False),
-    "gelu_tanh": (GELU_TANH, False),
-    "silu": (SILU, False),
-    "swiglu": (SILU, True),
-    "geglu": (GELU, True),
-}
+
+def kernel_activation(op, activation):
+    """(ACT, GATED) constexprs of a fused activation; ValueError naming ``op`` for any other."""
+    act = ACTIVATIONS.get(activation)
+    if act is None or not act.fused:
+        raise ValueError(f"{op}: unknown activation {activation!r}")
+    return act.function.kernel_id, act.gated
+
 
 _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -59,14 +60,14 @@ def _sigmoid(h):
 @triton.jit
 def act_fn(h, ACT: tl.constexpr):
     """act(h) for activation code ACT, in h's (float32 / float64) dtype."""
-    if ACT == 1:
+    if ACT == RELU:
         return tl.where(h < 0, 0.0, h)  # NaN < 0 is false: NaN stays NaN, as torch.relu
-    elif ACT == 2:
+    elif ACT == GELU:
         return 0.5 * h * (1.0 + tl.erf(h * _INV_SQRT_2))
-    elif ACT == 3:
+    elif ACT == GELU_TANH:
         t = _tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h))
         return 0.5 * h * (1.0 + t)
-    elif ACT == 4:
+    elif ACT == SILU:
         return h * _sigmoid(h)
     else:
         return h
@@ -74,19 +75,33 @@ def act_fn(h, ACT: tl.constexpr):
 
 @triton.jit
 def act_grad_fn(h, ACT: tl.constexpr):
-    """act'(h); relu' is NaN at NaN (reference.py's _relu_grad)."""
-    if ACT == 1:
+    """act'(h); relu' is NaN at NaN (as vocabulary's relu derivative)."""
+    if ACT == RELU:
         return tl.where(h > 0, 1.0, tl.where(h == h, 0.0, h))
-    elif ACT == 2:
+    elif ACT == GELU:
         return 0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
-    elif ACT == 3:
+    elif ACT == GELU_TANH:
         t = _tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h))
         return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h)
-    elif ACT == 4:
+    elif ACT == SILU:
         s = _sigmoid(h)
         return s * (1.0 + h * (1.0 - s))
     else:
         return tl.full(h.shape, 1.0, h.dtype)
+
+
+@triton.jit
+def store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT: tl.constexpr, STORE_Y: tl.constexpr):
+    """For y = act(gate) * up: stores dh = [dgate | dup] (dup N_OUT after dgate) and, when
+    STORE_Y, y; returns (dgate, dup) in the compute dtype."""
+    a = act_fn(gate, ACT)
+    d_gate = dy * up * act_grad_fn(gate, ACT)
+    d_up = dy * a
+    tl.store(dh_ptrs, d_gate.to(dh_ptrs.dtype.element_ty), mask=mask)
+    tl.store(dh_ptrs + N_OUT, d_up.to(dh_ptrs.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(y_ptrs, (a * up).to(y_ptrs.dtype.element_ty), mask=mask)
+    return d_gate, d_up
 
 
 @triton.jit
@@ -164,19 +179,13 @@ def _bias_act_bwd_kernel(
             if ADD_BIAS:
                 gate += b_gate
                 up += b_up
-            a = act_fn(gate, ACT)
-            d_gate = dy * up * act_grad_fn(gate, ACT)
-            d_up = dy * a
-            tl.store(dh_ptrs, d_gate.to(DH.dtype.element_ty), mask=mask)
-            tl.store(dh_ptrs + N_OUT, d_up.to(DH.dtype.element_ty), mask=mask)
-            if STORE_Y:
-                tl.store(y_ptrs, (a * up).to(Y.dtype.element_ty), mask=mask)
+            d_gate, d_up = store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT, STORE_Y)
             if BIAS_GRAD:
                 # summed before rounding to DH's dtype: closer to the float64 oracle
                 db_gate += tl.sum(tl.where(mask, d_gate, 0.0), axis=0)
                 db_up += tl.sum(tl.where(mask, d_up, 0.0), axis=0)
         else:
-            if ACT == 0 and not STORE_Y:
+            if ACT == IDENTITY and not STORE_Y:
                 dh = dy  # identity: the preact is never read
             else:
                 h = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
@@ -228,7 +237,7 @@ def bias_act_forward(h, bias, activation, store_preact=True, out_dtype=None):
     Returns (y, preact or None). preact is written in place over ``h`` when ``h`` is contiguous
     and already of ``out_dtype``, so the forward allocates only y.
     """
-    act, gated = ACTIVATIONS[activation]
+    act, gated = kernel_activation("bias_act", activation)
     M, N = h.shape
     n_out = N // 2 if gated else N
     out_dtype = out_dtype or h.dtype
@@ -258,7 +267,7 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     added here. ``store_y`` also returns the activation output act(preact) (for a recompute).
     Returns (dh, db or None, y or None); dh and y in ``out_dtype`` (default h's), db in fp32.
     """
-    act, gated = ACTIVATIONS[activation]
+    act, gated = kernel_activation("bias_act", activation)
     M, N = h.shape
     n_out = N // 2 if gated else N
     out_dtype = out_dtype or h.dtype

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_act import ACTIVATIONS, act_fn, act_grad_fn, interpreted
+from .bias_act import act_fn, act_grad_fn, interpreted, store_gated_grad, kernel_activation
 
 # fp32 operands: full-precision products unless allowed (parity with torch's default, which
 # keeps torch.backends.cuda.matmul.allow_tf32 off)
@@ -142,15 +142,9 @@ def _matmul_act_kernel(
         else:
             dy = tl.load(DY + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask,
                          other=0.0).to(tl.float32)
-            a = act_fn(h, ACT)
             db_ptrs = DB + pid_m.to(tl.int64) * n_total + offs_n
             if GATED:
-                d_gate = dy * up * act_grad_fn(h, ACT)
-                d_up = dy * a
-                tl.store(p_ptrs, d_gate.to(P.dtype.element_ty), mask=mask)
-                tl.store(p_ptrs + N_OUT, d_up.to(P.dtype.element_ty), mask=mask)
-                if STORE_Y:
-                    tl.store(y_ptrs, (a * up).to(Y.dtype.element_ty), mask=mask)
+                d_gate, d_up = store_gated_grad(p_ptrs, y_ptrs, dy, h, up, mask, N_OUT, ACT, STORE_Y)
                 if HAS_BIAS:
                     tl.store(db_ptrs, tl.sum(tl.where(mask, d_gate, 0.0), axis=0), mask=col_ok)
                     tl.store(db_ptrs + N_OUT, tl.sum(tl.where(mask, d_up, 0.0), axis=0), mask=col_ok)
@@ -158,7 +152,7 @@ def _matmul_act_kernel(
                 dh = dy * act_grad_fn(h, ACT)
                 tl.store(p_ptrs, dh.to(P.dtype.element_ty), mask=mask)
                 if STORE_Y:
-                    tl.store(y_ptrs, a.to(Y.dtype.element_ty), mask=mask)
+                    tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
                 if HAS_BIAS:
                     tl.store(db_ptrs, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=col_ok)
 
@@ -240,7 +234,7 @@ def _input_precision(dtype):
 def _launch(x, weight, bias, activation, mode, y, p, grad_y, db, store_y, store_p, use_tma):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    act, gated = ACTIVATIONS[activation]
+    act, gated = kernel_activation("matmul_act", activation)
     M, K = x.shape
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     tma = _want_tma(x, weight, use_tma)
@@ -280,9 +274,7 @@ def _launch(x, weight, bias, activation, mode, y, p, grad_y, db, store_y, store_
 def _check(x, weight, activation):
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"matmul_act: x {tuple(x.shape)} and weight {tuple(weight.shape)} are not (M, K) and (N, K)")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"matmul_act: unknown activation {activation!r}")
-    if ACTIVATIONS[activation][1] and weight.shape[0] % 2:
+    if kernel_activation("matmul_act", activation)[1] and weight.shape[0] % 2:
         raise ValueError(f"matmul_act: gated activation {activation!r} needs an even number of weight rows")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"matmul_act: x has dtype {x.dtype}; float16, bfloat16 or float32 only")
@@ -295,7 +287,7 @@ def matmul_act_forward(x, weight, bias, activation, *, store_preact=True, use_tm
     ``use_tma`` None: on sm_90+ when the operands allow it.
     """
     _check(x, weight, activation)
-    gated = ACTIVATIONS[activation][1]
+    gated = kernel_activation("matmul_act", activation)[1]
     M, N = x.shape[0], weight.shape[0]
     n_out = N // 2 if gated else N
     y = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
@@ -313,7 +305,7 @@ def matmul_act_dh(grad_y, x, weight, bias, activation, *, store_y=False, use_tma
     when bias is given, else None; y = act(h) (M, N_OUT) when ``store_y``, else None.
     """
     _check(x, weight, activation)
-    gated = ACTIVATIONS[activation][1]
+    gated = kernel_activation("matmul_act", activation)[1]
     M, N = x.shape[0], weight.shape[0]
     n_out = N // 2 if gated else N
     dev = x.device

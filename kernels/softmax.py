@@ -284,14 +284,19 @@ def _columns_config(n_b, N):
     return block_b, block_n, single, num_warps
 
 
+def held_head(elem_bytes):
+    """(HEAD, num_warps) of a row longer than one tile: the columns it keeps in registers are the
+    longest row one tile holds, launched with that tile's warps."""
+    return _rows.MAX_FUSED_FWD, _rows.row_config(1, _rows.MAX_FUSED_FWD, elem_bytes)[3]
+
+
 def forward_rows_config(n_rows, N, elem_bytes):
-    """_rows.row_config's (BLOCK_M, BLOCK_N, SINGLE, num_warps) plus HEAD, the columns a long row
-    keeps in registers: the longest row one tile holds, launched with that tile's warps."""
+    """_rows.row_config's (BLOCK_M, BLOCK_N, SINGLE, num_warps) plus HEAD (BLOCK_N when SINGLE)."""
     block_m, block_n, single, warps = _rows.row_config(n_rows, N, elem_bytes)
     if single:
         return block_m, block_n, single, warps, block_n
-    head = _rows.MAX_FUSED_FWD
-    return block_m, block_n, single, _rows.row_config(1, head, elem_bytes)[3], head
+    head, head_warps = held_head(elem_bytes)
+    return block_m, block_n, single, head_warps, head
 
 
 def softmax_fwd(x, y, dim):

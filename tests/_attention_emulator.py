@@ -20,6 +20,7 @@ from _device_memory import SharedMemory
 kBM, kBN, kWarps = 64, 64, 4
 kThreads = kWarps * 32
 kLog2e, kLn2 = 1.4426950408889634, 0.6931471805599453
+kScoreFloor = -1.0e5  # attention.cu: finite log2-domain scores are clamped here
 
 WARP = np.arange(kWarps)[:, None]  # (4, 1): threadIdx.x / 32
 LANE = LANES[None, :]  # (1, 32): threadIdx.x % 32
@@ -92,10 +93,13 @@ def score2(p, bias_bh, qk, i, j):
         off = bias_bh.off[:, :, None, None, None, None] + i * bias_bh.sq + j * bias_bh.sk
         val = bias_bh.buf.load(np.broadcast_to(off, s.shape), mask=np.broadcast_to(read, s.shape))
         if bias_bh.kind == 1:
-            s = np.where(read & (val == 0), -np.inf, s)
+            masked = masked | (read & (val == 0))
         else:
-            with np.errstate(over="ignore"):  # a float32 overflow to -inf, as on the GPU
+            masked = masked | (read & (val == -np.inf))  # only a true -inf masks a key
+            with np.errstate(over="ignore", invalid="ignore"):  # a float32 overflow, as on the GPU
                 s = s + np.where(read, val * num.f(kLog2e), 0)
+    with np.errstate(invalid="ignore"):
+        s = np.where(s < num.f(kScoreFloor), num.f(kScoreFloor), s)  # NaN stays NaN
     return np.where(masked, -np.inf, s).astype(num.acc)
 
 

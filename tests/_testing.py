@@ -1,11 +1,12 @@
 """Assertions the test files share: parity rows all within the rule, compiling the Triton
-kernels for a GPU target in a process without the interpreter, and which patch op groups the
-interpreted triton backend can run."""
+kernels for a GPU target in a process without the interpreter, and what the interpreted triton
+backend can run (op families to skip on, patch op groups)."""
 
 import os
 import subprocess
 import sys
 
+import pytest
 from fusedformer import backends, parity
 
 
@@ -48,3 +49,9 @@ def triton_ops():
         else:
             why.append(f"{group}: {next(r for r in reasons if r is not None)}")
     return tuple(ops), "; ".join(why)
+
+
+def skip_unless_triton(*families):
+    """Skip unless the triton backend runs every one of these op families here."""
+    reasons = [f"triton {f}: {r}" for f in families if (r := backends.unsupported_reason("triton", f, "cpu"))]
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 from fusedformer import backends, reference
+from fusedformer._backends.tables import SOFTMAX
 from fusedformer.bench import validate_results
 from fusedformer.cli import main
 
@@ -35,7 +36,7 @@ def test_parity_exit_code_on_failure(monkeypatch, capsys):
     wrong = types.SimpleNamespace(softmax_forward=lambda x, dim: reference.softmax_forward(x, dim) * 1.001,
                                   softmax_backward=reference.softmax_backward)
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "off")
-    monkeypatch.setitem(backends._cache, ("_family_module", "triton", "softmax"), (wrong, None))
+    monkeypatch.setitem(SOFTMAX.loaded, "triton", (SOFTMAX.check(wrong), None))
     assert main(["parity", "--op", "softmax", "--backend", "triton", "--dtype", "float32"]) == 1
     assert "parity FAILED" in capsys.readouterr().err
 

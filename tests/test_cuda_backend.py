@@ -256,3 +256,54 @@ def test_auto_falls_through_for_unsupported_head_dims():
                                                         (q, q, q, None, False, 0.1, 0.0, None, (-1, -1), None))
     with pytest.raises(backends.BackendUnavailableError):
         ff.scaled_dot_product_attention(q, q, q, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# launches at the limits of a block, finfo.min masks, the availability probe (issue 15)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [6144, 8192, 12288])
+def test_rows_at_the_launch_limits(N, dtype):
+    """16-byte aligned rows past 4096 elements: 1024-thread blocks on the vector path (the fp32 norm
+    backward took 72 registers there before __launch_bounds__), and row caches past 48 KB of
+    shared memory (N * 8 bytes in the backward: opt-in)."""
+    test_softmax((3, N), -1, "contiguous", dtype)
+    test_layer_norm(3, N, "residual", dtype)
+    test_rms_norm(3, N, True, dtype)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_min_filled_bf16_mask_matches_the_reference(D, causal):
+    """A float mask of finfo(bfloat16).min is finite: a row masked by it everywhere attends
+    uniformly (as the reference and torch), not a zero row (its scores once overflowed to -inf)."""
+    B, H, Hkv, Lq, Lk = 2, 4, 2, 70, 80
+    dtype = torch.bfloat16
+    q = torch.randn(B, H, Lq, D, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Lk, D, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Lk, D, device="cuda", dtype=dtype, requires_grad=True)
+    fill = torch.finfo(dtype).min
+    mask = torch.zeros(B, 1, Lq, Lk, device="cuda", dtype=dtype)
+    mask.masked_fill_(torch.rand(B, 1, Lq, Lk, device="cuda") > 0.5, fill)
+    mask[0, 0, 3] = fill
+    mask[1, 0, 64:] = fill  # whole rows, across a query block boundary
+    out = ff.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=True, backend="cuda")
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], dout)
+    q64, k64, v64, ref = _reference_attention(q, k, v, mask, causal)
+    rdq, rdk, rdv = torch.autograd.grad(ref, [q64, k64, v64], dout.double())
+    assert (out[0, :, 3] != 0).any() and (out[1, :, 64:] != 0).any()
+    for got, want in ((out, ref), (dq, rdq), (dk, rdk), (dv, rdv)):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max() <= 6e-2 * max(1.0, want.abs().max().item())
+
+
+def test_probe_finds_this_gpu_runnable():
+    from fusedformer._backends.cuda import _common
+
+    device = torch.cuda.current_device()
+    info = backends.cuda_extension().probe(device)
+    assert info["capability"] == torch.cuda.get_device_capability(device)
+    assert _common.runtime_reason(device) is None

@@ -4,31 +4,17 @@ the cuda backend's Python-side checks (unsupported(), alignment, mask strides) b
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import _cuda_build
+from _cuda_build import NVCC, ROOT, build_extension
 from fusedformer import backends
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA_MODULES = ("softmax", "layer_norm", "rms_norm", "linear_act", "attention")
 # build/ is git-ignored; ninja makes rebuilds after the first one incremental
 BUILD_DIR = ROOT / "build" / "test_cuda_build"
 
-
-def _setup_module():
-    """setup.py as a module (its setup() call runs only as __main__), for the build's own helpers."""
-    spec = importlib.util.spec_from_file_location("fusedformer_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-# where setup.py looks for nvcc: CUDA_HOME / CUDA_PATH, then PATH, then /usr/local/cuda
-NVCC = _setup_module().find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA_HOME, PATH, /usr/local/cuda): "
                                                      "the CUDA extension cannot be built here")
 
@@ -39,23 +25,8 @@ def _cuda_module(family):
 
 @pytest.fixture(scope="module")
 def built_extension():
-    """fusedformer._C built from this checkout's csrc/ (one arch, to stay quick), loaded from
-    the build directory."""
-    env = dict(os.environ, FUSEDFORMER_BUILD_CUDA="1", FUSEDFORMER_CUDA_ARCHS="80",
-               MAX_JOBS=os.environ.get("MAX_JOBS", "2"), PYTHONPATH=str(ROOT / "python"))
-    lib = BUILD_DIR / "lib"
-    cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(lib), "--build-temp", str(BUILD_DIR / "tmp")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    warnings = [line for line in (proc.stdout + proc.stderr).splitlines()
-                if "warning" in line.lower() and ("csrc" in line or "nvcc" in line or "ptxas" in line)]
-    assert not warnings, "nvcc warnings:\n" + "\n".join(warnings)
-    built = list((lib / "fusedformer").glob("_C*.so"))
-    assert len(built) == 1, f"expected one _C library in {lib / 'fusedformer'}, found {built}"
-    spec = importlib.util.spec_from_file_location("fusedformer._C", built[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """fusedformer._C built from this checkout's csrc/ (one arch, to stay quick)."""
+    return build_extension("80", BUILD_DIR)
 
 
 @needs_nvcc
@@ -247,3 +218,94 @@ def test_sanitize_script_is_importable():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert set(module.CASES) >= {"softmax", "layer_norm", "rms_norm", "linear_act", "attention"}
+
+
+# --------------------------------------------------------------------------------------------
+# availability: _C's probe of the driver and the GPU (a fake probe result, no GPU needed)
+# --------------------------------------------------------------------------------------------
+
+BUILT = ("sm_80", "sm_90a", "compute_90")
+
+
+class _FakeExtension:
+    """A built _C whose probe reports ``info`` for every device."""
+
+    BUILT_ARCHS = BUILT
+
+    def __init__(self, **info):
+        self.info = {"driver_version": 13000, "runtime_version": 13000, "capability": (9, 0), **info}
+
+    def probe(self, device):
+        return {k: v for k, v in self.info.items() if v is not None}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Install a fake _C (returned by the fixture's setter) on a machine that claims a GPU."""
+    common = importlib.import_module("fusedformer._backends.cuda._common")
+    monkeypatch.setattr(common, "_runtime_reasons", {})
+    monkeypatch.setattr(backends, "_cuda_extension_error", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def install(**info):
+        monkeypatch.setattr(backends, "cuda_extension", lambda: _FakeExtension(**info))
+        return backends.unavailable_reason("cuda", torch.device("cuda", 0))
+
+    return install
+
+
+def test_probe_of_a_stale_extension_is_a_reason(monkeypatch):
+    common = importlib.import_module("fusedformer._backends.cuda._common")
+    monkeypatch.setattr(common, "_runtime_reasons", {})
+    monkeypatch.setattr(backends, "cuda_extension", lambda: object())
+    assert "stale" in common.runtime_reason(0) and "probe" in common.runtime_reason(0)
+
+
+def test_probe_accepts_a_matching_driver_and_gpu(fake_gpu):
+    assert fake_gpu() is None
+    assert fake_gpu(capability=(8, 6)) is None  # sm_80 code runs on every 8.x
+    assert fake_gpu(capability=(10, 0)) is None  # the compute_90 PTX is compiled by the driver
+    assert fake_gpu(driver_version=13020) is None
+
+
+@pytest.mark.parametrize("info,words", [
+    (dict(driver_version=12080), ["CUDA 12.8", "CUDA 13.0 runtime", "R580"]),
+    (dict(driver_version=0), ["no NVIDIA driver"]),
+    (dict(capability=(7, 5)), ["sm_80, sm_90a, compute_90", "sm_75", "FUSEDFORMER_CUDA_ARCHS=75"]),
+    (dict(capability=None, error="cudaErrorNoDevice: no CUDA-capable device is detected"), ["cudaErrorNoDevice"]),
+])
+def test_probe_explains_why_the_backend_cannot_run(fake_gpu, info, words):
+    reason = fake_gpu(**info)
+    assert reason is not None and all(w in reason for w in words), reason
+
+
+def test_probe_reason_reaches_named_and_auto_selection(fake_gpu, monkeypatch):
+    assert "R580" in fake_gpu(driver_version=12080)
+    x = torch.randn(4, 8)
+    with pytest.raises(backends.BackendUnavailableError, match="R580"):
+        backends.select("softmax", torch.device("cuda", 0), (x, 1), "cuda")
+    monkeypatch.setitem(backends.AUTO_ORDER, "cuda", ("cuda", "reference"))  # cuda first: auto must skip it
+    assert backends.select("softmax", torch.device("cuda", 0), (x, 1)) == "reference"
+    assert "cuda" not in backends.available_backends("cuda:0")
+
+
+def test_sm90a_code_runs_only_on_sm90():
+    common = importlib.import_module("fusedformer._backends.cuda._common")
+    assert common.runs_on(("sm_90a",), (9, 0)) and not common.runs_on(("sm_90a",), (10, 0))
+    assert not common.runs_on(("sm_100a",), (10, 3)) and common.runs_on(("sm_100f",), (10, 3))
+    assert common.runs_on(("sm_80",), (8, 9)) and not common.runs_on(("sm_80",), (9, 0))
+    assert common.runs_on(("compute_80",), (12, 0)) and not common.runs_on(("compute_90",), (8, 9))
+
+
+def test_build_targets_add_ptx_of_the_newest_arch(monkeypatch):
+    setup = _cuda_build.setup_module()
+    monkeypatch.setenv("FUSEDFORMER_CUDA_ARCHS", "80;90a")
+    assert setup.cuda_targets() == ["sm_80", "sm_90a", "compute_90"]
+    assert "-gencode=arch=compute_90,code=compute_90" in setup.gencode_flags(setup.cuda_targets())
+    monkeypatch.setenv("FUSEDFORMER_CUDA_ARCHS", "sm_86,80")
+    assert setup.cuda_targets() == ["sm_86", "sm_80", "compute_86"]
+
+
+@needs_nvcc
+def test_built_archs_are_recorded(built_extension):
+    assert built_extension.BUILT_ARCHS == ("sm_80", "compute_80")

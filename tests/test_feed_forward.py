@@ -9,26 +9,19 @@ import torch.nn.functional as F
 from _testing import assert_parity
 from fusedformer import reference
 from fusedformer.parity import Case, run_case
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
-ACTS = ("relu", "gelu", "gelu_tanh", "silu", "identity", "swiglu", "geglu")
-GATED = ("swiglu", "geglu")
+ACTS = FUSED_ACTIVATIONS
 BACKENDS = ["reference"] + (["triton"] if "triton" in ff.available_backends("cpu") or torch.cuda.is_available()
                             else [])
 
 
 def torch_ffn(x, w1, b1, w2, b2, activation):
-    h = F.linear(x, w1, b1)
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        h = (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    else:
-        h = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda t: t,
-             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
-    return F.linear(h, w2, b2)
+    return F.linear(ACTIVATIONS[activation].torch_forward(F.linear(x, w1, b1)), w2, b2)
 
 
 def inputs(g, M, D, Fh, activation, bias=True, dtype=torch.float64):
-    n1 = 2 * Fh if activation in GATED else Fh
+    n1 = 2 * Fh if ACTIVATIONS[activation].gated else Fh
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     args = [r(M, D), r(n1, D) / D**0.5, 0.1 * r(n1) if bias else None, r(D, Fh) / Fh**0.5, 0.1 * r(D) if bias else None]
     return [a.to(dtype) if a is not None else None for a in args]

@@ -136,9 +136,12 @@ def test_selection_order(monkeypatch):
         backends.requested_backend()
 
 
-def test_auto_runs_reference_on_cpu(monkeypatch):
+def test_auto_runs_torch_then_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("FUSEDFORMER_BACKEND", raising=False)
-    assert backends.select("softmax", "cpu", (x2, -1)) == "reference"
+    assert backends.select("softmax", "cpu", (x2, -1)) == "torch"
+    q = torch.randn(1, 2, 3, 4)
+    # dropout: torch's stream is not fusedformer's Philox stream, so the reference runs it
+    assert backends.select("attention", "cpu", (q, q, q, None, False, 0.5, 0.1, None, (-1, -1), None)) == "reference"
 
 
 def test_use_backend_rejects_unknown_name():

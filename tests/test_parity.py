@@ -10,6 +10,7 @@ import fusedformer as ff
 import pytest
 import torch
 from fusedformer import backends, parity, reference
+from fusedformer._backends.tables import SOFTMAX as SOFTMAX_TABLE
 from fusedformer.bench import validate_results
 
 HAS_GPU = torch.cuda.is_available()
@@ -20,7 +21,7 @@ def _wrong_softmax_module(forward_scale=1.0, backward_scale=1.0):
     """A softmax backend that is off by a relative ``scale - 1`` in its forward or backward."""
     return types.SimpleNamespace(
         softmax_forward=lambda x, dim: reference.softmax_forward(x, dim) * forward_scale,
-        softmax_backward=lambda g, y, dim: reference.softmax_backward(g, y, dim) * backward_scale)
+        softmax_backward=lambda grad_y, y, dim: reference.softmax_backward(grad_y, y, dim) * backward_scale)
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def wrong_triton_softmax(monkeypatch, request):
     fwd, bwd = request.param
     monkeypatch.setattr(backends, "unavailable_reason", lambda name, device: None if name != "cuda" else "off")
     wrong = _wrong_softmax_module(fwd, bwd)
-    monkeypatch.setitem(backends._cache, ("_family_module", "triton", "softmax"), (wrong, None))
+    monkeypatch.setitem(SOFTMAX_TABLE.loaded, "triton", (SOFTMAX_TABLE.check(wrong), None))
     return request.param
 
 
@@ -147,3 +148,11 @@ def test_gpu_backends_parity_and_agreement(backend):
         pytest.skip(f"{backend} unavailable")
     result = parity.run_full(backends=["reference", backend], dtypes=["float32", "bfloat16"], device="cuda")
     assert not parity.failures(result["rows"]), parity.format_table(parity.failures(result["rows"]))
+
+
+def test_torch_backend_passes_and_agrees_with_the_reference_on_cpu():
+    result = parity.run_full(backends=["reference", "torch"], dtypes=["float32"], device="cpu")
+    assert {r["backend"] for r in result["rows"]} == {"reference", "torch"}
+    assert not parity.failures(result["rows"]), parity.format_table(parity.failures(result["rows"]))
+    pairs = [a for a in result["agreement"] if a["backends"] == ["reference", "torch"]]
+    assert pairs and max(a["max_diff"] for a in pairs) < 1e-4, parity.format_table([], pairs)

@@ -296,12 +296,12 @@ def test_verification_failure_leaves_model_unpatched(monkeypatch):
     _assert_restored(model, snap)
     monkeypatch.undo()
     # a wrong fused op behind a rule-based norm: its probe rejects it, so it is left, not swapped
-    patch_mod = importlib.import_module("fusedformer.patch")  # ff.patch is the function
+    norm_rule = importlib.import_module("fusedformer.patch.norm")
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), RMSLike(8))
     snap = _snapshot(model)
-    real_rms = patch_mod.rms_norm
-    monkeypatch.setattr(patch_mod, "rms_norm", lambda x, *a, **k: real_rms(x, *a, **k) + 1e-2)
+    real_rms = norm_rule.rms_norm
+    monkeypatch.setattr(norm_rule, "rms_norm", lambda x, *a, **k: real_rms(x, *a, **k) + 1e-2)
     _, report = ff.patch(model, backend="reference", return_report=True)
     assert [r[0] for r in report.left] == ["1"] and not report.replaced
     ff.unpatch(model)
@@ -313,7 +313,7 @@ def test_verification_failure_leaves_model_unpatched(monkeypatch):
         calls.append(1)
         return real_rms(x, *a, **k) + (1e-2 if len(calls) > 1 else 0.0)
 
-    monkeypatch.setattr(patch_mod, "rms_norm", late_wrong)
+    monkeypatch.setattr(norm_rule, "rms_norm", late_wrong)
     with pytest.raises(PatchVerificationError, match="left unpatched") as info:
         ff.patch(model, backend="reference", example_inputs=torch.randn(3, 8))
     assert info.value.report.verified["max_abs_diff"] > info.value.report.verified["tolerance"]

@@ -1,12 +1,11 @@
 """reference.py against plain PyTorch in float64: forwards against torch's functions, the
 hand-written backwards against autograd of those functions."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from fusedformer import reference as ref
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
 f64 = torch.float64
 TOL = {"atol": 1e-10, "rtol": 1e-9}
@@ -127,22 +126,14 @@ def test_norm_backward_gradcheck():
 # linear_act
 # --------------------------------------------------------------------------------------------
 
-TORCH_ACTS = {
-    "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu": F.silu,
-    "identity": lambda h: h,
-    "swiglu": lambda h: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
-    "geglu": lambda h: F.gelu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
-}
-
-
-@pytest.mark.parametrize("activation", list(TORCH_ACTS))
+@pytest.mark.parametrize("activation", FUSED_ACTIVATIONS)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_linear_act_matches_torch(activation, with_bias):
     M, K, N = 13, 24, 34
     x, w = randn(M, K), randn(N, K)
     b = randn(N) if with_bias else None
-    act = TORCH_ACTS[activation]
-    out_width = N // 2 if activation in ref.GATED_ACTIVATIONS else N
+    act = ACTIVATIONS[activation].torch_forward
+    out_width = N // 2 if ACTIVATIONS[activation].gated else N
     dy = randn(M, out_width)
     inputs = [x, w] + ([b] if with_bias else [])
     want, grads = autograd_grads(lambda x, w, *b: act(F.linear(x, w, *b)), inputs, dy)
@@ -159,16 +150,9 @@ def test_linear_act_matches_torch(activation, with_bias):
             assert db is None
 
 
-def test_activations_propagate_nan():
-    h = torch.tensor([float("nan"), 1.0, -1.0], dtype=f64)
-    for name in ("relu", "gelu", "gelu_tanh", "silu"):
-        assert torch.isnan(ref.activation_forward(h, name)[0]), name
-        assert torch.isnan(ref.activation_backward(torch.ones_like(h), h, name)[0]), name
-
-
 def test_feed_forward_is_two_linears():
     x, w1, b1, w2, b2 = randn(5, 8), randn(12, 8), randn(12), randn(8, 6), randn(8)
-    want = F.linear(TORCH_ACTS["geglu"](F.linear(x, w1, b1)), w2, b2)
+    want = F.linear(ACTIVATIONS["geglu"].torch_forward(F.linear(x, w1, b1)), w2, b2)
     torch.testing.assert_close(ref.feed_forward(x, w1, b1, w2, b2, "geglu"), want, **TOL)
 
 
@@ -244,6 +228,24 @@ def test_fully_masked_rows_give_zero_output_and_gradients():
     assert not any(torch.isnan(t).any() for t in (dq, dk, dv))
 
 
+@pytest.mark.parametrize("dtype,tol", [(f64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2),
+                                       (torch.float16, 1e-2)])
+def test_attention_finfo_min_mask_behaves_as_torch(dtype, tol):
+    """A float mask of finfo(dtype).min is finite: a row masked by it everywhere attends as torch's
+    softmax does (uniformly), neither a zero row nor a sum (exp(s - lse), lse rounded to the max).
+    The oracle is softmax written out: torch's CPU SDPA backward makes that very sum."""
+    q, k, v, do = (t.to(dtype) for t in attention_case(B=1, H=2, Hkv=2, Lq=4, Lk=5))
+    mask = torch.zeros(1, 1, 4, 5, dtype=dtype)
+    mask[..., 1, :] = torch.finfo(dtype).min
+    mask[..., 2, 1:] = torch.finfo(dtype).min
+    want, grads = autograd_grads(lambda q, k, v: torch.softmax(0.3 * q @ k.transpose(-1, -2) + mask.double(), -1) @ v,
+                                 [t.double() for t in (q, k, v)], do.double())
+    out, lse = ref.attention_forward(q, k, v, mask, False, 0.3)
+    dq, dk, dv, _ = ref.attention_backward(do, q, k, v, mask, out, lse, False, 0.3)
+    for got, exp in zip((out, dq, dk, dv), (want, *grads)):
+        torch.testing.assert_close(got.double(), exp, atol=tol, rtol=tol)
+
+
 def test_attention_nan_propagates():
     q, k, v, _ = attention_case(H=2, Hkv=2)
     q[0, 0, 3, 1] = float("nan")
@@ -296,38 +298,3 @@ def test_dropout_from_mask_matches_torch_autograd():
     got = ref.attention_backward(do, q, k, v, None, out, lse, False, 0.3, dropout_p=p, dropout_mask=keep)
     for g, w in zip(got[:3], grads):
         torch.testing.assert_close(g, w, **TOL)
-
-
-def test_dropout_from_seed_is_reproducible_and_keeps_one_minus_p():
-    keep = ref.attention_dropout_keep(1234, 2, 3, 64, 64, 0.25)
-    assert torch.equal(keep, ref.attention_dropout_keep(1234, 2, 3, 64, 64, 0.25))
-    assert not torch.equal(keep, ref.attention_dropout_keep(1235, 2, 3, 64, 64, 0.25))
-    rate = keep.double().mean().item()
-    assert abs(rate - 0.75) < 4 * math.sqrt(0.75 * 0.25 / keep.numel())
-
-
-def test_philox_known_answer():
-    # Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5, ...
-    assert ref.philox_uint32(0, torch.tensor([0])).item() == 0x6627E8D5
-
-
-def test_philox_matches_triton_randint():
-    triton = pytest.importorskip("triton")
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("needs a GPU or the triton interpreter")
-    import triton.language as tl
-
-    @triton.jit
-    def randint_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        r = tl.randint(seed, offs.to(tl.int64) * 4099)
-        tl.store(out_ptr + offs, r.to(tl.int64, bitcast=False) & 0xFFFFFFFF, mask=offs < n)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n, seed = 300, 0x1234_5678_9ABC
-    out = torch.empty(n, dtype=torch.int64, device=device)
-    randint_kernel[(triton.cdiv(n, 128),)](out, seed, n, BLOCK=128)
-    want = ref.philox_uint32(seed, torch.arange(n, dtype=torch.int64) * 4099)
-    assert torch.equal(out.cpu(), want)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _testing import assert_compiles_without_interpreter, assert_triton_parity
-from fusedformer import backends, parity, reference
+from fusedformer import backends, parity, reference, vocabulary
 
 pytest.importorskip("triton")
 
@@ -42,7 +42,7 @@ def _torch_sdpa(q, k, v, bias, causal, window, alibi, dropout_p):
         return reference.attention_forward(q, k, v, bias, causal, 1 / math.sqrt(q.shape[-1]), dropout_p,
                                            torch.randint(0, 2**62, ()).item(), window, alibi)[0]
     plain = bias is None and not causal and window == (-1, -1) and alibi is None
-    mask = None if plain else reference.attention_mask_bias(Lq, Lk, bias, causal, window, alibi, q.device, q.dtype)
+    mask = None if plain else vocabulary.attention_mask_bias(Lq, Lk, bias, causal, window, alibi, q.device, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
 
 
@@ -150,7 +150,7 @@ def test_dropout_keep_rate_and_reproducibility():
     kept = out != 0
     assert abs(kept.float().mean().item() - (1 - p)) < 0.03
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / (Lk * (1 - p))))
-    keep = reference.attention_dropout_keep(seed, B, H, Lq, Lk, p, DEV)
+    keep = vocabulary.attention_dropout_keep(seed, B, H, Lq, Lk, p, DEV)
     assert torch.equal(kept, keep)
     again, _ = tri.attention_forward(q, k, v, None, False, 0.0, p, seed)
     assert torch.equal(out, again)
@@ -275,7 +275,7 @@ def test_varlen_half_precision_and_validation():
     want = reference.varlen_attention_forward(q, k, v, cu_q, cu_k, 17, 8, True, 0.2)[0]
     torch_out = reference.varlen_attention_forward(q.half(), k.half(), v.half(), cu_q, cu_k, 17, 8, True, 0.2)[0]
     got = tri_varlen.varlen_attention_forward(q.half(), k.half(), v.half(), cu_q, cu_k, 17, 8, True, 0.2)[0]
-    assert parity.max_error(got, want) <= 2 * parity.max_error(torch_out, want) + parity.FLOOR[torch.float16] * 3
+    assert parity.max_error(got, want) <= vocabulary.parity_bound(parity.max_error(torch_out, want), torch.float16, 3.0)
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         ff.varlen_attention(q, k, v, cu_q + 1, cu_k, 17, 8)
     with pytest.raises(ValueError, match="max_seqlen_q"):

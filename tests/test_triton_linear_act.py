@@ -14,23 +14,18 @@ from _testing import assert_compiles_without_interpreter, assert_parity
 from fusedformer import reference
 from fusedformer.kernels import matmul_act as mm_kernels
 from fusedformer.parity import Case, run_case
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
 tl_backend = pytest.importorskip("fusedformer._backends.triton.linear_act")
 
-ACTS = ("relu", "gelu", "gelu_tanh", "silu", "identity", "swiglu", "geglu")
-GATED = ("swiglu", "geglu")
+ACTS = FUSED_ACTIVATIONS
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATHS = ("gemm", "epilogue")
 
 
 def torch_linear_act(x, w, b, activation):
     """PyTorch's own computation in the input dtype: the error scale of the parity rule."""
-    h = F.linear(x, w, b)
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda t: t,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
+    return ACTIVATIONS[activation].torch_forward(F.linear(x, w, b))
 
 
 def case(M, K, N, activation, bias=True):
@@ -204,7 +199,7 @@ def test_tma_descriptor_path(activation, dtype):
     dy = torch.randn(y.shape, generator=g).to(dtype)
     dh, db, y_re = mm_kernels.matmul_act_dh(dy, x.to(dtype), w.to(dtype), b.to(dtype), activation, store_y=True,
                                             use_tma=True)
-    dh0 = reference.activation_backward(dy.double(), p0, activation)
+    dh0 = ACTIVATIONS[activation].backward(dy.double(), p0)
     torch.testing.assert_close(dh.double(), dh0, rtol=tol, atol=tol * 4)
     torch.testing.assert_close(db.double(), dh0.sum(0), rtol=tol, atol=tol * M)
     torch.testing.assert_close(y_re, y, rtol=tol, atol=tol)

@@ -12,8 +12,8 @@ from fusedformer.ops import (
     rms_norm,
     scaled_dot_product_attention,
     softmax,
+    varlen_attention,
 )
-from fusedformer.ops.varlen_attention import varlen_attention
 from fusedformer.patch import (
     PatchReport,
     PatchVerificationError,

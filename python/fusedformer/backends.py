@@ -1,55 +1,43 @@
-"""The backend registry: reference | triton | cuda, their availability, and backend selection.
+"""The backend registry: which backends exist, whether one can run on a device, and which one
+runs a call.
 
-Every backend implements one op table, forward and backward written out (reference.py has the
-full contract in its docstrings):
-
-    attention_forward(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
-        -> (out, lse)
-    attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed, window,
-                       alibi_slopes, bias_requires_grad) -> (dq, dk, dv, dbias)
-    softmax_forward(x, dim) -> y                 softmax_backward(grad_y, y, dim) -> dx
-    layer_norm_forward(x, weight, bias, eps, residual) -> (y, residual_out, mean, rstd)
-    layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out) -> (dx, dw, db)
-    rms_norm_forward(x, weight, eps, residual) -> (y, residual_out, rstd)
-    rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out) -> (dx, dw)
-    linear_act_forward(x, weight, bias, activation) -> (y, preact)
-    linear_act_backward(grad_y, x, weight, bias, preact, activation) -> (dx, dw, db)
-
-Inputs reaching a backend are already validated by ops/ (norms and linear_act see 2-D rows).
-The reference backend is ``fusedformer.reference``. A kernel backend implements op family
-``<family>`` in ``fusedformer._backends.<backend>.<family>``, with the two table functions and an
-optional ``unsupported(*forward_args) -> str | None`` giving the reason it cannot run those
-inputs (head dim, dtype, ...). A family whose module is missing is simply not offered.
+What a backend implements, op family by op family, is declared in ``_backends/tables.py`` (and
+checked by ``_backends/contract.py``): ops reach their backend through those tables. This module
+only chooses the backend's name.
 
 Selection, first match wins: the ``backend=`` argument, the innermost ``use_backend(...)``
-context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in ``AUTO_ORDER``
-that is available for the device and supports the inputs (reference on CPU). A backend asked for
-by name that cannot run the inputs raises ``BackendUnavailableError`` listing every backend and
-why; ``auto`` falls through and never fails while the reference can run.
+context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in
+``AUTO_ORDER[device type]`` that is available for the device and supports the inputs (on a
+CPU: torch, then the reference). A backend asked for by name that cannot run the inputs raises
+``BackendUnavailableError`` listing every backend and why; ``auto`` falls through and never fails
+while the reference can run.
 """
 
 import contextlib
-import importlib
 import os
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
-FAMILIES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "varlen_attention")
+from fusedformer._backends.contract import BackendUnavailableError
+from fusedformer._backends.tables import FAMILIES
 
-# Preference of ``auto`` on a GPU, per family, fastest first. Until a committed GPU run in
-# benchmarks/results/ says otherwise, the Triton kernels (verified in the interpreter) come before
-# the CUDA ones (compiled here, never yet run): see the README's backend matrix.
-AUTO_ORDER = {family: ("triton", "cuda", "reference") for family in FAMILIES}
+BACKENDS = ("reference", "torch", "triton", "cuda")
 
-
-class BackendUnavailableError(ValueError):
-    """The requested backend cannot run this op on these inputs."""
+# What ``auto`` tries, fastest first, by device type; any other device type runs the reference.
+# The cuda backend is selectable by name but stays out of ``auto`` until a committed GPU run in
+# benchmarks/results/ shows its kernels passing (they compile here but have never run; see the
+# README's backend matrix). A new backend: its name in BACKENDS, its families in
+# _backends/tables.FAMILIES_BY_BACKEND, its rule in unavailable_reason, and a place here for ``auto``.
+AUTO_ORDER = {
+    "cuda": ("triton", "torch", "reference"),
+    # torch's own fused kernels; the reference only for what they cannot compute exactly
+    "cpu": ("torch", "reference"),
+}
 
 
 _context_stack = []
 
-# Availability and module lookups never change within a process: cached in plain dicts (not
+# Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
 _cache = {}
 
@@ -68,7 +56,7 @@ def _cached(fn):
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Run the enclosed ops on backend ``name`` ('reference', 'triton', 'cuda' or 'auto')."""
+    """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
     _context_stack.append(name)
     try:
@@ -137,7 +125,7 @@ def cuda_extension():
 def unavailable_reason(name, device):
     """Why backend ``name`` cannot run on ``device`` at all, or None if it can."""
     device = torch.device(device)
-    if name == "reference":
+    if name in ("reference", "torch"):
         return None
     if name == "triton":
         err = _triton_import_error()
@@ -156,48 +144,22 @@ def unavailable_reason(name, device):
             return f"inputs are on {device.type}, the cuda backend needs CUDA tensors"
         if not torch.cuda.is_available():
             return "no CUDA GPU is visible"
-        return None
+        from fusedformer._backends.cuda import _common as cuda_common  # imports this module
+
+        return cuda_common.runtime_reason(device.index if device.index is not None else torch.cuda.current_device())
     raise ValueError(f"unknown backend {name!r}")
 
 
-@_cached
-def _family_module(name, family):
-    """The module implementing ``family`` on backend ``name``, or the reason there is none."""
-    if name == "reference":
-        from fusedformer import reference
-
-        return reference, None
-    try:
-        return importlib.import_module(f"fusedformer._backends.{name}.{family}"), None
-    except ModuleNotFoundError as exc:
-        if exc.name == f"fusedformer._backends.{name}.{family}":
-            return None, f"{family} is not implemented on the {name} backend"
-        return None, f"importing the {name} {family} module failed ({exc})"
-    except Exception as exc:  # a broken kernel module must not break the other backends
-        return None, f"importing the {name} {family} module failed ({exc.__class__.__name__}: {exc})"
-
-
 def unsupported_reason(name, family, device, args=None):
-    """Why backend ``name`` cannot run ``family`` on these forward ``args``, or None."""
+    """Why backend ``name`` cannot run op family ``family`` (its name) on these forward ``args``
+    (on ``device`` at all, when ``args`` is None), or None."""
     reason = unavailable_reason(name, device)
     if reason:
         return reason
-    module, reason = _family_module(name, family)
+    impl, reason = FAMILIES[family].load(name)
     if reason:
         return reason
-    check = getattr(module, "unsupported", None)
-    if check is not None and args is not None:
-        return check(*args)
-    return None
-
-
-def get_op(name, op):
-    """The table function ``op`` (e.g. 'softmax_backward') of backend ``name``."""
-    family = op.rsplit("_", 1)[0]
-    module, reason = _family_module(name, family)
-    if module is None:
-        raise BackendUnavailableError(reason)
-    return getattr(module, op)
+    return impl.unsupported(*args) if args is not None else None
 
 
 def select(family, device, args, backend=None):
@@ -209,8 +171,7 @@ def select(family, device, args, backend=None):
         if reason is not None:
             raise BackendUnavailableError(_explain(family, device, args, requested))
         return requested
-    order = AUTO_ORDER[family] if device.type == "cuda" else ("reference",)
-    for name in order:
+    for name in AUTO_ORDER.get(device.type, ("reference",)):
         if unsupported_reason(name, family, device, args) is None:
             return name
     raise BackendUnavailableError(_explain(family, device, args, "auto"))
@@ -235,4 +196,4 @@ def backend_matrix(device=None):
     """{family: {backend: None or reason}}: what ``fusedformer info`` prints."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {f: {b: unsupported_reason(b, f, device) for b in BACKENDS} for f in FAMILIES}
+    return {family: {b: unsupported_reason(b, family, device) for b in BACKENDS} for family in FAMILIES}

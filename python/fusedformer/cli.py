@@ -69,7 +69,7 @@ def parity(args):
 def bench(args):
     from fusedformer import bench as harness
 
-    preset = "full" if args.full else "tiny" if args.tiny else "quick"
+    preset = "full" if args.full else "tiny" if args.tiny else "headline" if args.headline else "quick"
     doc = harness.run(ops=args.op, preset=preset, dtypes=args.dtype, device=args.device, providers=args.provider,
                       passes=args.pass_, max_seconds=args.max_seconds, progress=not args.no_progress)
     paths = harness.write(doc, args.out)
@@ -109,6 +109,8 @@ def main(argv=None):
     size.add_argument("--quick", action="store_true", help="a few shapes per op, fwd and fwd+bwd (default)")
     size.add_argument("--full", action="store_true", help="more shapes, fwd, bwd and fwd+bwd")
     size.add_argument("--tiny", action="store_true", help="toy shapes: checks the harness, measures nothing useful")
+    size.add_argument("--headline", action="store_true",
+                      help="the README's performance table: the GPU check's shapes and competitors")
     b.add_argument("--op", action="append", choices=list(OPS), help="repeatable; default: every op")
     b.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16"],
                    help="repeatable; default: bfloat16 on a GPU, float32 on a CPU")

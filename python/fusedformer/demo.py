@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer import backends
-from fusedformer.parity import FLOOR, max_error
+from fusedformer._backends.contract import Family
+from fusedformer.parity import max_error
+from fusedformer.vocabulary import parity_bound
 
 MASK_ID = 256  # BERT's [MASK]: one id past the 256 byte values
 MIN_STEPS = 8  # "loss goes down" needs a few steps however slow the machine
@@ -37,17 +38,17 @@ def decode(ids):
 def record_backends():
     """Collect {family: {backend names}} of every backend table call made inside (what ran)."""
     seen = {}
-    original = backends.get_op
+    original = Family.implementation
 
-    def get_op(name, op):
-        seen.setdefault(op.rsplit("_", 1)[0], set()).add(name)
-        return original(name, op)
+    def implementation(family, name):
+        seen.setdefault(family.name, set()).add(name)
+        return original(family, name)
 
-    backends.get_op = get_op
+    Family.implementation = implementation
     try:
         yield seen
     finally:
-        backends.get_op = original
+        Family.implementation = original
 
 
 def _describe(seen):
@@ -115,7 +116,7 @@ def model_parity(kind, model, data, device, backend, dtype):
     for name, want in oracle.items():
         err, torch_err = max_error(ours[name], want), max_error(theirs[name], want)
         scale = float(want.abs().max()) if want.numel() else 0.0
-        ok &= err <= 2 * torch_err + FLOOR[dtype] * max(1.0, scale)
+        ok &= err <= parity_bound(torch_err, dtype, scale)
         ratio = err / torch_err if torch_err > 0 else (0.0 if err == 0 else float("inf"))
         if ratio >= worst:
             worst, worst_name = ratio, name

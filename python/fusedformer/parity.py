@@ -1,10 +1,9 @@
 """The parity harness: how far a backend is from the float64 oracle, next to how far PyTorch's
 own computation in the same dtype is. The tests and ``fusedformer parity`` both use it.
 
-Rule (DESIGN.md): a backend passes when, for the output and every gradient,
-    err <= 2 * torch_err + floor[dtype] * max(1, max|oracle|)
-where err and torch_err are max-abs errors against the oracle: the reference backend run in
-float64 on the same inputs.
+Rule (``fusedformer.vocabulary.parity_bound``): a backend passes when, for the output and every
+gradient, err <= 2 * torch_err + floor[dtype] * max(1, max|oracle|), where err and torch_err are
+max-abs errors against the oracle: the reference backend run in float64 on the same inputs.
 
 ``run_full`` also reports cross-backend agreement (the max difference between every pair of
 backends on the same inputs, outputs and gradients), and turns a backend that cannot run a case
@@ -22,10 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-
-# Absolute error floor per dtype, relative to the oracle's magnitude: summation order alone
-# moves results by about this much.
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS, parity_bound
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -110,7 +106,7 @@ def _compare(case, backend, dtype, oracle, ours, theirs):
         err = max_error(ours[name], want)
         torch_err = max_error(theirs[name], want)
         scale = float(want.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if want.numel() else 0.0
-        bound = 2.0 * torch_err + FLOOR[dtype] * max(1.0, scale)
+        bound = parity_bound(torch_err, dtype, scale)
         rows.append({
             "op": case.op, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
             "shape": case.shape, "output": name, "err": err, "torch_err": torch_err,
@@ -130,12 +126,7 @@ def _randn(gen, *shape):
 
 
 def _torch_linear_act(x, w, b, activation):
-    h = F.linear(x, w, b)
-    if activation in ("swiglu", "geglu"):
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda t: t,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
+    return ACTIVATIONS[activation].torch_forward(F.linear(x, w, b))
 
 
 def default_cases(quick=True):
@@ -154,7 +145,7 @@ def default_cases(quick=True):
             "rms_norm", {"M": M, "N": N},
             lambda g, M=M, N=N: ([_randn(g, M, N), (N,), 1 + 0.1 * _randn(g, N)], {"eps": 1e-6}, [0, 2]),
             ff.rms_norm, F.rms_norm))
-    for act in ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"):
+    for act in (a for a in FUSED_ACTIVATIONS if a != "identity"):
         M, K, N = 37, 72, 2 * 41
         cases.append(Case(
             "linear_act", {"M": M, "K": K, "N": N, "activation": act},
@@ -299,7 +290,7 @@ def _finite(x):
 
 
 def envelope(rows, device, agreement=None):
-    """The results file of DESIGN.md, kind 'parity'."""
+    """The results file, kind 'parity' (the envelope fusedformer.bench.validate_results checks)."""
     dev = torch.device(device)
     cpu = f"cpu ({platform.processor() or platform.machine()})"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu

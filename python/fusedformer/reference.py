@@ -1,9 +1,11 @@
 """Pure-PyTorch forward and backward of every op: the CPU path and the oracle of every test.
 
-This module *is* the ``reference`` backend: it implements the op table of ``backends.py`` with
-the same names and signatures as the Triton and CUDA backends. Backward passes are written out
-by hand (no autograd), so each kernel's backward is checked against an independent derivation,
-and autograd of plain PyTorch checks this file in turn (tests/test_reference.py).
+This module is the ``reference`` backend: it implements every op family's table
+(``fusedformer/_backends/tables.py``) with the same names and signatures as the Triton and CUDA
+backends. Backward passes are written out by hand (no autograd), so each kernel's backward is
+checked against an independent derivation, and autograd of plain PyTorch checks this file in turn
+(tests/test_reference.py). What the backends share with it (the activations' math, the Philox
+dropout stream, the compute-dtype rule) lives in ``fusedformer.vocabulary``.
 
 Low-precision inputs are computed in float32 and cast back, as the kernels do; float64 stays
 float64, which is how the tests build their oracle.
@@ -12,19 +14,10 @@ Shape legend: B batch, H query heads, G = H // Hkv (GQA group), Lq/Lk query/key 
 D head dim (Dv for values), M rows, N row length, K/F GEMM inner/outer sizes.
 """
 
-import math
-
 import torch
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "identity")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
-
-
-def compute_dtype(t):
-    """The dtype math (and saved statistics: mean, rstd, lse) use for ``t``: float64 stays,
-    everything else is float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
+from fusedformer.vocabulary import (ACTIVATIONS, attention_dropout_keep, attention_mask_bias, compute_dtype, expand_kv,
+                                    varlen_slopes, varlen_spans)
 
 # --------------------------------------------------------------------------------------------
 # softmax
@@ -120,74 +113,8 @@ def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
 
 
 # --------------------------------------------------------------------------------------------
-# activations and linear_act: y = act(x @ W^T + b)
+# linear_act: y = act(x @ W^T + b), act from vocabulary.ACTIVATIONS
 # --------------------------------------------------------------------------------------------
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _gelu(h):
-    return 0.5 * h * (1.0 + torch.erf(h * _INV_SQRT_2))
-
-
-def _gelu_grad(h):
-    return 0.5 * (1.0 + torch.erf(h * _INV_SQRT_2)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-
-
-def _gelu_tanh(h):
-    return 0.5 * h * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3)))
-
-
-def _gelu_tanh_grad(h):
-    t = torch.tanh(_SQRT_2_OVER_PI * (h + 0.044715 * h**3))
-    return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * h * h)
-
-
-def _silu(h):
-    return h * torch.sigmoid(h)
-
-
-def _silu_grad(h):
-    s = torch.sigmoid(h)
-    return s * (1.0 + h * (1.0 - s))
-
-
-def _relu_grad(h):
-    # NaN stays NaN in the gradient, as torch's relu backward keeps it through dy * 1.
-    return torch.where(torch.isnan(h), h, (h > 0).to(h.dtype))
-
-
-# name -> (act, act') of the elementwise activations; gated ones use (gate-act, gate-act').
-_ELEMENTWISE = {
-    "relu": (torch.relu, _relu_grad),
-    "gelu": (_gelu, _gelu_grad),
-    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
-    "silu": (_silu, _silu_grad),
-    "identity": (torch.clone, torch.ones_like),  # a copy: y and the saved preact never alias
-    "swiglu": (_silu, _silu_grad),
-    "geglu": (_gelu, _gelu_grad),
-}
-
-
-def activation_forward(h, activation):
-    """act(h); for gated activations h is (..., 2F): gate = h[..., :F], up = h[..., F:]."""
-    act, _ = _ELEMENTWISE[activation]
-    if activation in GATED_ACTIVATIONS:
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
-
-
-def activation_backward(grad_y, h, activation):
-    """dL/dh given dL/dy for y = act(h) (gated: dgate = dy * up * act'(gate), dup = dy * act(gate))."""
-    act, act_grad = _ELEMENTWISE[activation]
-    if activation in GATED_ACTIVATIONS:
-        gate, up = h.chunk(2, dim=-1)
-        return torch.cat([grad_y * up * act_grad(gate), grad_y * act(gate)], dim=-1)
-    return grad_y * act_grad(h)
-
 
 def linear_act_forward(x, weight, bias, activation):
     """y = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,) or None.
@@ -199,7 +126,7 @@ def linear_act_forward(x, weight, bias, activation):
     h = x.to(cd) @ weight.to(cd).t()
     if bias is not None:
         h = h + bias.to(cd)
-    return activation_forward(h, activation).to(x.dtype), h.to(x.dtype)
+    return ACTIVATIONS[activation].forward(h).to(x.dtype), h.to(x.dtype)
 
 
 def linear_act_backward(grad_y, x, weight, bias, preact, activation):
@@ -214,7 +141,7 @@ def linear_act_backward(grad_y, x, weight, bias, preact, activation):
             h = h + bias.to(cd)
     else:
         h = preact.to(cd)
-    dh = activation_backward(grad_y.to(cd), h, activation)
+    dh = ACTIVATIONS[activation].backward(grad_y.to(cd), h)
     dx = dh @ weight.to(cd)
     dweight = dh.t() @ x.to(cd)
     dbias = dh.sum(0).to(bias.dtype) if bias is not None else None
@@ -229,89 +156,8 @@ def feed_forward(x, w1, b1, w2, b2, activation):
 
 
 # --------------------------------------------------------------------------------------------
-# dropout randomness: Philox4x32-10, shared bit for bit by every backend
-# --------------------------------------------------------------------------------------------
-# Element (b, h, i, j) of the attention probabilities is kept iff
-#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[0]
-#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * Lk + j.
-# This is the stream tl.randint(seed, off) produces, so kernels and this reference agree exactly.
-
-_M32 = 0xFFFFFFFF
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-
-
-def _mul_hi_lo(a, b):
-    """(a * b) >> 32 and (a * b) & 0xffffffff for int64 tensors holding uint32 values (a) and a
-    uint32 constant (b), without overflowing int64."""
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_lo, p_hi = a * b_lo, a * b_hi  # each < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi, lo
-
-
-def philox_uint32(seed, offset):
-    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    offset = offset.to(torch.int64)
-    c0, c1 = offset & _M32, (offset >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return c0
-
-
-def dropout_threshold(p):
-    """uint32 threshold below which a random draw drops the element: round(p * 2^32)."""
-    return min(int(round(p * 4294967296.0)), 4294967295)
-
-
-def attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cpu"):
-    """The (B, H, Lq, Lk) bool keep-mask of attention dropout for ``seed``."""
-    off = torch.arange(B * H * Lq * Lk, device=device, dtype=torch.int64).view(B, H, Lq, Lk)
-    return philox_uint32(seed, off) >= dropout_threshold(p)
-
-
-# --------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------
-
-
-def attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, device, dtype):
-    """Everything added to the scaled scores, as one float (.., Lq, Lk) tensor broadcastable to
-    (B, H, Lq, Lk): -inf where a bool mask, the causal rule or the window forbids a key, the float
-    bias where given, and -slope * |i - j| for ALiBi."""
-    i = torch.arange(Lq, device=device)[:, None]
-    j = torch.arange(Lk, device=device)[None, :]
-    allowed = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
-    if causal:
-        allowed &= j <= i
-    left, right = window
-    if left >= 0:
-        allowed &= j >= i - left
-    if right >= 0:
-        allowed &= j <= i + right
-    total = torch.zeros(Lq, Lk, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            total = total.masked_fill(~bias, float("-inf"))
-        else:
-            total = total + bias.to(dtype)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(dtype)
-        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
-        total = total - slopes * (i - j).abs().to(dtype)
-    return total
-
-
-def _expand_kv(t, group):
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
 
 
 def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
@@ -319,10 +165,10 @@ def _attention_probs(q, k, bias, causal, scale, window, alibi_slopes):
     cd = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Lk = k.shape[2]
-    k = _expand_kv(k.to(cd), H // k.shape[1])
+    k = expand_kv(k.to(cd), H // k.shape[1])
     s = scale * (q.to(cd) @ k.transpose(-1, -2))
     s = s + attention_mask_bias(Lq, Lk, bias, causal, window, alibi_slopes, q.device, cd)
-    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd)
+    lse = torch.logsumexp(s, dim=-1) if Lk > 0 else torch.full((B, H, Lq), float("-inf"), dtype=cd, device=q.device)
     dead = torch.isneginf(lse)
     # softmax, not exp(s - lse): when every score of a row is huge (a mask row filled with
     # finfo.min), lse has no room for the log(Lk) that normalizes it and each p would be 1
@@ -358,7 +204,7 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     if drop is not None:
         p = p * drop
     cd = compute_dtype(q)
-    out = p @ _expand_kv(v.to(cd), q.shape[1] // v.shape[1])
+    out = p @ expand_kv(v.to(cd), q.shape[1] // v.shape[1])
     return out.to(q.dtype), lse
 
 
@@ -383,7 +229,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     drop = _dropout_scale(q, k, dropout_p, seed, dropout_mask)
     z = p * drop if drop is not None else p
     do = grad_out.to(cd)
-    kx, vx = _expand_kv(k.to(cd), group), _expand_kv(v.to(cd), group)
+    kx, vx = expand_kv(k.to(cd), group), expand_kv(v.to(cd), group)
     dv = z.transpose(-1, -2) @ do
     dp = do @ vx.transpose(-1, -2)
     if drop is not None:
@@ -406,15 +252,6 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
 # --------------------------------------------------------------------------------------------
 
 
-def _varlen_spans(cu_seqlens_q, cu_seqlens_k):
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
-
-
-def _varlen_slopes(alibi_slopes, b):
-    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
-
-
 def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                              dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     """Attention over packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
@@ -426,12 +263,12 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     total_q, H, _ = q.shape
     out = q.new_zeros(total_q, H, v.shape[-1])
     lse = torch.full((H, total_q), float("-inf"), dtype=compute_dtype(q), device=q.device)
-    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+    for b, (qs, qe, ks, ke) in enumerate(varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue
         o, l = attention_forward(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
                                  v[ks:ke].transpose(0, 1)[None], None, causal, scale, dropout_p,
-                                 None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+                                 None if seed is None else int(seed) + b, window, varlen_slopes(alibi_slopes, b))
         out[qs:qe] = o[0].transpose(0, 1)
         lse[:, qs:qe] = l[0]
     return out, lse
@@ -442,13 +279,13 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
     """Gradients of ``varlen_attention_forward``: each sequence's ``attention_backward``.
     Returns (dq (total_q, H, D), dk (total_k, Hkv, D), dv (total_k, Hkv, Dv))."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for b, (qs, qe, ks, ke) in enumerate(_varlen_spans(cu_seqlens_q, cu_seqlens_k)):
+    for b, (qs, qe, ks, ke) in enumerate(varlen_spans(cu_seqlens_q, cu_seqlens_k)):
         if qe == qs or ke == ks:
             continue
         g = attention_backward(grad_out[qs:qe].transpose(0, 1)[None], q[qs:qe].transpose(0, 1)[None],
                                k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None], None,
                                out[qs:qe].transpose(0, 1)[None], lse[:, qs:qe][None], causal, scale, dropout_p,
-                               None if seed is None else int(seed) + b, window, _varlen_slopes(alibi_slopes, b))
+                               None if seed is None else int(seed) + b, window, varlen_slopes(alibi_slopes, b))
         dq[qs:qe] = g[0][0].transpose(0, 1)
         dk[ks:ke] = g[1][0].transpose(0, 1)
         dv[ks:ke] = g[2][0].transpose(0, 1)

@@ -9,10 +9,17 @@ import torch
 
 from fusedformer import backends
 
-# Every provider name DESIGN.md allows in a results file, in the order the reports list them.
-PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "torch-eager", "torch-compile",
-             "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math", "flex-attention",
-             "liger", "flash-attn")
+# Every provider name the results format (benchmarks/results/README.md) allows, in the order the reports list them.
+# torch-matmul: the op's GEMMs alone (no bias, no activation), the ceiling a fused GEMM op aims at.
+PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "fusedformer-torch", "torch-eager",
+             "torch-compile", "torch-matmul", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
+             "flex-attention", "liger", "flash-attn")
+
+# The GPU check's headline for the row-wise ops (softmax, layer / RMS norm): hidden 1024 / 4096 /
+# 16384 over 8192 rows, and one decode-sized batch (launch overhead shows there), against eager,
+# torch.compile and Liger.
+ROWWISE_HEADLINE_SHAPES = [dict(M=64, N=4096), dict(M=8192, N=1024), dict(M=8192, N=4096), dict(M=8192, N=16384)]
+ROWWISE_HEADLINE_PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "torch-eager", "torch-compile", "liger")
 
 
 def fusedformer_providers(call, device):

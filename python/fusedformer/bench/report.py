@@ -9,10 +9,14 @@ import re
 
 from fusedformer.bench.providers import PROVIDERS
 
-KINDS = ("bench", "parity")
+# "check": the GPU check's one file (benchmarks/gpu_check.py), bench rows in "rows" and parity rows
+# in "parity_rows"
+KINDS = ("bench", "parity", "check")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
-OP_NAMES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "feed_forward")
+# the end-to-end model benchmarks (benchmarks/bench_e2e.py) beside the ops
+E2E_OPS = ("e2e-gpt2-train", "e2e-bert-infer")
+OP_NAMES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "feed_forward", *E2E_OPS)
 BACKEND_NAMES = ("reference", "triton", "cuda")
 
 
@@ -43,17 +47,26 @@ def validate_results(doc):
     vers = doc.get("versions")
     if not isinstance(vers, dict) or not all(k in vers for k in ("torch", "triton", "cuda")):
         problems.append("versions must be an object with torch, triton and cuda")
-    if kind == "bench":
+    if kind in ("bench", "check"):
         ceil = doc.get("ceilings")
         if not isinstance(ceil, dict) or not all(_num_or_none(ceil.get(k, "missing")) for k in
                                                  ("copy_gbps", "matmul_bf16_tflops")):
             problems.append("ceilings must hold copy_gbps and matmul_bf16_tflops (numbers)")
-    rows = doc.get("rows")
+    row_lists = {"bench": {"rows": _bench_row_problems}, "parity": {"rows": _parity_row_problems},
+                 "check": {"rows": _bench_row_problems, "parity_rows": _parity_row_problems}}
+    for key, row_problems in row_lists.get(kind, {"rows": lambda r, where, skipped: []}).items():
+        problems += _rows_problems(doc.get(key), key, row_problems)
+    if problems:
+        raise ValueError("results do not match DESIGN.md's format:\n  " + "\n  ".join(problems))
+    return doc
+
+
+def _rows_problems(rows, key, row_problems):
     if not isinstance(rows, list):
-        problems.append("rows must be a list")
-        rows = []
+        return [f"{key} must be a list"]
+    problems = []
     for i, r in enumerate(rows):
-        where = f"rows[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(r, dict):
             problems.append(f"{where} is not an object")
             continue
@@ -66,13 +79,8 @@ def validate_results(doc):
         skipped = r.get("skipped")
         if skipped is not None and not isinstance(skipped, str):
             problems.append(f"{where}.skipped must be a reason string or null")
-        if kind == "bench":
-            problems += _bench_row_problems(r, where, skipped)
-        elif kind == "parity":
-            problems += _parity_row_problems(r, where, skipped)
-    if problems:
-        raise ValueError("results do not match DESIGN.md's format:\n  " + "\n  ".join(problems))
-    return doc
+        problems += row_problems(r, where, skipped)
+    return problems
 
 
 def _bench_row_problems(r, where, skipped):

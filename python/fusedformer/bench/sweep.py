@@ -16,9 +16,13 @@ from fusedformer.bench.providers import PROVIDERS
 from fusedformer.bench.timing import host_us_per_call, peak_mb, time_cpu, time_gpu
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
-PRESETS = {  # preset -> (shape list per device kind, passes)
+# preset -> (shape list per device kind, passes). "headline" is the GPU check's priority sweep:
+# the shapes and competitors the README's performance table quotes (each op file's
+# PRESET_PROVIDERS narrows the providers, so it fits the check's time budget).
+PRESETS = {
     "tiny": ({"cuda": "tiny", "cpu": "tiny"}, ("fwd", "fwd+bwd")),
     "quick": ({"cuda": "quick", "cpu": "cpu"}, ("fwd", "fwd+bwd")),
+    "headline": ({"cuda": "headline", "cpu": "cpu"}, ("fwd", "fwd+bwd")),
     "full": ({"cuda": "full", "cpu": "cpu"}, PASSES),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -136,13 +140,15 @@ def _row(op, provider, dtype, pass_, shape):
 
 
 def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, passes=None, max_seconds=None,
-        progress=True, extra_providers=None, cpu_budget_s=None):
+        progress=True, extra_providers=None, cpu_budget_s=None, ceilings=None, on_row=None):
     """The sweep as a results document (DESIGN.md "Results JSON", kind "bench").
 
     ``providers`` limits the providers by name; ``extra_providers`` {op: {name: fn}} adds
     callables (tests use it to inject a broken one). ``max_seconds`` bounds the run, shared fairly
     between the ops: what is left when it runs out becomes skipped rows saying so.
-    ``cpu_budget_s``: seconds of repetitions per CPU timing (default 0.5, 0.02 for tiny)."""
+    ``cpu_budget_s``: seconds of repetitions per CPU timing (default 0.5, 0.02 for tiny).
+    ``ceilings``: already measured on this device (else measured here); ``on_row(row)`` sees each
+    row as soon as it exists (the GPU check streams them to disk, so a kill loses nothing done)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = torch.device(device).type
     if preset not in PRESETS:
@@ -167,15 +173,16 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
                 raise ValueError(f"bench: unknown provider {p!r}; choose from {PROVIDERS}")
 
     cpu_budget = cpu_budget_s if cpu_budget_s is not None else (0.02 if preset == "tiny" else 0.5)
-    ceilings = ceilings_mod.measure(device)
+    ceilings = ceilings if ceilings is not None else ceilings_mod.measure(device)
     plan, skipped_providers = [], {}
     for op in ops:
         mod = OPS[op]
+        preset_providers = getattr(mod, "PRESET_PROVIDERS", {}).get(preset)
         for shape in mod.SHAPES[shape_key]:
             provs = mod.providers(device, shape)
             provs.update((extra_providers or {}).get(op, {}))
             for name, fn in provs.items():
-                if providers and name not in providers:
+                if (providers and name not in providers) or (preset_providers and name not in preset_providers):
                     continue
                 if isinstance(fn, str):  # cannot run on this device at all: listed once, not per row
                     skipped_providers.setdefault(op, {})[name] = fn
@@ -185,35 +192,37 @@ def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, pass
                         plan.append((op, name, fn, shape, DTYPES[dtype], pass_))
 
     rows, bar = [], Progress(len(plan), progress)
-    # the budget is shared fairly: each op may use the time left over the ops left, so one slow op
-    # (attention compiling) cannot starve the others; what an op leaves unused carries over
+    # the budget is shared by the cases planned: each op may use the time left times its share of the
+    # cases left, so one slow op (attention compiling) cannot starve the others, and an op with many
+    # cases is not squeezed into an op with few's time; what an op leaves unused carries over
     t_start, t_end, current_op = time.monotonic(), None, None
-    for op, name, fn, shape, dtype, pass_ in plan:
+    for i, (op, name, fn, shape, dtype, pass_) in enumerate(plan):
         bar.update(f"{op} {name} {pass_}")
         if max_seconds is not None and op != current_op:
             current_op = op
-            ops_left = len({p[0] for p in plan[plan.index((op, name, fn, shape, dtype, pass_)):]})
+            mine = sum(p[0] == op for p in plan[i:])
             now = time.monotonic()
-            t_end = now + max(0.0, t_start + max_seconds - now) / ops_left
+            t_end = now + max(0.0, t_start + max_seconds - now) * mine / (len(plan) - i)
         if t_end is not None and time.monotonic() >= t_end:
             row = _row(op, name, dtype, pass_, shape)
             row["skipped"] = f"time budget exhausted (--max-seconds {max_seconds})"
-            rows.append(row)
-            continue
-        try:
-            rows.append(measure(op, name, fn, shape, dtype, pass_, device, ceilings, cpu_budget))
-        except Exception as exc:  # unsupported shape, OOM, a library's own error: a skipped row
-            row = _row(op, name, dtype, pass_, shape)
-            if isinstance(exc, ff.BackendUnavailableError):
-                row["skipped"] = _reason_from_unavailable(exc, name)
-            elif isinstance(exc, torch.cuda.OutOfMemoryError):
-                row["skipped"] = "out of memory"
-            else:
-                row["skipped"] = _short(exc)
-            rows.append(row)
-        finally:
-            if kind == "cuda":
-                torch.cuda.empty_cache()
+        else:
+            try:
+                row = measure(op, name, fn, shape, dtype, pass_, device, ceilings, cpu_budget)
+            except Exception as exc:  # unsupported shape, OOM, a library's own error: a skipped row
+                row = _row(op, name, dtype, pass_, shape)
+                if isinstance(exc, ff.BackendUnavailableError):
+                    row["skipped"] = _reason_from_unavailable(exc, name)
+                elif isinstance(exc, torch.cuda.OutOfMemoryError):
+                    row["skipped"] = "out of memory"
+                else:
+                    row["skipped"] = _short(exc)
+            finally:
+                if kind == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
     bar.close()
     return {"kind": "bench", "device": device_name(device), "date": datetime.date.today().isoformat(),
             "versions": versions(), "ceilings": ceilings, "preset": preset,

@@ -46,6 +46,16 @@ def init_weights(module):
         torch.nn.init.zeros_(module.bias)
 
 
+def check_generate_args(max_new_tokens, do_sample, temperature, top_k):
+    """generate's length and sampling arguments (see next_token)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+
+
 def next_token(logits, do_sample, temperature, top_k, generator):
     """(B, 1) next tokens from last-position logits (B, V): argmax, or a sample at ``temperature``
     from the ``top_k`` most likely."""

@@ -5,7 +5,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, next_token, padding_mask
+from fusedformer.models._common import (
+    check_generate_args,
+    check_ids,
+    hf_dtype,
+    init_weights,
+    load_mapped,
+    next_token,
+    padding_mask,
+)
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
@@ -92,12 +100,7 @@ class GPT(torch.nn.Module):
         temperature), restricted to the ``top_k`` most likely tokens when given. With a left-padded
         batch, pass its ``attention_mask``: positions then count real tokens only, as Hugging Face's
         generate does. Returns (B, L + new)."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        check_generate_args(max_new_tokens, do_sample, temperature, top_k)
         check_ids("input_ids", input_ids, self.config.vocab_size)
         if input_ids.shape[1] + max_new_tokens > self.config.n_positions:
             raise ValueError(f"generate: {input_ids.shape[1]} + {max_new_tokens} new tokens exceed n_positions="

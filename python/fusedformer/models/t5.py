@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fusedformer.models._common import check_ids, hf_dtype, load_mapped, next_token, padding_mask
+from fusedformer.models._common import check_generate_args, check_ids, hf_dtype, load_mapped, next_token, padding_mask
 from fusedformer.nn import Attention, FeedForward, RelativePositionBias, RMSNorm
 from fusedformer.ops import linear_act
 
@@ -183,12 +183,7 @@ class T5(torch.nn.Module):
         continues with config.pad_token_id, and decoding stops once every sequence has (as
         Hugging Face's generate). Returns (B, 1 + new): the start token, then the new tokens."""
         c = self.config
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"generate: temperature must be > 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        check_generate_args(max_new_tokens, do_sample, temperature, top_k)
         start = c.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
         for name, tok in (("decoder_start_token_id", start), ("eos_token_id", eos_token_id)):
             if tok is not None and (not isinstance(tok, int) or not 0 <= tok < c.vocab_size):

@@ -4,10 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedformer.ops import feed_forward, linear_act
-from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
-
-# gated activations fusedformer's ops do not fuse: gate and up run as two GEMMs, multiplied here
-_EXTRA_GATED = {"geglu_tanh": "gelu_tanh", "reglu": "relu"}
+from fusedformer.vocabulary import ACTIVATIONS
 
 
 def activation_name(activation):
@@ -33,10 +30,12 @@ def activation_name(activation):
 def mlp(x, w1, b1, w2, b2, activation, dropout, training, backend):
     """Linear(w1, b1) -> activation -> dropout -> Linear(w2, b2). One ff.feed_forward call when the
     activation is fused and no dropout is drawn; otherwise linear_act, activation, dropout, linear_act.
-    ``activation`` is a fused activation name, a name of ``_EXTRA_GATED``, or a callable."""
-    if isinstance(activation, str) and activation in _EXTRA_GATED:
+    ``activation`` is a name of vocabulary.ACTIVATIONS or a callable."""
+    if isinstance(activation, str) and activation in ACTIVATIONS and not ACTIVATIONS[activation].fused:
+        # a gated activation the ops do not fuse: gate and up run as two GEMMs, multiplied here
         (w_gate, w_up), (b_gate, b_up) = w1.chunk(2), (b1.chunk(2) if b1 is not None else (None, None))
-        h = linear_act(x, w_gate, b_gate, _EXTRA_GATED[activation], backend=backend) * linear_act(
+        gate_fn = ACTIVATIONS[activation].function.name
+        h = linear_act(x, w_gate, b_gate, gate_fn, backend=backend) * linear_act(
             x, w_up, b_up, "identity", backend=backend)
     elif isinstance(activation, str) and (dropout == 0.0 or not training):
         return feed_forward(x, w1, b1, w2, b2, activation, backend=backend)
@@ -63,10 +62,10 @@ class FeedForward(torch.nn.Module):
     def __init__(self, d_model, d_ff, activation="gelu", bias=True, dropout=0.0, *, d_out=None, backend=None,
                  device=None, dtype=None):
         super().__init__()
-        known = tuple(a for a in ACTIVATIONS if a != "identity") + tuple(_EXTRA_GATED)
+        known = tuple(a for a in ACTIVATIONS if a != "identity")
         if activation not in known:
             raise ValueError(f"FeedForward: unknown activation {activation!r}; choose one of {known}")
-        gated = activation in GATED_ACTIVATIONS or activation in _EXTRA_GATED
+        gated = ACTIVATIONS[activation].gated
         factory = {"device": device, "dtype": dtype}
         self.activation, self.dropout, self.backend = activation, float(dropout), backend
         self.w1 = torch.nn.Linear(d_model, 2 * d_ff if gated else d_ff, bias=bias, **factory)

@@ -1,15 +1,14 @@
 """TransformerDecoderLayer: torch.nn.TransformerDecoderLayer on fusedformer ops."""
 
 import torch
-import torch.nn.functional as F
 
 from fusedformer.nn.feed_forward import activation_name
 from fusedformer.nn.layer_norm import LayerNorm
 from fusedformer.nn.multihead_attention import MultiheadAttention
-from fusedformer.nn.transformer_encoder_layer import adopt, feed_forward_branch
+from fusedformer.nn.transformer_encoder_layer import FusedLayer, adopt, feed_forward_branch
 
 
-class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
+class TransformerDecoderLayer(FusedLayer, torch.nn.TransformerDecoderLayer):
     """Drop-in for ``torch.nn.TransformerDecoderLayer`` (same constructor, defaults, state_dict, forward).
 
     Post-norm (``norm_first=False``):
@@ -20,12 +19,6 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     fused ff.layer_norm(..., residual=) call.
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu, layer_norm_eps=1e-5,
-                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        self._fuse(backend)
-
     def _fuse(self, backend):
         """torch's submodules -> their fusedformer subclasses in place (see TransformerEncoderLayer)."""
         for attn in (self.self_attn, self.multihead_attn):
@@ -34,11 +27,6 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             adopt(norm, LayerNorm, backend)
         self.backend = backend
         self._act = activation_name(self.activation)
-
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal,
-                           need_weights=False)[0]
-        return self.dropout1(x)
 
     def _mha_block(self, x, mem, attn_mask, key_padding_mask, is_causal=False):
         x = self.multihead_attn(x, mem, mem, attn_mask=attn_mask, key_padding_mask=key_padding_mask,

@@ -24,7 +24,23 @@ def feed_forward_branch(layer, x):
                layer.dropout.p, layer.training, layer.backend)
 
 
-class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
+class FusedLayer:
+    """What the fused encoder and decoder layers add to torch's: a ``backend`` keyword on torch's
+    constructor, whose submodules ``_fuse`` then adopts, and the self-attention branch."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu, layer_norm_eps=1e-5,
+                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
+        self._fuse(backend)
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
+        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
+                           is_causal=is_causal)[0]
+        return self.dropout1(x)
+
+
+class TransformerEncoderLayer(FusedLayer, torch.nn.TransformerEncoderLayer):
     """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor, defaults, state_dict, forward).
 
     Post-norm (``norm_first=False``, torch's default):
@@ -36,12 +52,6 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     activation is relu/gelu (any other callable runs between two ff.linear_act GEMMs).
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation=F.relu, layer_norm_eps=1e-5,
-                 batch_first=False, norm_first=False, bias=True, device=None, dtype=None, *, backend=None):
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        self._fuse(backend)
-
     def _fuse(self, backend):
         """Turn torch's submodules (built, and randomly initialized, exactly as torch does) into
         their fusedformer subclasses in place: same parameters, same RNG draws as torch.nn."""
@@ -50,11 +60,6 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         adopt(self.norm2, LayerNorm, backend)
         self.backend = backend
         self._act = activation_name(self.activation)
-
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):
-        x = self.self_attn(x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal)[0]
-        return self.dropout1(x)
 
     def _ff_block(self, x):
         return self.dropout2(feed_forward_branch(self, x))

@@ -8,5 +8,7 @@ from fusedformer.ops.layer_norm import layer_norm
 from fusedformer.ops.linear_act import linear_act
 from fusedformer.ops.rms_norm import rms_norm
 from fusedformer.ops.softmax import softmax
+from fusedformer.ops.varlen_attention import varlen_attention
 
-__all__ = ["feed_forward", "layer_norm", "linear_act", "rms_norm", "scaled_dot_product_attention", "softmax"]
+__all__ = ["feed_forward", "layer_norm", "linear_act", "rms_norm", "scaled_dot_product_attention", "softmax",
+           "varlen_attention"]

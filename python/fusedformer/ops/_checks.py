@@ -73,3 +73,23 @@ def normalized_size(op, x, normalized_shape):
     for s in normalized_shape:
         n *= s
     return normalized_shape, n
+
+
+def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_slopes, heads, batch):
+    """The options attention and varlen attention share; ``alibi_slopes`` is (heads,) or (batch, heads)."""
+    check_number(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None:
+        check_number(op, "scale", scale)
+    if window_size is not None:
+        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+                isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+            raise TypeError(f"{op}: window_size must be a (left, right) pair of ints, got {window_size!r}")
+        if min(window_size) < -1:
+            raise ValueError(f"{op}: window_size entries must be >= 0, or -1 for no limit, got {window_size}")
+    if alibi_slopes is not None:
+        check_float(op, "alibi_slopes", alibi_slopes)
+        if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+            raise ValueError(f"{op}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({heads},) or "
+                             f"({batch}, {heads})")

@@ -9,12 +9,12 @@ import math
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
+from fusedformer._backends.tables import ATTENTION
+from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
-OP = "attention"
-
+OP = ATTENTION.name
 
 
 def _empty_attention(q, v):
@@ -35,7 +35,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, H, Lq, Dv), lse (B, H, Lq))."""
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         return _empty_attention(q, v)
-    out, lse = backends.get_op(backend, "attention_forward")(
+    out, lse = ATTENTION.implementation(backend).attention_forward(
         q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
@@ -56,7 +56,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         dbias = torch.zeros_like(bias) if bias_requires_grad and bias is not None else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    dq, dk, dv, dbias = backends.get_op(backend, "attention_backward")(
+    dq, dk, dv, dbias = ATTENTION.implementation(backend).attention_backward(
         grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
         (window_left, window_right), alibi_slopes, bias_requires_grad)
     dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)
@@ -160,24 +160,8 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
             if hk == 0 or hq % hk:
                 raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of "
                                  f"key/value heads ({hk})")
-    check_number(OP, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"attention: is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None:
-        check_number(OP, "scale", scale)
-    if window_size is not None:
-        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-                isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-            raise TypeError(f"attention: window_size must be a (left, right) pair of ints, got {window_size!r}")
-        if min(window_size) < -1:
-            raise ValueError(f"attention: window_size entries must be >= 0, or -1 for no limit, got {window_size}")
-    if alibi_slopes is not None:
-        check_float(OP, "alibi_slopes", alibi_slopes)
-        hq = query.shape[-3] if query.dim() >= 3 else 1
-        bq = math.prod(query.shape[:-3])
-        if tuple(alibi_slopes.shape) not in ((hq,), (bq, hq)):
-            raise ValueError(f"attention: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected "
-                             f"({hq},) or ({bq}, {hq})")
+    check_attention_options(OP, dropout_p, is_causal, scale, window_size, alibi_slopes,
+                            heads=query.shape[-3] if query.dim() >= 3 else 1, batch=math.prod(query.shape[:-3]))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

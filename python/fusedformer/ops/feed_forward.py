@@ -13,43 +13,11 @@ Backward, with hidden = act(preact), preact = x @ w1^T + b1, y = hidden @ w2^T +
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import LINEAR_ACT
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.ops.linear_act import output_width, validate_linear
+from fusedformer.ops.linear_act import output_width, rows_backend, validate_linear
 
 OP = "feed_forward"
-FAMILY = "linear_act"
-
-
-def _backend_for(name, x, *weights):
-    # empty inputs go to the reference, as the linear_act op does
-    if x.numel() == 0 or any(w.numel() == 0 for w in weights):
-        return "reference"
-    return name
-
-
-def _optional_op(name, op):
-    """A backend's optional extension of the linear_act table, or None."""
-    try:
-        return backends.get_op(name, op)
-    except AttributeError:
-        return None
-
-
-def _inference(name, x, weight, bias, activation):
-    """act(x @ weight^T + bias) without writing a preact where the backend can skip it."""
-    fn = _optional_op(name, "linear_act_inference")
-    if fn is not None:
-        return fn(x, weight, bias, activation)
-    return backends.get_op(name, "linear_act_forward")(x, weight, bias, activation)[0]
-
-
-def _recompute_backward(name, grad_y, x, weight, bias, activation):
-    """(dx, dweight, dbias, y) with the preact rebuilt from x; y = act(preact)."""
-    fn = _optional_op(name, "linear_act_recompute")
-    if fn is not None:
-        return fn(grad_y, x, weight, bias, activation)
-    y, preact = backends.get_op(name, "linear_act_forward")(x, weight, bias, activation)
-    return (*backends.get_op(name, "linear_act_backward")(grad_y, x, weight, bias, preact, activation), y)
 
 
 def _mm(a, b):
@@ -66,14 +34,14 @@ def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, d_model) -> (y (M, d_out), hidden (M, F), preact (M, N1)); hidden and preact are
     empty (0,) tensors when ``recompute`` (nothing kept for the backward)."""
-    name = _backend_for(backend, x, w1, w2)
+    impl = LINEAR_ACT.implementation(rows_backend(backend, x, w1, w2))
     if recompute:
-        hidden = _inference(name, x, w1, b1, activation)
+        hidden = impl.linear_act_inference(x, w1, b1, activation)
         saved_hidden, preact = x.new_empty(0), x.new_empty(0)
     else:
-        hidden, preact = backends.get_op(name, "linear_act_forward")(x, w1, b1, activation)
+        hidden, preact = impl.linear_act_forward(x, w1, b1, activation)
         saved_hidden = hidden
-    y = _inference(name, hidden, w2, b2, "identity")
+    y = impl.linear_act_inference(hidden, w2, b2, "identity")
     return y.contiguous(), saved_hidden.contiguous(), preact.contiguous()
 
 
@@ -91,12 +59,12 @@ def feed_forward_bwd(grad_y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
                      activation: str, backend: str, recompute: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dw1, db1, dw2, db2); a missing bias gets an empty (0,) gradient."""
-    name = _backend_for(backend, x, w1, w2)
+    impl = LINEAR_ACT.implementation(rows_backend(backend, x, w1, w2))
     dhidden = _mm(grad_y, w2)
     if recompute:
-        dx, dw1, db1, hidden = _recompute_backward(name, dhidden, x, w1, b1, activation)
+        dx, dw1, db1, hidden = impl.linear_act_recompute(dhidden, x, w1, b1, activation)
     else:
-        dx, dw1, db1 = backends.get_op(name, "linear_act_backward")(dhidden, x, w1, b1, preact, activation)
+        dx, dw1, db1 = impl.linear_act_backward(dhidden, x, w1, b1, preact, activation)
     dw2 = _mm(grad_y.t(), hidden)
     acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     db2 = grad_y.sum(0, dtype=acc).to(b2.dtype) if b2 is not None else x.new_empty(0)
@@ -141,6 +109,6 @@ def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recomput
     if not isinstance(recompute, bool):
         raise TypeError(f"{OP}: recompute must be a bool, got {type(recompute).__name__}")
     x2 = x.reshape(-1, x.shape[-1])
-    name = backends.select(FAMILY, x2.device, (x2, w1, b1, activation), backend)
+    name = backends.select(LINEAR_ACT.name, x2.device, (x2, w1, b1, activation), backend)
     y = _feed_forward_fwd(x2, w1, b1, w2, b2, activation, name, recompute)[0]
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -3,6 +3,7 @@
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import LAYER_NORM
 from fusedformer.ops._checks import (
     check_float,
     check_number,
@@ -11,10 +12,9 @@ from fusedformer.ops._checks import (
     normalized_size,
 )
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
-OP = "layer_norm"
-
+OP = LAYER_NORM.name
 
 
 @custom_op("layer_norm_fwd")
@@ -27,7 +27,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
         return x.new_empty(x.shape), res, x.new_empty(M, dtype=compute_dtype(x)), x.new_empty(
             M, dtype=compute_dtype(x))
-    y, res, mean, rstd = backends.get_op(backend, "layer_norm_forward")(x, weight, bias, eps, residual)
+    y, res, mean, rstd = LAYER_NORM.implementation(backend).layer_norm_forward(x, weight, bias, eps, residual)
     res = res.contiguous() if res is not None else x.new_empty(0)
     return y.contiguous(), res, mean.contiguous(), rstd.contiguous()
 
@@ -50,7 +50,7 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
         dw = torch.zeros_like(weight) if weight is not None else x.new_empty(0)
         db = torch.zeros_like(bias) if bias is not None else x.new_empty(0)
         return dx, dw, db
-    dx, dw, db = backends.get_op(backend, "layer_norm_backward")(
+    dx, dw, db = LAYER_NORM.implementation(backend).layer_norm_backward(
         grad_y, x, weight, bias, mean, rstd, grad_residual_out)
     return (dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0),
             db.contiguous() if db is not None else x.new_empty(0))

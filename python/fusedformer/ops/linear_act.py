@@ -3,25 +3,31 @@
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import LINEAR_ACT
 from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import ACTIVATIONS, GATED_ACTIVATIONS
+from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
-OP = "linear_act"
+OP = LINEAR_ACT.name
 
 
 def output_width(weight, activation):
-    return weight.shape[0] // 2 if activation in GATED_ACTIVATIONS else weight.shape[0]
+    return ACTIVATIONS[activation].output_width(weight.shape[0])
+
+
+def rows_backend(backend, x, *weights):
+    """The backend that runs x (M, K) against ``weights``: empty inputs go to the reference."""
+    if x.numel() == 0 or any(w.numel() == 0 for w in weights):
+        return "reference"
+    return backend
 
 
 @custom_op("linear_act_fwd")
 def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (y (M, N or N/2), preact (M, N))."""
-    if x.numel() == 0 or weight.numel() == 0:
-        y, preact = backends.get_op("reference", "linear_act_forward")(x, weight, bias, activation)
-    else:
-        y, preact = backends.get_op(backend, "linear_act_forward")(x, weight, bias, activation)
+    impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
+    y, preact = impl.linear_act_forward(x, weight, bias, activation)
     return y.contiguous(), preact.contiguous()
 
 
@@ -35,8 +41,8 @@ def linear_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                    preact: torch.Tensor, activation: str, backend: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dweight, dbias or an empty tensor)."""
-    impl = "reference" if x.numel() == 0 or weight.numel() == 0 else backend
-    dx, dw, db = backends.get_op(impl, "linear_act_backward")(grad_y, x, weight, bias, preact, activation)
+    impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
+    dx, dw, db = impl.linear_act_backward(grad_y, x, weight, bias, preact, activation)
     return dx.contiguous(), dw.contiguous(), db.contiguous() if db is not None else x.new_empty(0)
 
 
@@ -69,8 +75,8 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
     check_same_dtype(op, "x", x, **{weight_name: weight, bias_name: bias})
     if not isinstance(activation, str):
         raise TypeError(f"{op}: activation must be a str, got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown activation {activation!r}; choose one of {FUSED_ACTIVATIONS}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dim, got a 0-D tensor")
     if weight.dim() != 2:
@@ -81,7 +87,7 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
                          f"features; expected ({weight.shape[0]}, {x.shape[-1]})")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: {bias_name} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
-    if activation in GATED_ACTIVATIONS and weight.shape[0] % 2:
+    if ACTIVATIONS[activation].gated and weight.shape[0] % 2:
         raise ValueError(f"{op}: activation {activation!r} needs an even number of {weight_name} rows "
                          f"([gate; up]), got {weight.shape[0]}")
 
@@ -89,14 +95,10 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
 @custom_op("linear_act_infer")
 def linear_act_infer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
                      backend: str) -> torch.Tensor:
-    """x (M, K) -> y alone, for calls that need no gradient: a backend offering the optional
+    """x (M, K) -> y alone, for calls that need no gradient: a backend defining the optional
     ``linear_act_inference`` skips writing the (M, N) preact."""
-    impl = "reference" if x.numel() == 0 or weight.numel() == 0 else backend
-    try:
-        fn = backends.get_op(impl, "linear_act_inference")
-    except AttributeError:
-        return backends.get_op(impl, "linear_act_forward")(x, weight, bias, activation)[0].contiguous()
-    return fn(x, weight, bias, activation).contiguous()
+    impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
+    return impl.linear_act_inference(x, weight, bias, activation).contiguous()
 
 
 @linear_act_infer.register_fake

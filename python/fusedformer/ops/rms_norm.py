@@ -3,11 +3,12 @@
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import RMS_NORM
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.ops.layer_norm import as_rows, validate_norm
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
-OP = "rms_norm"
+OP = RMS_NORM.name
 
 
 @custom_op("rms_norm_fwd")
@@ -17,7 +18,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
     if x.numel() == 0:
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
         return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=compute_dtype(x))
-    y, res, rstd = backends.get_op(backend, "rms_norm_forward")(x, weight, eps, residual)
+    y, res, rstd = RMS_NORM.implementation(backend).rms_norm_forward(x, weight, eps, residual)
     res = res.contiguous() if res is not None else x.new_empty(0)
     return y.contiguous(), res, rstd.contiguous()
 
@@ -34,7 +35,7 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | N
     """-> (dx, dweight or an empty tensor)."""
     if x.numel() == 0:
         return x.new_empty(x.shape), torch.zeros_like(weight) if weight is not None else x.new_empty(0)
-    dx, dw = backends.get_op(backend, "rms_norm_backward")(grad_y, x, weight, rstd, grad_residual_out)
+    dx, dw = RMS_NORM.implementation(backend).rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out)
     return dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0)
 
 

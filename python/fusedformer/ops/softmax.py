@@ -3,17 +3,18 @@
 import torch
 
 from fusedformer import backends
+from fusedformer._backends.tables import SOFTMAX
 from fusedformer.ops._checks import check_float, normalize_dim
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 
-OP = "softmax"
+OP = SOFTMAX.name
 
 
 @custom_op("softmax_fwd")
 def softmax_fwd(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return backends.get_op(backend, "softmax_forward")(x, dim).contiguous()
+    return SOFTMAX.implementation(backend).softmax_forward(x, dim).contiguous()
 
 
 @softmax_fwd.register_fake
@@ -25,7 +26,7 @@ def _(x, dim, backend):
 def softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
-    return backends.get_op(backend, "softmax_backward")(grad_y, y, dim).contiguous()
+    return SOFTMAX.implementation(backend).softmax_backward(grad_y, y, dim).contiguous()
 
 
 @softmax_bwd.register_fake

@@ -9,14 +9,12 @@ import math
 import torch
 
 from fusedformer import backends
-from fusedformer.ops._checks import check_float, check_number, check_same_device, check_same_dtype
+from fusedformer._backends.tables import VARLEN_ATTENTION
+from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.reference import compute_dtype
+from fusedformer.vocabulary import compute_dtype
 
-OP = "varlen_attention"
-# varlen runs on the attention kernels, so ``auto`` prefers backends in the same order
-backends.AUTO_ORDER.setdefault(OP, backends.AUTO_ORDER["attention"])
-
+OP = VARLEN_ATTENTION.name
 
 
 @custom_op("varlen_attention_fwd")
@@ -26,7 +24,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          window_right: int, alibi_slopes: torch.Tensor | None, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (T_q, H, D), k (T_k, Hkv, D), v (T_k, Hkv, Dv) -> (out (T_q, H, Dv), lse (H, T_q))."""
-    out, lse = backends.get_op(backend, "varlen_attention_forward")(
+    out, lse = VARLEN_ATTENTION.implementation(backend).varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
         int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
@@ -46,7 +44,7 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                          alibi_slopes: torch.Tensor | None, backend: str
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv)."""
-    dq, dk, dv = backends.get_op(backend, "varlen_attention_backward")(
+    dq, dk, dv = VARLEN_ATTENTION.implementation(backend).varlen_attention_backward(
         grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale,
         dropout_p, int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -121,22 +119,8 @@ def _validate(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, wi
     _check_cu("cu_seqlens_k", cu_k, k.shape[0], max_k, "max_seqlen_k")
     if cu_q.numel() != cu_k.numel():
         raise ValueError(f"{OP}: cu_seqlens_q has {cu_q.numel()} entries but cu_seqlens_k has {cu_k.numel()}")
-    check_number(OP, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"{OP}: is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None:
-        check_number(OP, "scale", scale)
-    if window_size is not None:
-        if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-                isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-            raise TypeError(f"{OP}: window_size must be a (left, right) pair of ints, got {window_size!r}")
-        if min(window_size) < -1:
-            raise ValueError(f"{OP}: window_size entries must be >= 0, or -1 for no limit, got {window_size}")
-    if alibi_slopes is not None:
-        check_float(OP, "alibi_slopes", alibi_slopes)
-        H, B = q.shape[1], cu_q.numel() - 1
-        if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
-            raise ValueError(f"{OP}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({H},) or ({B}, {H})")
+    check_attention_options(OP, dropout_p, is_causal, scale, window_size, alibi_slopes, heads=q.shape[1],
+                            batch=cu_q.numel() - 1)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

@@ -22,6 +22,72 @@ def extension(required=()):
     return ext
 
 
+# The driver branch each CUDA major version needs at least (NVIDIA's compatibility table)
+MIN_DRIVER_BRANCH = {12: 525, 13: 580}
+
+_runtime_reasons = {}  # device index -> runtime_reason(); a GPU's driver and architecture never change
+
+
+def _version(v):
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _arch_capability(target):
+    """(major, minor) of a build target such as "sm_90a" or "compute_90"."""
+    digits = target.split("_")[1].rstrip("af")
+    return int(digits[:-1]), int(digits[-1])
+
+
+def runs_on(targets, capability):
+    """Whether a binary with these build targets has code a GPU of ``capability`` can run:
+    sm_XY (and family-specific sm_XYf) machine code on XY and later minors of the same major,
+    arch-specific sm_XYa on XY only, compute_XY PTX on XY and every later GPU (the driver
+    compiles it)."""
+    for target in targets:
+        arch = _arch_capability(target)
+        if target.startswith("compute_"):
+            if capability >= arch:
+                return True
+        elif target.endswith("a"):
+            if capability == arch:
+                return True
+        elif capability[0] == arch[0] and capability[1] >= arch[1]:
+            return True
+    return False
+
+
+def runtime_reason(device_index):
+    """Why fusedformer._C cannot launch kernels on GPU ``device_index`` although it imports, or
+    None: a driver older than the CUDA runtime linked into _C, or a GPU architecture _C has no
+    code for. Either would make every op fail at its first launch."""
+    if device_index not in _runtime_reasons:
+        missing = missing_symbols(("probe", "BUILT_ARCHS"))
+        if missing:
+            return f"fusedformer._C is stale: it lacks {', '.join(missing)}; rebuild it"
+        ext = extension()
+        _runtime_reasons[device_index] = _probe_reason(ext.probe(device_index), tuple(ext.BUILT_ARCHS))
+    return _runtime_reasons[device_index]
+
+
+def _probe_reason(info, built):
+    driver, runtime = info["driver_version"], info["runtime_version"]
+    if driver == 0:
+        return "fusedformer._C finds no NVIDIA driver"
+    if driver // 1000 < runtime // 1000:
+        branch = MIN_DRIVER_BRANCH.get(runtime // 1000)
+        need = f" (R{branch} or newer)" if branch else ""
+        return (f"the NVIDIA driver supports CUDA {_version(driver)}, but fusedformer._C links the CUDA "
+                f"{_version(runtime)} runtime: it needs a driver for CUDA {runtime // 1000}.x{need}")
+    if "error" in info:
+        return f"fusedformer._C's CUDA runtime cannot use the GPU ({info['error']})"
+    capability = tuple(info["capability"])
+    if not runs_on(built, capability):
+        arch = f"{capability[0]}{capability[1]}"
+        return (f"fusedformer._C is built for {', '.join(built)}, which cannot run on this GPU (sm_{arch}): "
+                f"rebuild with FUSEDFORMER_CUDA_ARCHS={arch}")
+    return None
+
+
 def missing_symbols(required):
     """The names of ``required`` that the built _C lacks (all of them when it is not built)."""
     ext = backends.cuda_extension()

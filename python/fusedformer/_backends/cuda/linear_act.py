@@ -5,12 +5,12 @@ GEMM output in place so preact costs no extra buffer."""
 import torch
 
 from fusedformer._backends.cuda import _common
-from fusedformer.reference import GATED_ACTIVATIONS
+from fusedformer.vocabulary import ACTIVATIONS, GATED_ACTIVATIONS
 
 REQUIRED_SYMBOLS = ("bias_act_forward", "bias_act_backward", "set_device")
 
 # codes of csrc/linear_act.cu's Act
-ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "identity": 4, "swiglu": 5, "geglu": 6}
+ACT_CODES = {name: a.cuda_code for name, a in ACTIVATIONS.items() if a.cuda_code is not None}
 
 
 def unsupported(x, weight, bias, activation):

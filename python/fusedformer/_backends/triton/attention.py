@@ -10,9 +10,9 @@ import functools
 
 import torch
 
-from fusedformer import reference
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
+from fusedformer.vocabulary import dropout_threshold
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -92,7 +92,7 @@ def forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, 
         out_part = torch.empty(B * H * Lq, num_splits, Dv, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B * H * Lq, num_splits, dtype=torch.float32, device=q.device)
     window = _clamp_window(window, Lq, Lk)
-    threshold = reference.dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
     fwd_kernels.launch_forward(
         q, k, v, out, lse, bias, _slopes(alibi_slopes), causal, scale, window, dropout_p, seed, threshold,
         q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), B, H, G, Lq, Lk,
@@ -124,7 +124,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
         return dq, dk, dv, dbias
     lse = lse.to(torch.float32).contiguous()
     window = _clamp_window(window, Lq, Lk)
-    threshold = reference.dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
     strides = {"q": q.stride(), "k": k.stride(), "v": v.stride(), "do": grad_out.stride(), "out": out.stride(),
                "dq": dq.stride(), "dk": dk.stride(), "dv": dv.stride()}
     bwd_kernels.launch_backward(grad_out, q, k, v, out, lse, dq, dk, dv, dbias, bias, _slopes(alibi_slopes), causal,

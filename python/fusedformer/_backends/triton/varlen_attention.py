@@ -7,10 +7,10 @@ cu_seqlens; grids are sized by max_seqlen, and programs past a sequence's end do
 
 import torch
 
-from fusedformer import reference
 from fusedformer._backends.triton.attention import DTYPES, MAX_HEAD_DIM, _clamp_window
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
+from fusedformer.vocabulary import dropout_threshold
 
 
 def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p=0.0,
@@ -51,7 +51,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         return out, lse
     window = _clamp_window(window, max_seqlen_q, max_seqlen_k)
     slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
-    threshold = reference.dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
     fwd_kernels.launch_forward(
         q, k, v, out, lse, None, slopes, causal, scale, window, dropout_p, seed, threshold,
         _bhld(q), _bhld(k), _bhld(v), _bhld(out), (0, total_q, 1), B, H, H // Hkv, max_seqlen_q, max_seqlen_k,
@@ -71,7 +71,7 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
         return dq, dk, dv
     window = _clamp_window(window, max_seqlen_q, max_seqlen_k)
     slopes = None if alibi_slopes is None else alibi_slopes.to(torch.float32)
-    threshold = reference.dropout_threshold(dropout_p) if dropout_p > 0 else 0
+    threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
     strides = {"q": _bhld(q), "k": _bhld(k), "v": _bhld(v), "do": _bhld(grad_out), "out": _bhld(out),
                "dq": _bhld(dq), "dk": _bhld(dk), "dv": _bhld(dv)}
     bwd_kernels.launch_backward(grad_out, q, k, v, out, lse.to(torch.float32).contiguous(), dq, dk, dv, None, None,

@@ -22,7 +22,14 @@ SHAPES = {
              dict(B=4, H=16, Lq=2048, Lk=2048, D=128, causal=False),
              dict(B=4, H=16, Lq=2048, Lk=2048, D=128, causal=True),
              dict(B=2, H=16, Lq=8192, Lk=8192, D=128, causal=True)],
+    # FlashAttention's benchmark convention: 16k tokens per batch (B = 16384 / L), model width 2048 (H = 2048 / D)
+    "headline": [dict(B=16384 // L, H=2048 // D, Lq=L, Lk=L, D=D, causal=causal)
+                 for D in (64, 128) for L in (1024, 4096, 16384) for causal in (False, True)],
 }
+# the GPU check's headline: every torch SDPA backend (and flash-attn when installed); eager, compile
+# and FlexAttention only in the full sweep (their compiles would eat the headline's budget)
+PRESET_PROVIDERS = {"headline": ("fusedformer-triton", "fusedformer-cuda", "torch-sdpa-flash", "torch-sdpa-efficient",
+                                 "torch-sdpa-cudnn", "torch-sdpa-math", "flash-attn")}
 PASS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 SDPA = {"torch-sdpa-flash": "FLASH_ATTENTION", "torch-sdpa-efficient": "EFFICIENT_ATTENTION",
         "torch-sdpa-cudnn": "CUDNN_ATTENTION", "torch-sdpa-math": "MATH"}

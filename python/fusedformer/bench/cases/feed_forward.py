@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.cases.linear_act import GATED, act, liger_act
+from fusedformer.bench.cases import linear_act
+from fusedformer.bench.cases.linear_act import liger_act, llm_headline
 from fusedformer.bench.providers import compiled, fusedformer_providers
+from fusedformer.vocabulary import ACTIVATIONS
 
 SHAPES = {
     "tiny": [dict(M=12, d=32, F=64, activation="gelu"), dict(M=7, d=24, F=40, activation="swiglu")],
@@ -16,12 +18,14 @@ SHAPES = {
     "quick": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
     "full": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=2048, F=8192, activation="gelu"),
              dict(M=64, d=4096, F=11008, activation="swiglu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
+    "headline": llm_headline("d", "F"),
 }
+PRESET_PROVIDERS = linear_act.PRESET_PROVIDERS
 PASS_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 
 
 def _w1_rows(shape):
-    return 2 * shape["F"] if shape["activation"] in GATED else shape["F"]
+    return 2 * shape["F"] if ACTIVATIONS[shape["activation"]].gated else shape["F"]
 
 
 def work(shape, pass_, dtype):
@@ -40,7 +44,12 @@ def make(shape, dtype, device):
 
 
 def eager(x, w1, b1, w2, b2, activation):
-    return F.linear(act(F.linear(x, w1, b1), activation), w2, b2)
+    return F.linear(ACTIVATIONS[activation].torch_forward(F.linear(x, w1, b1)), w2, b2)
+
+
+def bare_matmuls(x, w1, b1, w2, b2, activation):
+    """The two GEMMs alone (a gated W1's first half feeds W2): the fused block's ceiling."""
+    return (x @ w1.t())[..., :w2.shape[1]] @ w2.t()
 
 
 def providers(device, shape):
@@ -48,6 +57,7 @@ def providers(device, shape):
         x, w1, b1, w2, b2, activation, backend=backend), device)
     out["torch-eager"] = eager
     out["torch-compile"] = compiled(eager, device)
+    out["torch-matmul"] = bare_matmuls
     la = liger_act(device, shape["activation"])
     out["liger"] = la if isinstance(la, str) else (
         lambda x, w1, b1, w2, b2, activation: F.linear(la(F.linear(x, w1, b1)), w2, b2))

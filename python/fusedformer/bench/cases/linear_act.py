@@ -8,6 +8,15 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
+from fusedformer.vocabulary import ACTIVATIONS
+
+
+def llm_headline(width, hidden):
+    """The GPU check's headline GEMM shapes: one LLM shape (LLaMA-7B's MLP, d 4096, d_ff 11008,
+    over 8192 tokens) and its decode-sized batch (64), gelu and swiglu; ``width`` and ``hidden``
+    name the op's two sizes."""
+    return [dict(M=M, **{width: 4096, hidden: 11008}, activation=a) for M in (64, 8192) for a in ("gelu", "swiglu")]
+
 
 SHAPES = {
     "tiny": [dict(M=16, K=32, N=48, activation="gelu"), dict(M=9, K=24, N=20, activation="swiglu")],
@@ -15,13 +24,15 @@ SHAPES = {
     "quick": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
     "full": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=16384, activation="gelu"),
              dict(M=64, K=4096, N=11008, activation="swiglu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
+    "headline": llm_headline("K", "N"),
 }
-GATED = ("swiglu", "geglu")
+# the headline: against eager and the bare GEMM (torch-matmul), the fused op's ceiling
+PRESET_PROVIDERS = {"headline": ("fusedformer-triton", "fusedformer-cuda", "torch-eager", "torch-matmul")}
 PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
 
 
 def weight_rows(shape):
-    return 2 * shape["N"] if shape["activation"] in GATED else shape["N"]
+    return 2 * shape["N"] if ACTIVATIONS[shape["activation"]].gated else shape["N"]
 
 
 def work(shape, pass_, dtype):
@@ -36,21 +47,18 @@ def make(shape, dtype, device):
     return [x, w, b], {"activation": shape["activation"]}, [0, 1, 2]
 
 
-def act(h, activation):
-    if activation in GATED:
-        gate, up = h.chunk(2, dim=-1)
-        return (F.silu(gate) if activation == "swiglu" else F.gelu(gate)) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu,
-            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation](h)
-
-
 def eager(x, w, b, activation):
-    return act(F.linear(x, w, b), activation)
+    return ACTIVATIONS[activation].torch_forward(F.linear(x, w, b))
+
+
+def bare_matmul(x, w, b, activation):
+    """The GEMM alone, no bias or activation: what a fused epilogue should cost nothing over."""
+    return x @ w.t()
 
 
 def liger_act(device, activation):
     """Liger fuses only the gated product: cuBLAS GEMM, then its SiLU/GELU-mul kernel."""
-    if activation not in GATED:
+    if not ACTIVATIONS[activation].gated:
         return f"liger has no fused {activation} epilogue"
     cls = ("swiglu", "LigerSiLUMulFunction") if activation == "swiglu" else ("geglu", "LigerGELUMulFunction")
     fn = liger_function(*cls, device)
@@ -69,6 +77,7 @@ def providers(device, shape):
                                                                                    backend=backend), device)
     out["torch-eager"] = eager
     out["torch-compile"] = compiled(eager, device)
+    out["torch-matmul"] = bare_matmul
     la = liger_act(device, shape["activation"])
     out["liger"] = la if isinstance(la, str) else (lambda x, w, b, activation: la(F.linear(x, w, b)))
     return out

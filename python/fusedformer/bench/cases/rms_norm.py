@@ -6,14 +6,22 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.providers import compiled, fusedformer_providers, liger_function
+from fusedformer.bench.providers import (
+    ROWWISE_HEADLINE_PROVIDERS,
+    ROWWISE_HEADLINE_SHAPES,
+    compiled,
+    fusedformer_providers,
+    liger_function,
+)
 
 SHAPES = {
     "tiny": [dict(M=8, N=100), dict(M=17, N=257)],
     "cpu": [dict(M=256, N=1024), dict(M=2048, N=4096)],
     "quick": [dict(M=64, N=1024), dict(M=8192, N=4096)],
     "full": [dict(M=64, N=1024), dict(M=4096, N=4096), dict(M=16384, N=8192), dict(M=32768, N=2048)],
+    "headline": ROWWISE_HEADLINE_SHAPES,
 }
+PRESET_PROVIDERS = {"headline": ROWWISE_HEADLINE_PROVIDERS}
 EPS = 1e-6
 
 

@@ -1,10 +1,8 @@
-"""Hugging Face transformers integration for ff.patch: the ``fusedformer`` attention function
-(registered with ``transformers.AttentionInterface``, its mask function with
-``AttentionMaskInterface``), switching a model's attention implementation, and synthetic inputs
-built from a model's config for patch verification. Imports transformers lazily: fusedformer
-works without it."""
+"""The Hugging Face transformers adapter: the ``fusedformer`` attention function, registered
+with ``transformers.AttentionInterface`` (its mask function with ``AttentionMaskInterface``) by
+``register()``, and switching a model's attention implementation to it. Imports transformers
+lazily: fusedformer works without it."""
 
-import inspect
 import sys
 
 import torch
@@ -72,9 +70,10 @@ def fusedformer_attention_forward(module, query, key, value, attention_mask, dro
 
 
 def register():
-    """Register the attention function (and, where the version has the interface, the sdpa mask
-    function under the same name: transformers drops the mask of an implementation that has no
-    mask function). Returns None, or why the model's attention cannot be switched."""
+    """Make ``attn_implementation="fusedformer"`` known to transformers: register the attention
+    function (and, where the version has the interface, the sdpa mask function under the same
+    name: transformers drops the mask of an implementation that has no mask function).
+    Idempotent. Returns None, or why this transformers version cannot take it."""
     try:
         from transformers import AttentionInterface
     except ImportError as e:
@@ -105,78 +104,29 @@ def _configs(model):
     return list(found.values())
 
 
-def switch_attention(model, backend):
-    """Route the model's attention through ``fusedformer``. Returns (undo, reason): ``undo()``
-    restores every config's implementation and removes the backend attributes; reason is None on
-    success, else why the attention was left as it was."""
+def switch_attention(model, backend, log):
+    """Route the model's attention through ``fusedformer``: every config's implementation, and
+    the backend on every module that has a config, changed through the undo ``log``. Returns
+    None on success, else why the attention was left as it was."""
     reason = register()
     if reason is not None:
-        return None, reason
+        return reason
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
     if can_set is not None and not can_set():
-        return None, (f"{type(model).__name__} does not dispatch through transformers.AttentionInterface "
-                      "(custom attention), so its attention was left as it is")
+        return (f"{type(model).__name__} does not dispatch through transformers.AttentionInterface "
+                "(custom attention), so its attention was left as it is")
     configs = _configs(model)
-    old = [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in configs]
+    if any(getattr(cfg, "attn_logit_softcapping", None) is not None for cfg in configs):
+        return ("its config sets attn_logit_softcapping, which fusedformer attention does not support, so its "
+                "attention was left as it is")
     for cfg in configs:
-        cfg._attn_implementation_internal = NAME
-    marked = []
+        with log.changing(cfg):
+            cfg._attn_implementation_internal = NAME
     for m in model.modules():
-        if hasattr(m, "config") and BACKEND_ATTR not in m.__dict__:
-            setattr(m, BACKEND_ATTR, backend)
-            marked.append(m)
-
-    def undo():
-        for cfg, value in old:
-            cfg._attn_implementation_internal = value
-        for m in marked:
-            m.__dict__.pop(BACKEND_ATTR, None)
-
-    return undo, None
+        if hasattr(m, "config"):
+            log.set(m, **{BACKEND_ATTR: backend})
+    return None
 
 
 def attention_implementation(model):
     return getattr(model.config, "_attn_implementation", None)
-
-
-def synthetic_inputs(model, batch=2, length=8, seed=0):
-    """A small batch for a forward pass, chosen from the model's config: token ids (with a padded
-    row, so the padding mask is exercised), pixel values, input features, decoder ids."""
-    cfg = model.config
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    name = getattr(model, "main_input_name", "input_ids")
-    inputs = {}
-    if name == "pixel_values":
-        size = getattr(cfg, "image_size", 32)
-        size = size if isinstance(size, int) else size[0]
-        channels = getattr(cfg, "num_channels", 3)
-        inputs[name] = torch.randn(batch, channels, size, size, generator=gen).to(device, dtype)
-        return inputs
-    if name != "input_ids":
-        raise ValueError(f"cannot build a synthetic batch for main input {name!r}; pass example_inputs=")
-    max_len = min((v for v in (getattr(cfg, k, None) for k in ("max_position_embeddings", "n_positions"))
-                   if isinstance(v, int) and v > 0), default=length)
-    length = min(length, max_len)
-    vocab = min(getattr(cfg, "vocab_size", 100) or 100, 1000)
-    ids = torch.randint(0, vocab, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[-1, length - max(1, length // 4):] = 0  # right padding in the last row
-    inputs["input_ids"] = ids.to(device)
-    inputs["attention_mask"] = mask.to(device)
-    if getattr(cfg, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, max(1, length - 2)), generator=gen).to(device)
-    if getattr(cfg, "use_cache", False) and _accepts(model.forward, "use_cache"):
-        inputs["use_cache"] = False
-    return inputs
-
-
-def _accepts(fn, name):
-    """Whether ``fn`` takes keyword ``name``: transformers 4.x configs carry ``use_cache`` even
-    for models whose forward has no such argument (BertForMaskedLM)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

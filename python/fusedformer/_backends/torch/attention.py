@@ -1,0 +1,114 @@
+"""torch attention: torch's CPU flash-attention kernel and its backward
+(aten::_scaled_dot_product_flash_attention_for_cpu[_backward], what F.scaled_dot_product_attention
+runs on a CPU); same contract as reference.py.
+
+The kernel returns the log-sum-exp, so the backward reads it instead of recomputing the forward,
+and nothing of size Lq x Lk is kept. It reads strided q/k/v, grouped-query heads, a float mask
+broadcast over batch and heads (in q's dtype or float32) and causal together with a mask. Around it:
+
+- a bool mask becomes an additive float mask of its own (broadcast) shape; a sliding window or
+  ALiBi becomes one materialized additive mask (.., Lq, Lk): still far less than the reference,
+  the other backend on a CPU, stores;
+- rows with no key to attend come out of the kernel as out 0, lse 0, and so do rows whose scores
+  are all NaN. Rows with lse exactly 0 are re-derived from their own scores (cheap: such rows
+  are rare), giving the contract's lse -inf for empty rows and NaN out and lse for NaN rows;
+- the gradient of a float mask (the kernel has none) is torch's softmax backward of the
+  probabilities rebuilt from the lse: Lq x Lk, as that gradient itself is.
+"""
+
+import torch
+
+from fusedformer.vocabulary import attention_mask_bias, compute_dtype, expand_kv
+
+aten = torch.ops.aten
+
+
+def unsupported(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
+    """Why torch's kernels cannot compute these forward arguments exactly, or None."""
+    if q.device.type != "cpu":
+        return (f"torch attention runs torch's CPU flash kernel, the one that returns the log-sum-exp the "
+                f"backward needs; torch's SDPA on {q.device.type} returns none")
+    if dropout_p > 0.0:
+        return "dropout: torch's dropout stream is not fusedformer's Philox stream"
+    if v.shape[-1] != q.shape[-1]:
+        return f"torch's CPU flash kernel needs the value head dim ({v.shape[-1]}) equal to the query's ({q.shape[-1]})"
+    return None
+
+
+def _kernel_mask(q, k, bias, causal, window, alibi_slopes):
+    """(additive mask or None, is_causal) for the kernel: everything the forward adds to the scores."""
+    if tuple(window) != (-1, -1) or alibi_slopes is not None:
+        # torch has no in-kernel window or ALiBi: one materialized mask carries them and causal
+        mask = attention_mask_bias(q.shape[2], k.shape[2], bias, causal, window, alibi_slopes, q.device,
+                                   compute_dtype(q))
+        return mask, False
+    if bias is None:
+        return None, causal
+    if bias.dtype == torch.bool:
+        return torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill_(~bias, float("-inf")), causal
+    if bias.dtype not in (q.dtype, compute_dtype(q)):  # the kernel takes q's dtype or float32
+        return bias.to(compute_dtype(q)), causal
+    return bias, causal
+
+
+def _fix_rows_without_scores(q, k, out, lse, mask, causal, scale):
+    """Give rows the kernel wrote as empty (lse exactly 0) their contract values: lse = -inf when
+    no key is allowed, out and lse NaN when the scores are NaN. In place."""
+    suspects = lse == 0
+    if not suspects.any():
+        return
+    b, h, i = suspects.nonzero(as_tuple=True)
+    cd = compute_dtype(q)
+    kv_head = h // (q.shape[1] // k.shape[1])
+    scores = scale * torch.einsum("nd,nkd->nk", q[b, h, i].to(cd), k[b, kv_head].to(cd))
+    Lk = k.shape[2]
+    if mask is not None:
+        scores = scores + mask.expand(*q.shape[:3], Lk)[b, h, i].to(cd)
+    if causal:
+        scores = scores.masked_fill(torch.arange(Lk, device=q.device)[None, :] > i[:, None], float("-inf"))
+    true_lse = torch.logsumexp(scores, dim=-1)
+    empty_or_nan = torch.isneginf(true_lse) | torch.isnan(true_lse)
+    b, h, i, true_lse = b[empty_or_nan], h[empty_or_nan], i[empty_or_nan], true_lse[empty_or_nan]
+    lse[b, h, i] = true_lse.to(lse.dtype)
+    out[b, h, i] = torch.where(torch.isnan(true_lse), float("nan"), 0.0)[:, None].to(out.dtype)
+
+
+def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
+    reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
+    if reason:
+        raise ValueError(f"attention (torch): {reason}")
+    mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
+    return out, lse
+
+
+def _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias):
+    """dbias: dS = P * (dP - rowsum(dP * P)) (torch's softmax backward) summed to the bias's shape,
+    with P = exp(S - lse) rebuilt from the saved lse and dP = dO V^T. dS is the one Lq x Lk tensor,
+    as large as a full bias's gradient itself."""
+    cd = compute_dtype(q)
+    group = q.shape[1] // k.shape[1]
+    total = attention_mask_bias(q.shape[2], k.shape[2], mask, is_causal, (-1, -1), None, q.device, cd)
+    p = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
+    p = p.sub_(lse[..., None]).exp_()
+    dp = torch.matmul(grad_out.to(cd), expand_kv(v.to(cd), group).transpose(-1, -2))
+    ds = torch._softmax_backward_data(dp, p, -1, cd)
+    return ds.sum_to_size(bias.shape).to(bias.dtype)
+
+
+def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1),
+                       alibi_slopes=None, bias_requires_grad=False):
+    reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
+    if reason:
+        raise ValueError(f"attention (torch): {reason}")
+    mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    # the kernel's own convention for empty rows (lse 0: all probabilities exp(-inf - 0) = 0),
+    # which the forward replaced by the contract's -inf
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    dbias = None
+    if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
+        dbias = _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias)
+    return dq, dk, dv, dbias

@@ -1,0 +1,55 @@
+"""torch layer norm: aten's native_layer_norm and native_layer_norm_backward (what F.layer_norm
+runs), same contract as reference.py.
+
+torch's kernels widen low-precision input internally, so x goes in as it is. A residual add, or a
+weight of another dtype than x, makes the math run in the compute dtype instead (h = x + residual
+is normalized unrounded, as the reference does). The backward of low-precision input runs in
+float32: the saved mean and rstd are float32 by contract, and the kernel wants them in x's dtype.
+"""
+
+import torch
+
+from fusedformer.vocabulary import compute_dtype
+
+
+def normalized_input(x, residual, *params):
+    """(h, residual_out, params): the tensor to normalize, the residual stream's next value (None
+    without residual) and the weight/bias in h's dtype. Shared with rms_norm."""
+    if residual is None and all(p is None or p.dtype == x.dtype for p in params):
+        return x, None, params
+    cd = compute_dtype(x)
+    h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    residual_out = h.to(residual.dtype) if residual is not None else None
+    return h, residual_out, tuple(p.to(cd) if p is not None else None for p in params)
+
+
+def backward_dtype(x, grad_y, *params):
+    """The dtype a norm backward runs in: x's own when every tensor shares it and it is float32
+    or float64, else the compute dtype (float32 for low precision). Shared with rms_norm."""
+    cd = compute_dtype(x)
+    same = x.dtype == cd and grad_y.dtype == cd and all(p is None or p.dtype == cd for p in params)
+    return x.dtype if same else cd
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def layer_norm_forward(x, weight, bias, eps, residual=None):
+    h, residual_out, (w, b) = normalized_input(x, residual, weight, bias)
+    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
+    cd = compute_dtype(x)
+    return y.to(x.dtype), residual_out, mean.view(-1).to(cd), rstd.view(-1).to(cd)
+
+
+def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
+    dtype = backward_dtype(x, grad_y, weight, bias)
+    mask = [True, weight is not None, bias is not None]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        grad_y.to(dtype), x.to(dtype), (x.shape[-1],), mean.to(dtype), rstd.to(dtype), _cast(weight, dtype),
+        _cast(bias, dtype), mask)
+    if grad_residual_out is not None:
+        dx = dx + grad_residual_out.to(dtype)
+    dw = dw.to(weight.dtype) if weight is not None else None
+    db = db.to(bias.dtype) if bias is not None else None
+    return dx.to(x.dtype), dw, db
