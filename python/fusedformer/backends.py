@@ -14,6 +14,7 @@ while the reference can run.
 """
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -35,7 +36,10 @@ AUTO_ORDER = {
 }
 
 
-_context_stack = []
+# The use_backend contexts in force, innermost last, as (name, marker) entries: a ContextVar, so
+# each thread and asyncio task sees only its own, and each exit removes its own entry (by its
+# marker), not whatever is innermost, so contexts exited out of order leave the right one.
+_contexts = contextvars.ContextVar("fusedformer_use_backend", default=())
 
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
@@ -58,11 +62,12 @@ def _cached(fn):
 def use_backend(name):
     """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
-    _context_stack.append(name)
+    entry = (name, object())
+    _contexts.set(_contexts.get() + (entry,))
     try:
         yield name
     finally:
-        _context_stack.pop()
+        _contexts.set(tuple(e for e in _contexts.get() if e is not entry))
 
 
 def _check_name(name, where):
@@ -77,8 +82,9 @@ def requested_backend(backend=None):
     if backend is not None:
         _check_name(backend, "backend")
         return backend
-    if _context_stack:
-        return _context_stack[-1]
+    contexts = _contexts.get()
+    if contexts:
+        return contexts[-1][0]
     env = os.environ.get("FUSEDFORMER_BACKEND")
     if env:
         _check_name(env, "FUSEDFORMER_BACKEND")
