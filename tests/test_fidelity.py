@@ -43,3 +43,30 @@ def test_use_backend_exited_out_of_order_keeps_the_one_still_open(monkeypatch):
     assert backends.requested_backend() == "torch"
     inner.__exit__(None, None, None)
     assert backends.requested_backend() == "auto"
+
+
+# --------------------------------------------------------------------------------------------
+# rms_norm's default eps: float32's epsilon for every dtype but float64 (torch 2.13)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_rms_norm_default_eps_is_torchs(dtype):
+    # rows small enough that the epsilon decides the result (bfloat16's eps would give 0.01, not 0.28)
+    x = torch.full((3, 4), 1e-4, dtype=dtype) * torch.tensor([[1.0], [3.0], [10.0]], dtype=dtype)
+    expected = F.rms_norm(x, (4,))
+    torch.testing.assert_close(ff.rms_norm(x, (4,)), expected)
+    torch.testing.assert_close(ff.nn.RMSNorm(4, dtype=dtype)(x), torch.nn.RMSNorm(4, dtype=dtype)(x))
+
+
+def test_patch_verification_catches_an_rms_norm_eps_difference(monkeypatch):
+    # the drop-in computing with bfloat16's epsilon (the old bug) must fail verification
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RMSNorm(8)).to(torch.bfloat16)
+    forward = ff.nn.RMSNorm.forward
+    monkeypatch.setattr(ff.nn.RMSNorm, "forward",
+                        lambda self, x, residual=None: ff.rms_norm(x, self.normalized_shape, self.weight,
+                                                                   torch.finfo(x.dtype).eps))
+    with pytest.raises(ff.PatchVerificationError, match="differs"):
+        ff.patch(model, verify=True)
+    monkeypatch.setattr(ff.nn.RMSNorm, "forward", forward)
+    ff.patch(model, verify=True)

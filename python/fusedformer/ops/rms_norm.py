@@ -65,10 +65,11 @@ _rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backend=None):
     """F.rms_norm(x, normalized_shape, weight, eps): x * rsqrt(mean(x^2) + eps) * weight, eps
-    defaulting to torch.finfo(x.dtype).eps. With ``residual=`` it normalizes h = x + residual and
+    defaulting to the epsilon of the dtype the math runs in, as torch: float64's for float64,
+    float32's for every other dtype (float16/bfloat16 too). With ``residual=`` it normalizes h = x + residual and
     returns ``(out, h)``."""
     n = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
-    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None
     w = weight.reshape(n) if weight is not None else None
