@@ -70,3 +70,20 @@ def test_patch_verification_catches_an_rms_norm_eps_difference(monkeypatch):
         ff.patch(model, verify=True)
     monkeypatch.setattr(ff.nn.RMSNorm, "forward", forward)
     ff.patch(model, verify=True)
+
+
+# --------------------------------------------------------------------------------------------
+# dropout_p: NaN, inf and values outside [0, 1) are refused naming it (torch refuses them too)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [float("nan"), float("inf"), -float("inf"), -0.5, 1.5])
+def test_attention_dropout_p_out_of_range_is_refused(p):
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises((RuntimeError, ValueError), match="dropout probability"):
+        F.dropout(q, p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ff.scaled_dot_product_attention(q, q, q, dropout_p=p)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3, p)
