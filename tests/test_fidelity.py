@@ -87,3 +87,31 @@ def test_attention_dropout_p_out_of_range_is_refused(p):
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="dropout_p"):
         ff.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3, p)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax(dtype=): the input is cast first, the gradient comes back in the input's dtype
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src,dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64),
+                                       (torch.float64, torch.bfloat16), (torch.int64, torch.float32)])
+def test_softmax_dtype_is_torchs(src, dtype):
+    x = (torch.randn(3, 7) * 4).to(src)
+    if src.is_floating_point:
+        x.requires_grad_()
+    y, expected = ff.softmax(x, 0, dtype=dtype), F.softmax(x, 0, dtype=dtype)
+    assert y.dtype == expected.dtype == dtype
+    torch.testing.assert_close(y, expected)
+    if src.is_floating_point:
+        grad = torch.randn(3, 7, dtype=dtype)
+        (ours,) = torch.autograd.grad(y, x, grad)
+        (theirs,) = torch.autograd.grad(expected, x, grad)
+        assert ours.dtype == theirs.dtype == src
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype,exc", [(torch.int32, TypeError), ("float32", TypeError)])
+def test_softmax_bad_dtype_is_refused(dtype, exc):
+    with pytest.raises(exc, match="dtype"):
+        ff.softmax(torch.randn(3), dtype=dtype)
