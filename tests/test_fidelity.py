@@ -115,3 +115,55 @@ def test_softmax_dtype_is_torchs(src, dtype):
 def test_softmax_bad_dtype_is_refused(dtype, exc):
     with pytest.raises(exc, match="dtype"):
         ff.softmax(torch.randn(3), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# zero-size normalized / inner dims: torch's values and gradients, on every backend
+# --------------------------------------------------------------------------------------------
+
+BACKENDS_ON_CPU = ["reference", "torch", "triton"]
+
+
+def assert_same_as_torch(ours, theirs, inputs):
+    """ours(*inputs) and theirs(*inputs) agree in value, dtype and every input's gradient."""
+    mine = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    copy = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    a, b = ours(*mine), theirs(*copy)
+    torch.testing.assert_close(a, b, equal_nan=True)
+    grad = torch.randn(a.shape, dtype=a.dtype)
+    for x, y in zip(torch.autograd.grad(a, mine, grad, allow_unused=True),
+                    torch.autograd.grad(b, copy, grad, allow_unused=True)):
+        if y is None:
+            assert x is None or not x.any()
+        else:
+            torch.testing.assert_close(x, y, equal_nan=True)
+
+
+def _swiglu(h):
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ZERO_SIZE = [
+    ("layer_norm N=0", lambda x, w, b: ff.layer_norm(x, (0,), w, b), lambda x, w, b: F.layer_norm(x, (0,), w, b),
+     [(4, 0), (0,), (0,)]),
+    ("layer_norm (3, 0)", lambda x, w: ff.layer_norm(x, (3, 0), w), lambda x, w: F.layer_norm(x, (3, 0), w),
+     [(2, 3, 0), (3, 0)]),
+    ("rms_norm N=0", lambda x, w: ff.rms_norm(x, (0,), w), lambda x, w: F.rms_norm(x, (0,), w), [(4, 0), (0,)]),
+    ("softmax over 0", lambda x: ff.softmax(x, 1), lambda x: F.softmax(x, 1), [(4, 0, 3)]),
+    ("linear_act K=0", lambda x, w, b: ff.linear_act(x, w, b, "relu"), lambda x, w, b: F.relu(F.linear(x, w, b)),
+     [(2, 3, 0), (6, 0), (6,)]),
+    ("linear_act K=0 swiglu", lambda x, w, b: ff.linear_act(x, w, b, "swiglu"),
+     lambda x, w, b: _swiglu(F.linear(x, w, b)), [(3, 0), (6, 0), (6,)]),
+    ("feed_forward K=0", ff.feed_forward, lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+     [(3, 0), (6, 0), (6,), (5, 6), (5,)]),
+    ("feed_forward d_ff=0", ff.feed_forward,
+     lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), [(3, 4), (0, 4), (0,), (5, 0), (5,)]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("name,ours,theirs,shapes", ZERO_SIZE, ids=[c[0] for c in ZERO_SIZE])
+def test_zero_size_inner_dims_are_torchs(backend, name, ours, theirs, shapes):
+    with ff.use_backend(backend):
+        assert_same_as_torch(ours, theirs, [torch.randn(s) for s in shapes])

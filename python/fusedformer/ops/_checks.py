@@ -1,5 +1,8 @@
 """Argument validation shared by the ops: each check raises TypeError/ValueError naming the
-op and the argument, before anything reaches a kernel."""
+op and the argument, before anything reaches a kernel. Also the rows layout the row-wise ops
+(norms, linear_act, feed_forward) hand their backends."""
+
+import math
 
 import torch
 
@@ -95,3 +98,12 @@ def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
             raise ValueError(f"{op}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({heads},) or "
                              f"({batch}, {heads})")
+
+
+def as_rows(t, n_dims):
+    """(..., *trailing n_dims) -> 2-D (M, N), M and N the products of the leading and trailing
+    sizes (reshape(-1, N) cannot tell M when N is 0). A view when the layout allows (unit stride
+    in the row), else a contiguous copy."""
+    split = t.dim() - n_dims
+    rows = t.reshape(math.prod(t.shape[:split]), math.prod(t.shape[split:]))
+    return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()

@@ -1,5 +1,7 @@
 """ff.linear_act: act(x @ W^T + b), the first half of a transformer MLP."""
 
+import math
+
 import torch
 
 from fusedformer import backends
@@ -123,6 +125,6 @@ def linear_act(x, weight, bias=None, activation="gelu", *, backend=None):
     gelu (erf), gelu_tanh, silu, identity, and gated swiglu / geglu, for which weight stacks
     [gate; up] (N = 2F) and the result act(gate) * up is (..., F)."""
     validate_linear(OP, x, weight, bias, activation)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
     y = linear_act_rows(x2, weight, bias, activation, backend)
     return y.view(*x.shape[:-1], y.shape[-1])
