@@ -14,8 +14,8 @@ while the reference can run.
 """
 
 import contextlib
-import contextvars
 import os
+import threading
 
 import torch
 
@@ -36,10 +36,16 @@ AUTO_ORDER = {
 }
 
 
-# The use_backend contexts in force, innermost last, as (name, marker) entries: a ContextVar, so
-# each thread and asyncio task sees only its own, and each exit removes its own entry (by its
-# marker), not whatever is innermost, so contexts exited out of order leave the right one.
-_contexts = contextvars.ContextVar("fusedformer_use_backend", default=())
+# The use_backend contexts in force, innermost last, as (name, marker) entries, per thread: no
+# thread sees another's, and each exit removes its own entry (by its marker), not whatever is
+# innermost, so contexts exited out of order leave the right one. A thread-local rather than a
+# ContextVar: torch.compile(fullgraph=True) traces (and guards on) a thread-local's attributes,
+# but cannot trace ContextVar.get. asyncio tasks of one thread therefore share it.
+_contexts = threading.local()
+
+
+def _open_contexts():
+    return getattr(_contexts, "entries", ())
 
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
@@ -63,11 +69,11 @@ def use_backend(name):
     """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
     entry = (name, object())
-    _contexts.set(_contexts.get() + (entry,))
+    _contexts.entries = _open_contexts() + (entry,)
     try:
         yield name
     finally:
-        _contexts.set(tuple(e for e in _contexts.get() if e is not entry))
+        _contexts.entries = tuple(e for e in _open_contexts() if e is not entry)
 
 
 def _check_name(name, where):
@@ -82,7 +88,7 @@ def requested_backend(backend=None):
     if backend is not None:
         _check_name(backend, "backend")
         return backend
-    contexts = _contexts.get()
+    contexts = _open_contexts()
     if contexts:
         return contexts[-1][0]
     env = os.environ.get("FUSEDFORMER_BACKEND")
