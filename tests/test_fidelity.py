@@ -167,3 +167,31 @@ ZERO_SIZE = [
 def test_zero_size_inner_dims_are_torchs(backend, name, ours, theirs, shapes):
     with ff.use_backend(backend):
         assert_same_as_torch(ours, theirs, [torch.randn(s) for s in shapes])
+
+
+# --------------------------------------------------------------------------------------------
+# NaN through the activations' backward: relu's is torch's threshold_backward (a select)
+# --------------------------------------------------------------------------------------------
+
+ACTIVATION_TORCH = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu": F.silu,
+    "swiglu": lambda h: _swiglu(h), "geglu": lambda h: F.gelu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+@pytest.mark.parametrize("activation", list(ACTIVATION_TORCH))
+def test_activation_backward_nan_pattern_is_torchs(backend, activation):
+    # identity weights: the preact is x itself, so NaN and non-positive entries land where chosen
+    x = torch.tensor([[float("nan"), -1.0, 2.0, 0.0], [1.0, float("nan"), -3.0, 0.5]])
+    w, b = torch.eye(4), torch.zeros(4)
+    dy_width = 2 if activation in ("swiglu", "geglu") else 4
+    dy = torch.tensor([[1.0, float("nan"), 2.0, float("nan")], [float("nan"), 1.0, -1.0, 2.0]])[:, :dy_width]
+    with ff.use_backend(backend):
+        assert_same_as_torch(lambda x, w, b: ff.linear_act(x, w, b, activation) * 1.0,
+                             lambda x, w, b: ACTIVATION_TORCH[activation](F.linear(x, w, b)), [x, w, b])
+        mine = x.clone().requires_grad_()
+        (got,) = torch.autograd.grad(ff.linear_act(mine, w, b, activation), mine, dy)
+    theirs = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(ACTIVATION_TORCH[activation](F.linear(theirs, w, b)), theirs, dy)
+    torch.testing.assert_close(got, want, equal_nan=True)
