@@ -195,3 +195,56 @@ def test_activation_backward_nan_pattern_is_torchs(backend, activation):
     theirs = x.clone().requires_grad_()
     (want,) = torch.autograd.grad(ACTIVATION_TORCH[activation](F.linear(theirs, w, b)), theirs, dy)
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------
+# attention: head dim 0 (torch: the mean of the attended values) and torch's broadcasting
+# --------------------------------------------------------------------------------------------
+
+SDPA_SHAPES = [
+    # (query, key, value, mask or None, enable_gqa)
+    ("head dim 0", (2, 3, 5, 0), (2, 3, 6, 0), (2, 3, 6, 4), None, False),
+    ("head dim 0 float mask", (1, 2, 4, 0), (1, 2, 3, 0), (1, 2, 3, 5), (4, 3), False),
+    ("3-D query, 4-D key/value", (3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), None, False),
+    ("4-D query, 3-D key/value", (2, 3, 5, 8), (3, 6, 8), (3, 6, 8), None, False),
+    ("2-D query, 4-D key/value", (5, 8), (2, 3, 6, 8), (2, 3, 6, 8), None, False),
+    ("2-D all", (5, 8), (6, 8), (6, 7), None, False),
+    ("one query head broadcast", (2, 1, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), (1, 1, 5, 6), False),
+    ("one kv head broadcast", (2, 3, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8), None, False),
+    ("key and value heads broadcast", (3, 5, 8), (2, 3, 6, 8), (2, 1, 6, 8), None, False),
+    ("batch 1 broadcast", (1, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), (5, 6), False),
+    ("5-D query, 4-D key/value", (2, 2, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), None, False),
+    ("gqa, 3-D query", (6, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), None, True),
+    ("gqa, key and value heads differ", (2, 4, 5, 8), (2, 2, 6, 8), (2, 1, 6, 8), None, True),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS_ON_CPU])
+@pytest.mark.parametrize("name,qs,ks,vs,ms,gqa", SDPA_SHAPES, ids=[c[0] for c in SDPA_SHAPES])
+def test_attention_shapes_are_torchs(backend, name, qs, ks, vs, ms, gqa):
+    inputs = [torch.randn(s) for s in (qs, ks, vs)] + ([torch.randn(ms)] if ms else [])
+    q4, k4, v4 = (torch.randn(1, 1, 2, s[-1]) for s in (qs, ks, vs))
+    if backend != "auto" and backends.unsupported_reason(backend, "attention", "cpu",
+                                                         (q4, k4, v4, None, False, 1.0)) is not None:
+        # a declared limit (torch's CPU kernel: value head dim == query head dim): auto runs it
+        assert backend == "torch" and qs[-1] != vs[-1]
+        return
+    with ff.use_backend(backend):
+        assert_same_as_torch(lambda *t: ff.scaled_dot_product_attention(*t, enable_gqa=gqa),
+                             lambda *t: F.scaled_dot_product_attention(*t, enable_gqa=gqa), inputs)
+
+
+SDPA_REFUSED = [
+    ("batch", (4, 3, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), False, "batch"),
+    ("heads", (2, 4, 5, 8), (2, 2, 6, 8), (2, 2, 6, 8), False, "enable_gqa"),
+    ("gqa query head", (2, 1, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8), True, "multiple"),
+]
+
+
+@pytest.mark.parametrize("name,qs,ks,vs,gqa,needle", SDPA_REFUSED, ids=[c[0] for c in SDPA_REFUSED])
+def test_attention_shapes_torch_refuses_are_refused(name, qs, ks, vs, gqa, needle):
+    q, k, v = (torch.randn(s) for s in (qs, ks, vs))
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    with pytest.raises(ValueError, match=needle):
+        ff.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

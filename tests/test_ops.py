@@ -76,7 +76,7 @@ BAD_CALLS = [
     ("sdpa heads no gqa", lambda: ff.scaled_dot_product_attention(q4, k4[:, :2], v4[:, :2]), ValueError, "enable_gqa"),
     ("sdpa gqa divisible", lambda: ff.scaled_dot_product_attention(q4, k4[:, :3], v4[:, :3], enable_gqa=True),
      ValueError, "multiple"),
-    ("sdpa kv heads", lambda: ff.scaled_dot_product_attention(q4, k4, v4[:, :2], enable_gqa=True), ValueError, "heads"),
+    ("sdpa kv heads", lambda: ff.scaled_dot_product_attention(q4, k4, v4[:, :3], enable_gqa=True), ValueError, "heads"),
     ("sdpa mask shape", lambda: ff.scaled_dot_product_attention(q4, k4, v4, torch.ones(5, 5, dtype=torch.bool)),
      ValueError, "attn_mask"),
     ("sdpa mask dims", lambda: ff.scaled_dot_product_attention(q4, k4, v4, torch.ones(1, 1, 2, 4, 5, 6)),
