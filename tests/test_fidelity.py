@@ -248,3 +248,24 @@ def test_attention_shapes_torch_refuses_are_refused(name, qs, ks, vs, gqa, needl
         F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     with pytest.raises(ValueError, match=needle):
         ff.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+
+# --------------------------------------------------------------------------------------------
+# varlen: strided cu_seqlens are read by value, not through the raw pointer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_varlen_strided_cu_seqlens(backend):
+    lens = [3, 5, 2]
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    # every other entry of a longer tensor: the same offsets with stride 2
+    strided = torch.stack([cu, torch.full_like(cu, 99)], dim=1).reshape(-1)[::2]
+    assert torch.equal(strided, cu) and not strided.is_contiguous()
+    q, k, v = (torch.randn(10, 2, 8, requires_grad=True) for _ in range(3))
+    want = ff.varlen_attention(q, k, v, cu, cu, max(lens), max(lens), backend=backend)
+    got = ff.varlen_attention(q, k, v, strided, strided, max(lens), max(lens), backend=backend)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)

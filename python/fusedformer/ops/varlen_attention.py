@@ -144,7 +144,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32) if q.dtype != torch.float64 else alibi_slopes
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
-    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    # the kernels read the offsets through a raw pointer: int32 and contiguous, as flash-attn's
+    cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
     args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
     out, _ = _varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
