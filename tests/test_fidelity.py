@@ -311,3 +311,60 @@ def test_attention_large_scores_within_parity(backend):
     if backend != "triton":
         for name in names:
             assert our_sq[name] ** 0.5 <= PARITY_FACTOR * torch_sq[name] ** 0.5, name
+
+
+# --------------------------------------------------------------------------------------------
+# a fuzz of argument kinds (non-tensors, empty batches) found these exceptions from deep inside
+# the library: each now a clear error naming the argument, or torch's result
+# --------------------------------------------------------------------------------------------
+
+_q = torch.randn(1, 2, 3, 4)
+_packed = torch.randn(7, 2, 8)
+_cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+
+CLEAR_ERRORS = [
+    ("varlen cu_seqlens_q a list", lambda: ff.varlen_attention(_packed, _packed, _packed, [0, 3, 7], _cu, 4, 4),
+     TypeError, "cu_seqlens_q"),
+    ("varlen cu_seqlens_k a list", lambda: ff.varlen_attention(_packed, _packed, _packed, _cu, [0, 3, 7], 4, 4),
+     TypeError, "cu_seqlens_k"),
+    ("varlen alibi_slopes a list", lambda: ff.varlen_attention(_packed, _packed, _packed, _cu, _cu, 4, 4,
+                                                                alibi_slopes=[1.0, 0.5]), TypeError, "alibi_slopes"),
+    ("sdpa alibi_slopes a list", lambda: ff.scaled_dot_product_attention(_q, _q, _q, alibi_slopes=[1.0, 0.5]),
+     TypeError, "alibi_slopes"),
+    ("layer_norm residual a list", lambda: ff.layer_norm(_packed, (8,), residual=_packed.tolist()), TypeError,
+     "residual"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,needle", CLEAR_ERRORS, ids=[c[0] for c in CLEAR_ERRORS])
+def test_bad_argument_kinds_raise_clear_errors(name, call, exc, needle):
+    with pytest.raises(exc, match=needle):
+        call()
+
+
+def _module_pair(ours, theirs):
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+AS_TORCH = [
+    ("MultiheadAttention empty batch",
+     lambda: _module_pair(ff.nn.MultiheadAttention(8, 2, batch_first=True),
+                          torch.nn.MultiheadAttention(8, 2, batch_first=True)),
+     lambda m, x: m(x, x, x)[0], (0, 5, 8)),
+    ("MultiheadAttention empty batch, weights",
+     lambda: _module_pair(ff.nn.MultiheadAttention(8, 2, batch_first=True),
+                          torch.nn.MultiheadAttention(8, 2, batch_first=True)),
+     lambda m, x: m(x, x, x, need_weights=True)[1], (0, 5, 8)),
+    ("TransformerEncoderLayer empty batch",
+     lambda: _module_pair(ff.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)),
+     lambda m, x: m(x), (0, 5, 8)),
+]
+
+
+@pytest.mark.parametrize("name,modules,call,shape", AS_TORCH, ids=[c[0] for c in AS_TORCH])
+def test_odd_inputs_give_torchs_result(name, modules, call, shape):
+    ours, theirs = modules()
+    x = torch.randn(shape)
+    torch.testing.assert_close(call(ours, x), call(theirs, x))

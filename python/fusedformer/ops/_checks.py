@@ -24,7 +24,9 @@ def check_float(op, name, t, *, optional=False):
 
 
 def check_same_device(op, ref_name, ref, **others):
+    """Each of ``others`` (None or a tensor) is on ref's device."""
     for name, t in others.items():
+        check_tensor(op, name, t, optional=True)
         if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 

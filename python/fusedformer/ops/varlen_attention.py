@@ -81,8 +81,6 @@ _varlen_attention_fwd = differentiable(varlen_attention_fwd, _setup_context, _ba
 
 
 def _check_cu(name, cu, total, max_seqlen, max_name):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{OP}: {name} must be a 1-D int32 tensor of B + 1 offsets, got dtype {cu.dtype} and "
                          f"shape {tuple(cu.shape)}")
