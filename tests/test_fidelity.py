@@ -10,8 +10,26 @@ import torch.nn.functional as F
 from fusedformer import backends
 from fusedformer.vocabulary import PARITY_FACTOR, parity_bound
 
+BACKENDS_ON_CPU = ["reference", "torch", "triton"]
+
+
+def assert_same_as_torch(ours, theirs, inputs):
+    """ours(*inputs) and theirs(*inputs) agree in value, dtype and every input's gradient."""
+    mine = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    copy = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    a, b = ours(*mine), theirs(*copy)
+    torch.testing.assert_close(a, b, equal_nan=True)
+    grad = torch.randn(a.shape, dtype=a.dtype)
+    for x, y in zip(torch.autograd.grad(a, mine, grad, allow_unused=True),
+                    torch.autograd.grad(b, copy, grad, allow_unused=True)):
+        if y is None:
+            assert x is None or not x.any()
+        else:
+            torch.testing.assert_close(x, y, equal_nan=True)
+
+
 # --------------------------------------------------------------------------------------------
-# use_backend: per thread / task, and contexts exited out of order leave the right one
+# use_backend: per thread, and contexts exited out of order leave the right one
 # --------------------------------------------------------------------------------------------
 
 
@@ -74,8 +92,23 @@ def test_patch_verification_catches_an_rms_norm_eps_difference(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# dropout_p: NaN, inf and values outside [0, 1) are refused naming it (torch refuses them too)
+# dropout_p: NaN, inf and values outside [0, 1] are refused naming it (torch refuses them too);
+# 1 drops every weight, as torch: zeros, NaN kept, zero gradients
 # --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU)
+def test_attention_dropout_everything_is_torchs(backend):
+    q, k, v = torch.randn(3, 1, 2, 3, 4)
+    q[0, 1, 0] = float("nan")
+    with ff.use_backend(backend):
+        assert_same_as_torch(lambda *t: ff.scaled_dot_product_attention(*t, dropout_p=1.0),
+                             lambda *t: F.scaled_dot_product_attention(*t, dropout_p=1.0), [q, k, v])
+        packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+        cu = torch.tensor([0, 3], dtype=torch.int32)
+        out = ff.varlen_attention(*packed, cu, cu, 3, 3, 1.0)
+    want = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)[0].transpose(0, 1)
+    torch.testing.assert_close(out, want, equal_nan=True)
 
 
 @pytest.mark.parametrize("p", [float("nan"), float("inf"), -float("inf"), -0.5, 1.5])
@@ -121,24 +154,6 @@ def test_softmax_bad_dtype_is_refused(dtype, exc):
 # --------------------------------------------------------------------------------------------
 # zero-size normalized / inner dims: torch's values and gradients, on every backend
 # --------------------------------------------------------------------------------------------
-
-BACKENDS_ON_CPU = ["reference", "torch", "triton"]
-
-
-def assert_same_as_torch(ours, theirs, inputs):
-    """ours(*inputs) and theirs(*inputs) agree in value, dtype and every input's gradient."""
-    mine = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    copy = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    a, b = ours(*mine), theirs(*copy)
-    torch.testing.assert_close(a, b, equal_nan=True)
-    grad = torch.randn(a.shape, dtype=a.dtype)
-    for x, y in zip(torch.autograd.grad(a, mine, grad, allow_unused=True),
-                    torch.autograd.grad(b, copy, grad, allow_unused=True)):
-        if y is None:
-            assert x is None or not x.any()
-        else:
-            torch.testing.assert_close(x, y, equal_nan=True)
-
 
 def _swiglu(h):
     gate, up = h.chunk(2, dim=-1)

@@ -84,7 +84,7 @@ BAD_CALLS = [
     ("sdpa mask dtype", lambda: ff.scaled_dot_product_attention(q4, k4, v4, torch.ones(5, 6, dtype=torch.int32)),
      TypeError, "attn_mask"),
     ("sdpa mask type", lambda: ff.scaled_dot_product_attention(q4, k4, v4, [[True]]), TypeError, "attn_mask"),
-    ("sdpa dropout high", lambda: ff.scaled_dot_product_attention(q4, k4, v4, dropout_p=1.0), ValueError, "dropout_p"),
+    ("sdpa dropout high", lambda: ff.scaled_dot_product_attention(q4, k4, v4, dropout_p=1.5), ValueError, "dropout_p"),
     ("sdpa dropout low", lambda: ff.scaled_dot_product_attention(q4, k4, v4, dropout_p=-0.1), ValueError, "dropout_p"),
     ("sdpa causal type", lambda: ff.scaled_dot_product_attention(q4, k4, v4, is_causal=1), TypeError, "is_causal"),
     ("sdpa scale type", lambda: ff.scaled_dot_product_attention(q4, k4, v4, scale="x"), TypeError, "scale"),

@@ -83,8 +83,8 @@ def normalized_size(op, x, normalized_shape):
 def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_slopes, heads, batch):
     """The options attention and varlen attention share; ``alibi_slopes`` is (heads,) or (batch, heads)."""
     check_number(op, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:  # also refuses NaN, which compares false with everything
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:  # also refuses NaN, which compares false with everything
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None:

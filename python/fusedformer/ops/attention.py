@@ -219,6 +219,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     batch_shape, H, Hkv = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                     window_size, alibi_slopes)
+    if dropout_p == 1.0:  # torch's dropout of every weight: zeros (NaN stays NaN), zero gradients
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                            backend=backend, window_size=window_size, alibi_slopes=alibi_slopes) * 0.0
     # torch's output: the broadcast shape, as many dims as the largest input (a 2-D call has no heads)
     rank = max(query.dim(), key.dim(), value.dim())
     out_shape = (*batch_shape, H, query.shape[-2], value.shape[-1])[-rank:]

@@ -134,6 +134,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
               window_size, alibi_slopes)
+    if dropout_p == 1.0:  # every weight dropped: zeros (NaN stays NaN), zero gradients, as torch's dropout
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, is_causal,
+                                scale, window_size=window_size, alibi_slopes=alibi_slopes, backend=backend) * 0.0
     D = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D) if D > 0 else 1.0
     wl, wr = window_size if window_size is not None else (-1, -1)
