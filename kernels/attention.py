@@ -184,6 +184,10 @@ def _attn_fwd_kernel(
     tl.store(Lse + b * sl_b + (q_start + i64) * sl_l + h_row * sl_h + split * sl_s, lse, mask=row_ok)
 
 
+# the splits the combine kernel reads at a time: one compiled kernel for every split count
+COMBINE_BLOCK_S = 16
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _attn_combine_kernel(
     OutPart,  # (S, R, Dv) float32 partial outputs, each normalised within its split
@@ -308,7 +312,7 @@ def forward_launches(q, k, v, out, lse, bias, slopes, causal, scale, window, dro
     launches = [(kernel, grid, args, with_config(meta, config))]
     if num_splits > 1:
         launches.append((_attn_combine_kernel, (R,), (out_part, lse_part, out, lse, R, Dv, int(num_splits)),
-                         dict(BLOCK_S=16, BLOCK_DV=block_d(Dv))))
+                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=block_d(Dv))))
     return launches
 
 

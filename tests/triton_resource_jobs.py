@@ -55,7 +55,7 @@ def heuristic_values(tuner, args):
 def _tensor(sig_type):
     """A stand-in for a pointer argument in named_args: prunes may read its dtype."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "u8": torch.uint8,
-             "i32": torch.int32}[sig_type.lstrip("*")]
+             "i32": torch.int32, "i64": torch.int64}[sig_type.lstrip("*")]
     return torch.empty(0, dtype=dtype)
 
 
@@ -79,7 +79,8 @@ def _autotuned_jobs(family, tuner, fn, types, ints, constexprs, aligned, arch, d
 # attention: forward (also what decode's packed-GQA launches pick from), backward, combine
 # --------------------------------------------------------------------------------------------
 
-_ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+_ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp32", "Seed": "*i64", "CuQ": "*i32",
+              "CuK": "*i32",
               "LsePart": "*fp32", "OutPart": "*fp32",
               **{n: "*bf16" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
 _ATTN_SCALARS = {"qk_scale": "fp32", "drop_scale": "fp32", "sm_scale": "fp32", "seed": "i64", "drop_threshold": "i64"}
@@ -104,16 +105,15 @@ def attention_jobs(arch):
                  BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
     types = {**_ATTN_PTRS, **_ATTN_SCALARS}
     fwd_tuner, _ = A._tuned_fwd()
-    fwd = dict(flags, PACK_GQA=False, NUM_SPLITS=1, **_unit_head_dim(A._attn_fwd_kernel))
+    fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
     jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)
     for name, fn in (("dkdv", AB._attn_bwd_dkdv), ("dq", AB._attn_bwd_dq)):
         tuner, _ = AB._tuned(name)
         jobs += _autotuned_jobs("attention_bwd", tuner, fn, types, ints, dict(flags, **_unit_head_dim(fn)),
                                 _ATTN_ALIGNED, arch)
-    splits = 8  # decode's split-K merge: one program per row
-    blocks = dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=A.block_d(HEAD_DIM))
-    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, dict(blocks, NUM_SPLITS=splits), {"Dv"}, 4,
-                    None, arch, blocks))
+    # decode's split-K merge: one program per row, the launcher's fixed split block
+    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=A.block_d(HEAD_DIM))
+    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, blocks, {"Dv"}, 4, None, arch, blocks))
     return jobs
 
 
@@ -129,7 +129,7 @@ def gemm_jobs(arch, plant=False):
     from fusedformer.kernels import matmul_act as MA
 
     tma = arch >= 90  # the launcher takes TMA on sm_90+ for aligned 16-bit operands
-    act, gated = BA.ACTIVATIONS["gelu"]
+    act, gated = BA.kernel_activation("resource test", "gelu")
     ints = dict(M=GEMM, N_OUT=GEMM, K=GEMM, M_BUCKET=GEMM)
     constexprs = dict(MODE=0, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=False, STORE_P=True, USE_TMA=tma,
                       INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
