@@ -28,20 +28,22 @@ __device__ __forceinline__ float act_fwd(float h, int act) {
   }
 }
 
-__device__ __forceinline__ float act_grad(float h, int act) {
+// dL/dh = dy * act'(h); relu's is a select, as torch's threshold_backward: 0 where h <= 0 even
+// for a NaN dy, dy elsewhere (a NaN h included)
+__device__ __forceinline__ float act_grad(float dy, float h, int act) {
   switch (act) {
-    case kRelu: return isnan(h) ? h : (h > 0.f ? 1.f : 0.f);
+    case kRelu: return h <= 0.f ? 0.f : dy;
     case kGelu: case kGeglu:
-      return 0.5f * (1.f + erff(h * kInvSqrt2)) + h * expf(-0.5f * h * h) * kInvSqrt2Pi;
+      return dy * (0.5f * (1.f + erff(h * kInvSqrt2)) + h * expf(-0.5f * h * h) * kInvSqrt2Pi);
     case kGeluTanh: {
       const float t = tanhf(kSqrt2OverPi * (h + 0.044715f * h * h * h));
-      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * h * h);
+      return dy * (0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * h * h));
     }
     case kSilu: case kSwiglu: {
       const float s = 1.f / (1.f + expf(-h));
-      return s * (1.f + h * (1.f - s));
+      return dy * (s * (1.f + h * (1.f - s)));
     }
-    default: return 1.f;
+    default: return dy;
   }
 }
 
@@ -104,14 +106,14 @@ __global__ void __launch_bounds__(kThreads, 1) bias_act_bwd_kernel(const T* __re
       load_f<W>(h + row * sh + Ny + j, u);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        dg[k] = g[k] * u[k] * act_grad(a[k], act);
+        dg[k] = act_grad(g[k] * u[k], a[k], act);
         du[k] = g[k] * act_fwd(a[k], act);
       }
       store_f<W>(dh + row * sdh + j, dg);
       store_f<W>(dh + row * sdh + Ny + j, du);
     } else {
 #pragma unroll
-      for (int k = 0; k < W; ++k) a[k] = g[k] * act_grad(a[k], act);
+      for (int k = 0; k < W; ++k) a[k] = act_grad(g[k], a[k], act);
       store_f<W>(dh + row * sdh + j, a);
     }
   };
