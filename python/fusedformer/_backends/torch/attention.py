@@ -83,15 +83,16 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     return out, lse
 
 
-def _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias):
+def _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias):
     """dbias: dS = P * (dP - rowsum(dP * P)) (torch's softmax backward) summed to the bias's shape,
-    with P = exp(S - lse) rebuilt from the saved lse and dP = dO V^T. dS is the one Lq x Lk tensor,
-    as large as a full bias's gradient itself."""
+    with P = softmax(S) rebuilt from the scores (0 in rows with no key) and dP = dO V^T. dS is the
+    one Lq x Lk tensor, as large as a full bias's gradient itself."""
     cd = compute_dtype(q)
     group = q.shape[1] // k.shape[1]
     total = attention_mask_bias(q.shape[2], k.shape[2], mask, is_causal, (-1, -1), None, q.device, cd)
-    p = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
-    p = p.sub_(lse[..., None]).exp_()
+    s = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
+    # softmax, not exp(S - lse): with scores in the hundreds, lse's rounding would enter every P
+    p = torch.softmax(s, dim=-1).masked_fill_(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
     dp = torch.matmul(grad_out.to(cd), expand_kv(v.to(cd), group).transpose(-1, -2))
     ds = torch._softmax_backward_data(dp, p, -1, cd)
     return ds.sum_to_size(bias.shape).to(bias.dtype)
@@ -110,5 +111,5 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
         grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     dbias = None
     if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
-        dbias = _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias)
+        dbias = _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias)
     return dq, dk, dv, dbias
