@@ -15,7 +15,7 @@ OUT ?= gpu-check-out
 # CPU machines pin what the triton interpreter needs; GPU machines keep what they have.
 TORCH_PIN := torch==2.13.0
 CPU_PINS := triton==3.6.0 "numpy<2.3"
-TEST_DEPS := pytest pytest-timeout pybind11 ninja "transformers>=4.50"
+TEST_DEPS := pytest pytest-timeout pybind11 ninja "transformers>=4.50" expecttest
 
 .PHONY: test demo bench lint gpu-check info clean
 
@@ -23,7 +23,7 @@ $(STAMP): setup.py pyproject.toml
 	@if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 	  echo "fusedformer: keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	  $(PYTHON) -m venv --system-site-packages $(VENV); \
-	  missing=$$($(VPY) -c "import importlib.util as u; print(' '.join(p for p, m in [('pytest','pytest'), ('pytest-timeout','pytest_timeout'), ('pybind11','pybind11'), ('ninja','ninja'), ('transformers','transformers')] if u.find_spec(m) is None))"); \
+	  missing=$$($(VPY) -c "import importlib.util as u; print(' '.join(p for p, m in [('pytest','pytest'), ('pytest-timeout','pytest_timeout'), ('pybind11','pybind11'), ('ninja','ninja'), ('transformers','transformers'), ('expecttest','expecttest')] if u.find_spec(m) is None))"); \
 	  if [ -n "$$missing" ]; then $(VPY) -m pip install -q $$missing || echo "fusedformer: could not install $$missing (offline?); tests needing them skip"; fi; \
 	else \
 	  $(PYTHON) -m venv $(VENV); \
