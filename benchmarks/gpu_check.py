@@ -209,8 +209,7 @@ class Check:
             return [[py, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation", "--no-deps",
                      "-e", ROOT], [py, "-m", "fusedformer", "info"], [py, "-c", "import fusedformer._C"]], (0,)
         if name == "parity":
-            shims = [] if self.probe.get("gpu") else ["--shims", ROOT / "tests" / "conftest.py"]
-            return [[*worker, "parity", *ops, *shims]], (0,)
+            return [[*worker, "parity", *ops]], (0,)
         if name in BENCH_STEPS:
             return [[*worker, "bench", "--preset", BENCH_STEPS[name], *ops]], (0,)
         if name == "bench-e2e":

@@ -23,10 +23,6 @@ def _empty_attention(q, v):
     return out, torch.full((B, H, Lq), float("-inf"), dtype=compute_dtype(q), device=q.device)
 
 
-def _seed_value(seed):
-    return int(seed.item()) if seed is not None else None
-
-
 @custom_op("attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, causal: bool,
                   scale: float, dropout_p: float, seed: torch.Tensor | None, window_left: int,
@@ -36,7 +32,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
     if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
         return _empty_attention(q, v)
     out, lse = ATTENTION.implementation(backend).attention_forward(
-        q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
+        q, k, v, bias, causal, scale, dropout_p, seed, (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 
@@ -57,7 +53,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         dbias = torch.zeros_like(bias) if bias_requires_grad and bias is not None else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     dq, dk, dv, dbias = ATTENTION.implementation(backend).attention_backward(
-        grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
+        grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
         (window_left, window_right), alibi_slopes, bias_requires_grad)
     dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
@@ -194,7 +190,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D) if D > 0 else 1.0
     wl, wr = window_size if window_size is not None else (-1, -1)
     dropout_p = float(dropout_p)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    # drawn on q's device and handed to the kernels as a tensor: a captured CUDA graph redraws it per replay
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
     # backends judge support on the forward's arguments; the seed's value never matters there
     args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)

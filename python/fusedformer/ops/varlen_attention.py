@@ -26,7 +26,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """q (T_q, H, D), k (T_k, Hkv, D), v (T_k, Hkv, Dv) -> (out (T_q, H, Dv), lse (H, T_q))."""
     out, lse = VARLEN_ATTENTION.implementation(backend).varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-        int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
+        seed, (window_left, window_right), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 
@@ -46,7 +46,7 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """-> (dq, dk, dv)."""
     dq, dk, dv = VARLEN_ATTENTION.implementation(backend).varlen_attention_backward(
         grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale,
-        dropout_p, int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
+        dropout_p, seed, (window_left, window_right), alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -143,7 +143,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     slopes = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32) if q.dtype != torch.float64 else alibi_slopes
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
