@@ -5,8 +5,8 @@ Each sample input torch accepts is accepted and matches torch (values, NaN patte
 gradients of every input that requires grad, by the parity rule of ``_fidelity_testing``), or is
 refused with a ValueError/TypeError the README lists under "torch inputs fusedformer refuses".
 Each error input torch rejects is rejected with a ValueError/TypeError. On the reference and
-torch backends in float64, float32 and bfloat16; on the interpreted triton backend in float32
-for a few samples of each op.
+torch backends in float64, float32 and bfloat16 (float64 also through strided copies of the
+samples); on the interpreted triton backend in float32 for a few samples of each op.
 
 The ff functions reach torch's signatures through the small adapters of ``CASES``: the
 activations run through ``ff.linear_act``'s epilogue (an exact 1x1 identity GEMM), and every
@@ -141,9 +141,11 @@ def _params(backend_dtypes, max_index=None):
                 yield pytest.param(name, i, backend, dtype, id=f"{name}-{i}-{backend}-{str(dtype)[6:]}", marks=marks)
 
 
-def _check_sample(name, index, backend, dtype):
+def _check_sample(name, index, backend, dtype, noncontiguous=False):
     case = CASES[name]
     sample = _samples(case)[index]
+    if noncontiguous:  # the same values through strides (float64 keeps them: cast() copies no data there)
+        sample = sample.noncontiguous()
     args, kwargs = (sample.input, *sample.args), dict(sample.kwargs)
     what = f"{name} sample {index} on {backend} in {dtype}"
     try:
@@ -158,6 +160,12 @@ def _check_sample(name, index, backend, dtype):
 @pytest.mark.parametrize("name,index,backend,dtype", list(_params(BACKEND_DTYPES)))
 def test_sample_matches_torch_or_is_a_listed_refusal(name, index, backend, dtype):
     _check_sample(name, index, backend, dtype)
+
+
+@pytest.mark.parametrize("name,index,backend,dtype", list(_params([("reference", torch.float64),
+                                                                   ("torch", torch.float64)])))
+def test_noncontiguous_sample_matches_torch(name, index, backend, dtype):
+    _check_sample(name, index, backend, dtype, noncontiguous=True)
 
 
 @pytest.mark.parametrize("name,index,backend,dtype", list(_params([("triton", torch.float32)], TRITON_SAMPLES)))

@@ -73,11 +73,18 @@ def _fix_rows_without_scores(q, k, out, lse, mask, causal, scale):
     out[b, h, i] = torch.where(torch.isnan(true_lse), float("nan"), 0.0)[:, None].to(out.dtype)
 
 
+def _unit_last_stride(*tensors):
+    """torch's CPU flash kernel reads the last dim as contiguous (a strided head dim gives NaN or
+    garbage; F.scaled_dot_product_attention copies such inputs first): copy the ones that are not."""
+    return [t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
 def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
     if reason:
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    q, k, v, mask = _unit_last_stride(q, k, v, mask)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
     return out, lse
@@ -104,6 +111,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     if reason:
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    grad_out, q, k, v, out, mask = _unit_last_stride(grad_out, q, k, v, out, mask)
     # the kernel's own convention for empty rows (lse 0: all probabilities exp(-inf - 0) = 0),
     # which the forward replaced by the contract's -inf
     lse = lse.masked_fill(torch.isneginf(lse), 0.0)
