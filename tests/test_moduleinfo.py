@@ -85,11 +85,6 @@ def _check_sample(cls, training, index, backend, dtype):
         assert_listed_refusal(exc, REFUSALS, what)
 
 
-# Known differences, found by these tests: strict xfails, to remove when the fix is merged.
-# module class -> [(is it hit by (sample, training, backend, dtype), why)]
-KNOWN_BUGS = {}
-
-
 def _spread(n, count, offset):
     """``count`` of the indices 0..n-1, evenly spaced from ``offset`` (all of them when FULL)."""
     if FULL or count >= n:
@@ -101,11 +96,10 @@ def _params(runs, modules=tuple(MODULES)):
     for offset, (training, backend, dtype, count) in enumerate(runs):
         for cls in modules:
             samples = _samples(cls, training)
+            mode = "train" if training else "eval"
             for i in _spread(len(samples), count, offset):
-                reasons = [why for hit, why in KNOWN_BUGS.get(cls, ()) if hit(samples[i], training, backend, dtype)]
-                marks = [pytest.mark.xfail(strict=True, reason=reasons[0])] if reasons else []
-                yield pytest.param(cls, training, i, backend, dtype, marks=marks,
-                                   id=f"{cls.__name__}-{'train' if training else 'eval'}-{i}-{backend}-{str(dtype)[6:]}")
+                yield pytest.param(cls, training, i, backend, dtype,
+                                   id=f"{cls.__name__}-{mode}-{i}-{backend}-{str(dtype)[6:]}")
 
 
 @pytest.mark.parametrize("cls,training,index,backend,dtype", list(_params(RUNS)))

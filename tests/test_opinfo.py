@@ -18,8 +18,8 @@ Philox keep-mask (torch's own dropout stream is another one).
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import fusedformer as ff
 import pytest
@@ -44,7 +44,8 @@ def _sdpa_ours(q, k, v, **kwargs):
 
 def _sdpa_torch(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if dropout_p == 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
     # the keep-mask ff draws (its seed is the first draw after torch.manual_seed), applied by torch's math kernel
     torch.manual_seed(DROPOUT_SEED)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
