@@ -19,15 +19,6 @@ if not HAS_GPU:
     os.environ.setdefault(BOUNDS_ENV, "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture
 def device():
     return "cuda" if HAS_GPU else "cpu"
