@@ -184,11 +184,13 @@ def num_partials(M, device):
     return max(1, min(M, 2 * num_sms(device)))
 
 
-def norm_backward_rows(grad_y, x, grad_residual_out):
-    """(x2, dy2, dr2): a norm backward's row inputs with unit-stride rows, gradients in x's dtype."""
+def norm_backward_buffers(grad_y, x, grad_residual_out):
+    """(x2, dy2, dr2, dx, nparts): a norm backward's row inputs with unit-stride rows, gradients in
+    x's dtype, its dx output and how many blocks write parameter-gradient partial sums."""
     x2, dy2 = unit_rows(x), unit_rows(grad_y.to(x.dtype))
     dr2 = unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
-    return x2, dy2, dr2
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    return x2, dy2, dr2, dx, num_partials(x2.shape[0], x.device)
 
 
 def norm_forward_buffers(x, residual, row_stats):

@@ -28,10 +28,8 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
 
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
+    x2, dy2, dr2, dx, nparts = _common.norm_backward_buffers(grad_y, x, grad_residual_out)
     M, N = x2.shape
-    dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = _common.num_partials(M, x.device)
     dw_part, dw = _common.param_grad_buffers(weight, nparts, N, x.device)
     db_part, db = _common.param_grad_buffers(bias, nparts, N, x.device)
     w = _common.weight_vector(weight)

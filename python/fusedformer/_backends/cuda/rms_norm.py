@@ -27,10 +27,8 @@ def rms_norm_forward(x, weight, eps, residual=None):
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
+    x2, dy2, dr2, dx, nparts = _common.norm_backward_buffers(grad_y, x, grad_residual_out)
     M, N = x2.shape
-    dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = _common.num_partials(M, x.device)
     dw_part, dw = _common.param_grad_buffers(weight, nparts, N, x.device)
     w = _common.weight_vector(weight)
     rstd32 = rstd.to(torch.float32).contiguous()
