@@ -1,6 +1,8 @@
 """What the row-wise cases (one op over the last dim of x (M, N), memory-bound) share: the shape
 presets' form, the norms' presets, and the providers each of them compares."""
 
+import torch
+
 from fusedformer.bench.providers import (
     ROWWISE_HEADLINE_PROVIDERS,
     ROWWISE_HEADLINE_SHAPES,
@@ -38,3 +40,22 @@ def providers(fused, eager, device):
     out["torch-eager"] = eager
     out["torch-compile"] = compiled(eager, device)
     return out
+
+
+def norm_bytes(shape, pass_, dtype, params, row_stats):
+    """The bytes a norm moves, element size e: fwd reads x, writes y (2 M N e) and reads its
+    ``params`` (N,) vectors; bwd reads x, dy, writes dx (3 M N e), reads the params and writes their
+    grads; each way ``row_stats`` fp32 (M,) vectors (mean, rstd)."""
+    M, N, e = shape["M"], shape["N"], dtype.itemsize
+    fwd = 2 * M * N * e + params * N * e + 4 * row_stats * M
+    bwd = 3 * M * N * e + 2 * params * N * e + 4 * row_stats * M
+    return bytes_moved(pass_, fwd, bwd)
+
+
+def norm_inputs(shape, dtype, device, bias):
+    """make() of a norm: x (M, N), a weight near 1 and, with ``bias``, a small bias (N,), all differentiated."""
+    M, N = shape["M"], shape["N"]
+    inputs = [torch.randn(M, N, device=device, dtype=dtype), 1 + 0.1 * torch.randn(N, device=device, dtype=dtype)]
+    if bias:
+        inputs.append(0.1 * torch.randn(N, device=device, dtype=dtype))
+    return inputs, {}, list(range(len(inputs)))

@@ -3,7 +3,6 @@ element size e: fwd reads x and writes y (2 M N e, + 2 N e for weight/bias); bwd
 writes dx (3 M N e, + 4 N e for weight/bias and their grads; the per-row mean/rstd are fp32 and
 small: 8 M bytes each way); fwd+bwd the sum."""
 
-import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
@@ -16,18 +15,11 @@ EPS = 1e-5
 
 
 def work(shape, pass_, dtype):
-    M, N, e = shape["M"], shape["N"], dtype.itemsize
-    fwd = 2 * M * N * e + 2 * N * e + 8 * M
-    bwd = 3 * M * N * e + 4 * N * e + 8 * M
-    return None, _rowwise.bytes_moved(pass_, fwd, bwd)
+    return None, _rowwise.norm_bytes(shape, pass_, dtype, params=2, row_stats=2)
 
 
 def make(shape, dtype, device):
-    M, N = shape["M"], shape["N"]
-    x = torch.randn(M, N, device=device, dtype=dtype)
-    w = 1 + 0.1 * torch.randn(N, device=device, dtype=dtype)
-    b = 0.1 * torch.randn(N, device=device, dtype=dtype)
-    return [x, w, b], {}, [0, 1, 2]
+    return _rowwise.norm_inputs(shape, dtype, device, bias=True)
 
 
 def eager(x, w, b):
