@@ -144,6 +144,18 @@ __device__ __forceinline__ Bias bias_at(const Bias& b, int64_t bi, int64_t hi) {
   return r;
 }
 
+// Where batch b, head h starts in q, k and v; k and v: the head's key/value head (GQA).
+template <typename T>
+struct HeadPtrs {
+  const T *q, *k, *v;
+};
+template <typename T>
+__device__ __forceinline__ HeadPtrs<T> head_ptrs(const Params& p, int64_t b, int64_t h) {
+  const int64_t kvh = h / (p.H / p.Hkv);
+  return {static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh,
+          static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh};
+}
+
 // acc = A B^T for this warp: A its 16 rows of sA, B the first 8 * NT rows of sB, both (rows, D)
 // tiles in shared memory with pitch D + 8; acc[nt] holds n-tile nt (columns 8nt..8nt+7).
 template <typename T, int D, int NT>
@@ -164,8 +176,21 @@ __device__ __forceinline__ void warp_abt(float (&acc)[NT][4], const T* sA, const
   }
 }
 
-// acc += P B for this warp: P (16, 8 * NT) held in accumulators pm, B the first 8 * NT rows of the
+// acc += A B over k-step kt for this warp: A's fragment a (16 x 16), B rows 16kt..16kt+15 of the
 // (rows, D) shared tile sB (pitch D + 8), read through a transposing ldmatrix.
+template <typename T, int D>
+__device__ __forceinline__ void mma_k_step(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* sB, int kt,
+                                           int lane) {
+#pragma unroll
+  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+    uint32_t f[4];
+    ldsm_x4_t(f, sB + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
+    mma16816<T>(acc[2 * dt2], a, f);
+    mma16816<T>(acc[2 * dt2 + 1], a, f + 2);
+  }
+}
+
+// acc += P B for this warp: P (16, 8 * NT) held in accumulators pm, B the first 8 * NT rows of sB.
 template <typename T, int D, int NT>
 __device__ __forceinline__ void warp_pb(float (&acc)[D / 8][4], const float (&pm)[NT][4], const T* sB, int lane) {
 #pragma unroll
@@ -174,13 +199,7 @@ __device__ __forceinline__ void warp_pb(float (&acc)[D / 8][4], const float (&pm
     const uint32_t pa[4] = {pack2<T>(pm[2 * kt][0], pm[2 * kt][1]), pack2<T>(pm[2 * kt][2], pm[2 * kt][3]),
                             pack2<T>(pm[2 * kt + 1][0], pm[2 * kt + 1][1]),
                             pack2<T>(pm[2 * kt + 1][2], pm[2 * kt + 1][3])};
-#pragma unroll
-    for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-      uint32_t f[4];
-      ldsm_x4_t(f, sB + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-      mma16816<T>(acc[2 * dt2], pa, f);
-      mma16816<T>(acc[2 * dt2 + 1], pa, f + 2);
-    }
+    mma_k_step<T, D>(acc, pa, sB, kt, lane);
   }
 }
 
@@ -192,12 +211,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
   T* sV = sK + kBN * (D + 8);              // (kBN, D + 8)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  const int64_t group = p.H / p.Hkv;
   for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
     for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + (h / group) * p.k_sh;
-      const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + (h / group) * p.v_sh;
+      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
       const Bias bias = bias_at(p.bias, b, h);
       __syncthreads();  // the previous (b, h) is done with shared memory
       load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
@@ -314,12 +330,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
   float* sDelta = sLse + kBM;                                     // (kBM,)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t n0 = int64_t(blockIdx.x) * kBN;
-  const int64_t group = p.H / p.Hkv;
   for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
     for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + (h / group) * p.k_sh;
-      const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + (h / group) * p.v_sh;
+      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
       const int64_t bh = b * p.H + h;
       const T* dob = static_cast<const T*>(p.dout) + bh * p.Lq * D;
       const Bias bias = bias_at(p.bias, b, h);
@@ -382,13 +395,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
         for (int kt = 0; kt < kBN / 16; ++kt) {
           uint32_t a[4];
           ldsm_x4_t(a, sdS + (kt * 16 + lane % 8 + (lane / 16) * 8) * (kBM + 8) + warp * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t f[4];
-            ldsm_x4_t(f, sK + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-            mma16816<T>(dq[2 * dt2], a, f);
-            mma16816<T>(dq[2 * dt2 + 1], a, f + 2);
-          }
+          mma_k_step<T, D>(dq, a, sK, kt, lane);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

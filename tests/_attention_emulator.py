@@ -64,6 +64,11 @@ def accumulators_as_a(num, acc, kt):
                      num.pack2(hi[..., 0], hi[..., 1]), num.pack2(hi[..., 2], hi[..., 3])], axis=-2)
 
 
+def head_offsets(p, b, h):  # attention.cu: head_ptrs<T> (element offsets into q, k, v)
+    kvh = h // (p.H // p.Hkv)
+    return b * p.q_sb + h * p.q_sh, b * p.k_sb + kvh * p.k_sh, b * p.v_sb + kvh * p.v_sh
+
+
 def warp_abt(num, smem, sA, sB, D, nt, lead):
     """attention.cu: warp_abt<T, D, NT>: A B^T for each warp, A its 16 rows of sA, B the first 8 nt
     rows of sB, both (rows, D) shared tiles with pitch D + 8; returned as (*lead, nt, 4) accumulators."""
@@ -78,16 +83,20 @@ def warp_abt(num, smem, sA, sB, D, nt, lead):
     return acc
 
 
+def mma_k_step(smem, acc, a, sB, kt, D):
+    """attention.cu: mma_k_step<T, D>: acc += A B over k-step kt in place, A's fragment a, B rows
+    16kt..16kt+15 of the (rows, D) shared tile sB, read transposed."""
+    for dt2 in range(D // 16):
+        f = ldsm_x4_t(smem, sB + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * (D + 8) + dt2 * 16 + (LANE // 16) * 8)
+        acc[..., 2 * dt2, :] = mma16816(acc[..., 2 * dt2, :], a, f[..., 0:2, :])
+        acc[..., 2 * dt2 + 1, :] = mma16816(acc[..., 2 * dt2 + 1, :], a, f[..., 2:4, :])
+
+
 def warp_pb(num, smem, acc, pm, sB, D):
     """attention.cu: warp_pb<T, D, NT>: acc += P B in place, P (16, 8 NT) held in accumulators pm
-    (..., NT, 4), B the first 8 NT rows of the (rows, D) shared tile sB, read transposed."""
-    pitch = D + 8
+    (..., NT, 4), B the first 8 NT rows of sB."""
     for kt in range(pm.shape[-2] // 2):
-        pa = accumulators_as_a(num, pm, kt)
-        for dt2 in range(D // 16):
-            f = ldsm_x4_t(smem, sB + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch + dt2 * 16 + (LANE // 16) * 8)
-            acc[..., 2 * dt2, :] = mma16816(acc[..., 2 * dt2, :], pa, f[..., 0:2, :])
-            acc[..., 2 * dt2 + 1, :] = mma16816(acc[..., 2 * dt2 + 1, :], pa, f[..., 2:4, :])
+        mma_k_step(smem, acc, accumulators_as_a(num, pm, kt), sB, kt, D)
 
 
 def load_tile(smem, s, g, g_off, r0, L, ld, D):
@@ -135,11 +144,8 @@ def attn_fwd_kernel(p, D, block_x):
     smem = SharedMemory((p.B, p.H), fwd_smem(D, 2) // 2, num.acc)
     sQ, sK, sV = 0, kBM * pitch, (kBM + kBN) * pitch
     m0 = block_x * kBM
-    group = p.H // p.Hkv
     b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
-    qb = b * p.q_sb + h * p.q_sh
-    kb = b * p.k_sb + (h // group) * p.k_sh
-    vb = b * p.v_sb + (h // group) * p.v_sh
+    qb, kb, vb = head_offsets(p, b, h)
     bias = bias_at(p.bias, b, h)
     load_tile(smem, sQ, p.q, qb, m0, p.Lq, p.q_sl, D)
     qf = [ldsm_x4(smem, sQ + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8) for kk in range(D // 16)]
@@ -212,11 +218,8 @@ def attn_bwd_kernel(p, D, block_x):
     sQ, sdO = 2 * kBN * pitch, 2 * kBN * pitch + kBM * pitch
     sdS = 2 * kBN * pitch + 2 * kBM * pitch  # dS^T, (kBN, kBM + 8)
     n0 = block_x * kBN
-    group = p.H // p.Hkv
     b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
-    qb = b * p.q_sb + h * p.q_sh
-    kb = b * p.k_sb + (h // group) * p.k_sh
-    vb = b * p.v_sb + (h // group) * p.v_sh
+    qb, kb, vb = head_offsets(p, b, h)
     bh = b * p.H + h
     dob = bh * p.Lq * D
     bias = bias_at(p.bias, b, h)
@@ -251,11 +254,7 @@ def attn_bwd_kernel(p, D, block_x):
         for kt in range(kBN // 16):
             a = ldsm_x4_t(smem, sdS + (kt * 16 + LANE % 8 + (LANE // 16) * 8) * (kBM + 8)
                           + WARP * 16 + ((LANE // 8) % 2) * 8)
-            for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sK + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
-                              + dt2 * 16 + (LANE // 16) * 8)
-                dq[..., 2 * dt2, :] = mma16816(dq[..., 2 * dt2, :], a, f[..., 0:2, :])
-                dq[..., 2 * dt2 + 1, :] = mma16816(dq[..., 2 * dt2 + 1, :], a, f[..., 2:4, :])
+            mma_k_step(smem, dq, a, sK, kt, D)
         for r in range(2):
             i = m0 + WARP * 16 + G + r * 8
             dqrow = (bh[..., None, None] * p.Lq + i) * D
