@@ -14,6 +14,19 @@ enum Act : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4, 
 
 constexpr int kThreads = 256;  // every launch's block size
 
+// Run body(row, j, Width<W>{}) over this thread's columns [j0, j0 + V) of every row it owns
+// (rows grid-strided along y): one chunk of V, or element by element in a row's last partial vector.
+template <int V, typename F>
+__device__ __forceinline__ void for_own_columns(int64_t M, int64_t Ny, int64_t j0, F&& body) {
+  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
+    if (j0 + V <= Ny) {
+      body(row, j0, Width<V>{});
+    } else {
+      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});
+    }
+  }
+}
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
@@ -78,13 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1) bias_act_fwd_kernel(T* __restrict
     }
     store_f<W>(y + row * sy + j, out);
   };
-  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
-    if (j0 + V <= Ny) {
-      body(row, j0, Width<V>{});
-    } else {
-      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});  // the row's last partial vector
-    }
-  }
+  for_own_columns<V>(M, Ny, j0, body);
 }
 
 // dh = dy * act'(h); gated: dgate = dy * up * act'(gate), dup = dy * act(gate).
@@ -117,13 +124,28 @@ __global__ void __launch_bounds__(kThreads, 1) bias_act_bwd_kernel(const T* __re
       store_f<W>(dh + row * sdh + j, a);
     }
   };
-  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
-    if (j0 + V <= Ny) {
-      body(row, j0, Width<V>{});
-    } else {
-      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});
-    }
-  }
+  for_own_columns<V>(M, Ny, j0, body);
+}
+
+// The launchers' shared argument checks (`op` names the entry point); false: nothing to launch.
+bool bias_act_launchable(const char* op, int64_t M, int64_t Ny, int act) {
+  require(M >= 0 && Ny >= 0, std::string(op) + ": negative size");
+  require(act >= kRelu && act <= kGeglu, std::string(op) + ": unknown activation code");
+  return M > 0 && Ny > 0;
+}
+
+// Threads along x cover Ny columns V at a time; rows along y, grid-strided past the y limit.
+dim3 bias_act_grid(int64_t M, int64_t Ny, int64_t V) {
+  return dim3(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), unsigned(M < 65535 ? M : 65535));
+}
+
+// The <VEC, GATED> instance `pick(vec_constant, gated_constant)` names, for run-time vec and act.
+template <typename Pick>
+auto bias_act_instance(bool vec, int act, Pick pick) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  const bool gated = act == kSwiglu || act == kGeglu;
+  return gated ? (vec ? pick(Y{}, Y{}) : pick(N{}, Y{})) : (vec ? pick(Y{}, N{}) : pick(N{}, N{}));
 }
 
 }  // namespace
@@ -134,35 +156,26 @@ std::vector<LaunchLimit> linear_act_launch_limits() {
 
 void bias_act_forward(int dtype, uintptr_t z, uintptr_t bias, uintptr_t y, int64_t M, int64_t Ny, int64_t sz,
                       int64_t sy, int act, bool vec, uintptr_t stream) {
-  require(M >= 0 && Ny >= 0, "bias_act_forward: negative size");
-  require(act >= kRelu && act <= kGeglu, "bias_act_forward: unknown activation code");
-  if (M == 0 || Ny == 0) return;
-  const bool gated = act == kSwiglu || act == kGeglu;
-  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  if (!bias_act_launchable("bias_act_forward", M, Ny, act)) return;
   FF_DISPATCH(dtype, T, {
-    const int64_t V = vec ? kVec<T> : 1;
-    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
-    auto kernel = gated ? (vec ? bias_act_fwd_kernel<T, true, true> : bias_act_fwd_kernel<T, false, true>)
-                        : (vec ? bias_act_fwd_kernel<T, true, false> : bias_act_fwd_kernel<T, false, false>);
-    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<T>(z), ptr<const float>(bias), ptr<T>(y), M, Ny, sz, sy, act);
+    auto kernel = bias_act_instance(vec, act, [](auto v, auto g) {
+      return bias_act_fwd_kernel<T, decltype(v)::value, decltype(g)::value>;
+    });
+    kernel<<<bias_act_grid(M, Ny, vec ? kVec<T> : 1), kThreads, 0, as_stream(stream)>>>(
+        ptr<T>(z), ptr<const float>(bias), ptr<T>(y), M, Ny, sz, sy, act);
   });
   FF_LAUNCH_CHECK("bias_act_fwd_kernel");
 }
 
 void bias_act_backward(int dtype, uintptr_t dy, uintptr_t h, uintptr_t dh, int64_t M, int64_t Ny, int64_t sdy,
                        int64_t sh, int64_t sdh, int act, bool vec, uintptr_t stream) {
-  require(M >= 0 && Ny >= 0, "bias_act_backward: negative size");
-  require(act >= kRelu && act <= kGeglu, "bias_act_backward: unknown activation code");
-  if (M == 0 || Ny == 0) return;
-  const bool gated = act == kSwiglu || act == kGeglu;
-  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  if (!bias_act_launchable("bias_act_backward", M, Ny, act)) return;
   FF_DISPATCH(dtype, T, {
-    const int64_t V = vec ? kVec<T> : 1;
-    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
-    auto kernel = gated ? (vec ? bias_act_bwd_kernel<T, true, true> : bias_act_bwd_kernel<T, false, true>)
-                        : (vec ? bias_act_bwd_kernel<T, true, false> : bias_act_bwd_kernel<T, false, false>);
-    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<const T>(dy), ptr<const T>(h), ptr<T>(dh), M, Ny, sdy, sh,
-                                                     sdh, act);
+    auto kernel = bias_act_instance(vec, act, [](auto v, auto g) {
+      return bias_act_bwd_kernel<T, decltype(v)::value, decltype(g)::value>;
+    });
+    kernel<<<bias_act_grid(M, Ny, vec ? kVec<T> : 1), kThreads, 0, as_stream(stream)>>>(
+        ptr<const T>(dy), ptr<const T>(h), ptr<T>(dh), M, Ny, sdy, sh, sdh, act);
   });
   FF_LAUNCH_CHECK("bias_act_bwd_kernel");
 }
