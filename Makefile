@@ -22,7 +22,7 @@ TORCH_VERSION := 2.13.0
 TORCH_PIN := torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 CPU_PINS := triton==3.6.0 "numpy<2.3"
-TEST_DEPS ?= pytest pytest-timeout pybind11 ninja "transformers>=4.50"
+TEST_DEPS ?= pytest pytest-timeout pybind11 ninja "transformers>=4.50" expecttest
 # what `pip install --no-build-isolation -e .` needs in the venv (pyproject's build-system.requires);
 # Python 3.11's venv seeds setuptools 65 without `wheel`, which cannot build an editable install
 BUILD_DEPS := "setuptools>=70.1" wheel pybind11 ninja

@@ -144,20 +144,21 @@ def _bench(benchmark, op, provider, T, D, activation, pass_, recompute=False):
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("D", D_MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+def _over_the_grid(test):
+    """``test`` parametrized over every provider, d_model, token count, activation and pass (the
+    marks stacked as decorators would be, so the test ids read provider-D-T-activation-pass)."""
+    for name, values in (("provider", PROVIDERS), ("D", D_MODELS), ("T", TOKENS), ("activation", ACTS),
+                         ("pass_", PASSES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@_over_the_grid
 def test_linear_act(benchmark, provider, D, T, activation, pass_):
     _bench(benchmark, "linear_act", provider, T, D, activation, pass_)
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("D", D_MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@_over_the_grid
 def test_feed_forward(benchmark, provider, D, T, activation, pass_):
     _bench(benchmark, "feed_forward", provider, T, D, activation, pass_)
 

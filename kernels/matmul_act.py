@@ -150,7 +150,7 @@ def _matmul_act_kernel(
                     tl.store(db_ptrs, tl.sum(tl.where(mask, d_gate, 0.0), axis=0), mask=col_ok)
                     tl.store(db_ptrs + N_OUT, tl.sum(tl.where(mask, d_up, 0.0), axis=0), mask=col_ok)
             else:
-                dh = dy * act_grad_fn(h, ACT)
+                dh = act_grad_fn(dy, h, ACT)
                 tl.store(p_ptrs, dh.to(P.dtype.element_ty), mask=mask)
                 if STORE_Y:
                     tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)

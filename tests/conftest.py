@@ -41,15 +41,6 @@ def _below_triton_floor():
 collect_ignore_glob = _below_triton_floor()
 
 
-def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture
 def device():
     return "cuda" if HAS_GPU else "cpu"

@@ -57,7 +57,12 @@ def test_activations_propagate_nan():
     h = torch.tensor([float("nan"), 1.0, -1.0], dtype=f64)
     for name in ("relu", "gelu", "gelu_tanh", "silu"):
         assert torch.isnan(ACTIVATIONS[name].forward(h)[0]), name
+    for name in ("gelu", "gelu_tanh", "silu"):
         assert torch.isnan(ACTIVATIONS[name].backward(torch.ones_like(h), h)[0]), name
+    # relu's backward is torch's threshold_backward, a select: dy where h is NaN (NaN <= 0 is
+    # false), 0 where h <= 0 even for a NaN dy
+    dy = torch.tensor([2.0, 3.0, float("nan")], dtype=f64)
+    assert torch.equal(ACTIVATIONS["relu"].backward(dy, h), torch.tensor([2.0, 3.0, 0.0], dtype=f64))
 
 
 def test_gated_activation_by_gate_function():

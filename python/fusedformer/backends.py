@@ -17,6 +17,7 @@ while the reference can run. On a GPU, each backend ``auto`` passes over is logg
 import contextlib
 import logging
 import os
+import threading
 
 import torch
 
@@ -37,7 +38,16 @@ AUTO_ORDER = {
 }
 
 
-_context_stack = []
+# The use_backend contexts in force, innermost last, as (name, marker) entries, per thread: no
+# thread sees another's, and each exit removes its own entry (by its marker), not whatever is
+# innermost, so contexts exited out of order leave the right one. A thread-local rather than a
+# ContextVar: torch.compile(fullgraph=True) traces (and guards on) a thread-local's attributes,
+# but cannot trace ContextVar.get. asyncio tasks of one thread therefore share it.
+_contexts = threading.local()
+
+
+def _open_contexts():
+    return getattr(_contexts, "entries", ())
 
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
@@ -60,11 +70,12 @@ def _cached(fn):
 def use_backend(name):
     """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
-    _context_stack.append(name)
+    entry = (name, object())
+    _contexts.entries = _open_contexts() + (entry,)
     try:
         yield name
     finally:
-        _context_stack.pop()
+        _contexts.entries = tuple(e for e in _open_contexts() if e is not entry)
 
 
 def _check_name(name, where):
@@ -79,8 +90,9 @@ def requested_backend(backend=None):
     if backend is not None:
         _check_name(backend, "backend")
         return backend
-    if _context_stack:
-        return _context_stack[-1]
+    contexts = _open_contexts()
+    if contexts:
+        return contexts[-1][0]
     env = os.environ.get("FUSEDFORMER_BACKEND")
     if env:
         _check_name(env, "FUSEDFORMER_BACKEND")

@@ -60,9 +60,15 @@ def _silu_grad(h):
     return s * (1.0 + h * (1.0 - s))
 
 
-def _relu_grad(h):
-    # NaN stays NaN in the gradient, as torch's relu backward keeps it through dy * 1.
-    return torch.where(torch.isnan(h), h, (h > 0).to(h.dtype))
+def _times(derivative):
+    """dL/dh = dy * f'(h), for f with a derivative everywhere."""
+    return lambda dy, h: dy * derivative(h)
+
+
+def _relu_grad(dy, h):
+    # a select, as torch's threshold_backward: 0 where h <= 0 even for a NaN dy, dy elsewhere
+    # (a NaN h included: NaN <= 0 is false)
+    return torch.where(h <= 0, 0.0, dy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +78,17 @@ class Elementwise:
     name: str
     kernel_id: int  # the ACT constexpr of kernels/bias_act.py's act_fn / act_grad_fn switch
     forward: Callable  # written out: the reference's math
-    derivative: Callable
+    grad: Callable  # dL/dh from (dL/dy, h), as torch's backward of torch_forward computes it
     torch_forward: Callable  # torch's own function: what parity and the tests compare against
 
 
 ELEMENTWISE = {e.name: e for e in (
     # identity copies: the reference's y and its saved preact never alias
-    Elementwise("identity", 0, torch.clone, torch.ones_like, lambda h: h),
+    Elementwise("identity", 0, torch.clone, lambda dy, h: dy.clone(), lambda h: h),
     Elementwise("relu", 1, torch.relu, _relu_grad, F.relu),
-    Elementwise("gelu", 2, _gelu, _gelu_grad, F.gelu),
-    Elementwise("gelu_tanh", 3, _gelu_tanh, _gelu_tanh_grad, functools.partial(F.gelu, approximate="tanh")),
-    Elementwise("silu", 4, _silu, _silu_grad, F.silu),
+    Elementwise("gelu", 2, _gelu, _times(_gelu_grad), F.gelu),
+    Elementwise("gelu_tanh", 3, _gelu_tanh, _times(_gelu_tanh_grad), functools.partial(F.gelu, approximate="tanh")),
+    Elementwise("silu", 4, _silu, _times(_silu_grad), F.silu),
 )}
 
 
@@ -112,8 +118,8 @@ class Activation:
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             f = self.function
-            return torch.cat([grad_y * up * f.derivative(gate), grad_y * f.forward(gate)], dim=-1)
-        return grad_y * self.function.derivative(h)
+            return torch.cat([f.grad(grad_y * up, gate), grad_y * f.forward(gate)], dim=-1)
+        return self.function.grad(grad_y, h)
 
     def torch_forward(self, h):
         """act(h) by torch's own functions (F.gelu, F.silu, ...)."""

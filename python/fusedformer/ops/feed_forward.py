@@ -10,6 +10,8 @@ Backward, with hidden = act(preact), preact = x @ w1^T + b1, y = hidden @ w2^T +
     (dx, dw1, db1) = linear_act backward of dhidden through act
 """
 
+import math
+
 import torch
 
 from fusedformer import backends
@@ -111,7 +113,7 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     validate_linear(OP, x.new_empty(0, hidden_width), w2, b2, "identity", "w2", "b2")
     if not isinstance(recompute, bool):
         raise TypeError(f"{OP}: recompute must be a bool, got {type(recompute).__name__}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
     name = backends.select(LINEAR_ACT.name, x2.device, (x2, w1, b1, activation), backend)
     y = _feed_forward_fwd(x2, w1, b1, w2, b2, activation, name, recompute)[0]
     return y.view(*x.shape[:-1], y.shape[-1])

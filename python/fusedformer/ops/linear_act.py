@@ -1,5 +1,7 @@
 """ff.linear_act: act(x @ W^T + b), the first half of a transformer MLP."""
 
+import math
+
 import torch
 
 from fusedformer import backends
@@ -129,6 +131,6 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
     cuda cuBLAS and its epilogue kernel."""
     validate_linear(OP, x, weight, bias, activation)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
     y = linear_act_rows(x2, weight, bias, activation, backend)
     return y.view(*x.shape[:-1], y.shape[-1])
