@@ -47,6 +47,7 @@ class _Contexts(threading.local):
 
 _contexts = _Contexts()
 
+
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
 _cache = {}
