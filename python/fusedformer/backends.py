@@ -43,11 +43,12 @@ AUTO_ORDER = {
 # innermost, so contexts exited out of order leave the right one. A thread-local rather than a
 # ContextVar: torch.compile(fullgraph=True) traces (and guards on) a thread-local's attributes,
 # but cannot trace ContextVar.get. asyncio tasks of one thread therefore share it.
-_contexts = threading.local()
+class _Contexts(threading.local):
+    entries = ()  # each thread starts with none
 
 
-def _open_contexts():
-    return getattr(_contexts, "entries", ())
+_contexts = _Contexts()
+
 
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
@@ -71,11 +72,11 @@ def use_backend(name):
     """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
     entry = (name, object())
-    _contexts.entries = _open_contexts() + (entry,)
+    _contexts.entries += (entry,)
     try:
         yield name
     finally:
-        _contexts.entries = tuple(e for e in _open_contexts() if e is not entry)
+        _contexts.entries = tuple(e for e in _contexts.entries if e is not entry)
 
 
 def _check_name(name, where):
@@ -90,9 +91,9 @@ def requested_backend(backend=None):
     if backend is not None:
         _check_name(backend, "backend")
         return backend
-    contexts = _open_contexts()
-    if contexts:
-        return contexts[-1][0]
+    entries = _contexts.entries
+    if entries:
+        return entries[-1][0]
     env = os.environ.get("FUSEDFORMER_BACKEND")
     if env:
         _check_name(env, "FUSEDFORMER_BACKEND")
