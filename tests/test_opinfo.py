@@ -110,14 +110,7 @@ ERROR_CASES = {
 
 # Known differences, found by these tests: strict xfails, to remove when the fix is merged.
 # case -> [(is it hit by (sample index, sample, backend, dtype), why)]
-KNOWN_BUGS = {
-    "sdpa": [
-        # seeded data: samples 0 and 2 show it; delta = rowsum(Z * dZ) in float32 fixes both
-        (lambda i, s, b, d: b == "reference" and d == torch.bfloat16 and i in (0, 2),
-         "reference attention backward takes delta = rowsum(dO * O) from the bf16-rounded output: on OpInfo's "
-         "[-9, 9] inputs dQ/dK land 3-180x further from float64 than torch's own bf16 error"),
-    ],
-}
+KNOWN_BUGS = {}
 
 BACKEND_DTYPES = [(b, d) for b in ("reference", "torch") for d in (torch.float64, torch.float32, torch.bfloat16)]
 TRITON_SAMPLES = 3  # the first samples of each case, float32, on the interpreted triton backend
