@@ -70,7 +70,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i_row, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i_row, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
                     mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)

@@ -74,8 +74,8 @@ def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, r
                 h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
                 win_right, seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dK, dV contributions of one query head's row blocks [lo, hi) to one key block."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -93,7 +93,7 @@ def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, r
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
         dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i, tl.min(j, 0), H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             z = tl.where(keep, p * drop_scale, 0.0)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         else:
@@ -184,17 +184,17 @@ def _attn_bwd_dkdv(
             lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
             m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b,
             b_drop, h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
             win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_D, BLOCK_DV)
+            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
             m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = dk * sm_scale
     nmask = j[:, None] < Lk_b
     tl.store(dK + b * sdk_b + hkv * sdk_h + (k_start + j64[:, None]) * sdk_l + offs_d[None, :] * sdk_d,
@@ -225,7 +225,7 @@ def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, 
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
         dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE_DOT)

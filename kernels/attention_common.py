@@ -5,8 +5,8 @@ host-side argument helpers.
 Legend: B batch (or sequences, varlen), H query heads, Hkv kv heads, G = H // Hkv, Lq/Lk
 lengths, D/Dv head dims. Scores are kept in the log2 domain (scale * log2(e) folded in).
 
-Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*Lk + j) >= threshold, the exact
-stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
+Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*ceil(Lk/4) + j//4)[j % 4] >= threshold,
+the exact stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
 + b and b = 0, as the per-sequence reference does). The kernels read the seed from a one-element
 int64 device tensor, never from a host integer, so a captured CUDA graph that draws the seed on
 the device before the kernel gets a fresh mask on every replay.
@@ -86,11 +86,16 @@ def _load_seed(Seed, b, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, b, h_row, i_row, j_col, H, Lq, Lk, drop_threshold):
-    """Keep-mask of a tile: philox(seed, ((b*H + h)*Lq + i)*Lk + j)[0] >= threshold (unsigned)."""
-    off = ((b * H + h_row[:, None]) * Lq + i_row[:, None]) * Lk + j_col[None, :].to(tl.int64)
-    r = tl.randint(seed, off)
-    return r.to(tl.int64) >= drop_threshold
+def _dropout_keep(seed, b, h_row, i_row, n0, H, Lq, Lk, drop_threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask of the (BLOCK_M, BLOCK_N) tile of keys n0.. (n0 a multiple of 4): key j of row r =
+    (b*H + h)*Lq + i keeps iff output j % 4 of philox(seed, r * ceil(Lk / 4) + j // 4) >= threshold
+    (unsigned). One randint4x call per four keys: BLOCK_M * BLOCK_N / 4 calls per tile."""
+    rows = (b * H + h_row) * Lq + i_row
+    calls = (n0 // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(Lk, 4) + calls[None, :])
+    # interleave the four outputs along the keys: key 4c + t takes output t of call c
+    draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_N))
+    return draws.to(tl.int64) >= drop_threshold
 
 
 @triton.jit

@@ -104,7 +104,7 @@ def attention_jobs(arch):
                  BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
     types = {**_ATTN_PTRS, **_ATTN_SCALARS}
     fwd_tuner, _ = A._tuned_fwd()
-    fwd = dict(flags, PACK_GQA=False, NUM_SPLITS=1, **_unit_head_dim(A._attn_fwd_kernel))
+    fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
     jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)
     for name, fn in (("dkdv", AB._attn_bwd_dkdv), ("dq", AB._attn_bwd_dq)):
         tuner, _ = AB._tuned(name)
