@@ -129,7 +129,7 @@ def gemm_jobs(arch, plant=False):
     from fusedformer.kernels import matmul_act as MA
 
     tma = arch >= 90  # the launcher takes TMA on sm_90+ for aligned 16-bit operands
-    act, gated = BA.ACTIVATIONS["gelu"]
+    act, gated = BA.kernel_activation("resource test", "gelu")
     ints = dict(M=GEMM, N_OUT=GEMM, K=GEMM, M_BUCKET=GEMM)
     constexprs = dict(MODE=0, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=False, STORE_P=True, USE_TMA=tma,
                       INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
