@@ -112,7 +112,7 @@ def attention_jobs(arch):
                                 _ATTN_ALIGNED, arch)
     splits = 8  # decode's split-K merge: one program per row
     blocks = dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=A.block_d(HEAD_DIM))
-    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, dict(blocks, NUM_SPLITS=splits), {"Dv"}, 4,
+    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, dict(blocks), {"Dv"}, 4,
                     None, arch, blocks))
     return jobs
 
