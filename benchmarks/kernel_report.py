@@ -42,18 +42,15 @@ def family(name):
 @family("attention")
 def attention_jobs(arch):
     """Forward, backward (dK/dV, dQ) and decode-combine configs, plus the forward and both
-    backward kernels with dropout at their first selectable config (the Philox column)."""
-    import dataclasses
-
+    backward kernels with dropout at the first config selectable with dropout (the Philox column)."""
     import triton_resource_jobs as jobs_module
 
     jobs = jobs_module.attention_jobs(arch)
-    seen = set()
-    for job in list(jobs):
-        if job.family in ("attention_fwd", "attention_bwd") and job.fn not in seen:
-            seen.add(job.fn)
-            jobs.append(dataclasses.replace(job, constexprs=dict(job.constexprs, DROPOUT=True),
-                                            types=dict(job.types, Seed="*i64"), family=job.family + "+dropout"))
+    with_dropout = jobs_module.attention_jobs(arch, dropout_p=0.1)
+    for fn in dict.fromkeys(j.fn for j in with_dropout if j.family in ("attention_fwd", "attention_bwd")):
+        first = next(j for j in with_dropout if j.fn is fn)
+        first.family += "+dropout"
+        jobs.append(first)
     return jobs
 
 

@@ -53,7 +53,7 @@ for family in ("attention_fwd", "attention_fwd+dropout"):
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="triton's bundled ptxas is missing")
 def test_attention_forward_uses_wgmma_and_four_draws_per_philox_call(tmp_path):
-    """The bf16 forward's first selectable config, with and without dropout: wgmma both, no Philox
+    """The bf16 forward's first selectable config without dropout, and with: wgmma both, no Philox
     without dropout, and with it at most one call per four probabilities in each of the kernel's
     three key-tile loops (masked, whole, masked)."""
     from fusedformer.vocabulary import DRAWS_PER_PHILOX
@@ -64,8 +64,7 @@ def test_attention_forward_uses_wgmma_and_four_draws_per_philox_call(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     plain, dropout = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert plain["config"] == dropout["config"]
-    per_thread = plain["config"]["BLOCK_M"] * plain["config"]["BLOCK_N"] // (32 * plain["num_warps"])
+    per_thread = dropout["config"]["BLOCK_M"] * dropout["config"]["BLOCK_N"] // (32 * dropout["num_warps"])
     assert plain["wgmma"] and dropout["wgmma"]
     assert plain["philox"] == 0
     assert 0 < dropout["philox"] <= 3 * per_thread // DRAWS_PER_PHILOX, (dropout, per_thread)
