@@ -24,7 +24,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
 sys.path.insert(0, TESTS)
-os.environ.pop("TRITON_INTERPRET", None)  # real compiles: the kernels' autotuners, not the interpreter's config
 
 ARCH = 90
 PHILOX_ROUND_A = 0xD2511F53  # Philox4x32's round multiplier of c0: one mul.lo by it per round
@@ -102,6 +101,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES))
     args = parser.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # real compiles: the kernels' autotuners, not the interpreter's config
     text = markdown(rows(args.family or sorted(FAMILIES)))
     path = os.path.join(args.out, f"kernels-sm{ARCH}a-{datetime.date.today()}.md")
     with open(path, "w") as f:
