@@ -93,7 +93,7 @@ def _unit_head_dim(fn):
     return {n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("_d")}
 
 
-def attention_jobs(arch):
+def attention_jobs(arch, dropout_p=0.0):
     from fusedformer.kernels import attention as A
     from fusedformer.kernels import attention_backward as AB
 
@@ -101,9 +101,9 @@ def attention_jobs(arch):
     ints = dict(B=BATCH, H=HEADS, G=1, Lq=LENGTH, Lk=LENGTH, D=HEAD_DIM, Dv=HEAD_DIM, key_lq=pow2(LENGTH),
                 key_lk=pow2(LENGTH))
     # bf16 causal self-attention, head dim 128: the common training / prefill launch
-    flags = dict(A.flags(None, True, (-1, -1), None, 0.0), VARLEN=False, IEEE_DOT=False,
+    flags = dict(A.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False,
                  BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
-    types = {**_ATTN_PTRS, **_ATTN_SCALARS}
+    types = {**_ATTN_PTRS, **_ATTN_SCALARS, "Seed": "*i64"}
     fwd_tuner, _ = A._tuned_fwd()
     fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
     jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)

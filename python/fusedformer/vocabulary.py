@@ -206,10 +206,14 @@ def varlen_slopes(alibi_slopes, b):
 # --------------------------------------------------------------------------------------------
 # dropout randomness: Philox4x32-10, shared bit for bit by every backend
 # --------------------------------------------------------------------------------------------
-# Element (b, h, i, j) of the attention probabilities is kept iff
-#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[0]
-#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * Lk + j.
-# This is the stream tl.randint(seed, off) produces, so the kernels and the reference agree exactly.
+# One Philox call gives four uint32 draws, each decides one element: element (b, h, i, j) of the
+# attention probabilities is kept iff
+#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[j % 4]
+#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * ceil(Lk / 4) + j // 4,
+# so a row of Lk keys takes ceil(Lk / 4) calls (the last one's draws past Lk go unused). This is
+# what tl.randint4x(seed, off) produces; the kernels compare all four outputs, so they and the
+# reference agree exactly. Each decision keeps its full 32-bit draw: p is resolved to 2^-32 (a
+# byte-per-decision scheme, 16 decisions per call, would round p to multiples of 1/256).
 
 _M32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -226,8 +230,8 @@ def _mul_hi_lo(a, b):
     return hi, lo
 
 
-def philox_uint32(seed, offset):
-    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
+def philox4x32(seed, offset):
+    """The four uint32 outputs (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     offset = offset.to(torch.int64)
     c0, c1 = offset & _M32, (offset >> 32) & _M32
@@ -239,7 +243,12 @@ def philox_uint32(seed, offset):
         hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_uint32(seed, offset):
+    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
+    return philox4x32(seed, offset)[0]
 
 
 def dropout_threshold(p):
@@ -247,10 +256,15 @@ def dropout_threshold(p):
     return min(int(round(p * 4294967296.0)), 4294967295)
 
 
+DRAWS_PER_PHILOX = 4  # keep decisions per Philox call: its four outputs
+
+
 def attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cpu"):
     """The (B, H, Lq, Lk) bool keep-mask of attention dropout for ``seed``."""
-    off = torch.arange(B * H * Lq * Lk, device=device, dtype=torch.int64).view(B, H, Lq, Lk)
-    return philox_uint32(seed, off) >= dropout_threshold(p)
+    calls = -(-Lk // DRAWS_PER_PHILOX)  # per row
+    off = torch.arange(B * H * Lq * calls, device=device, dtype=torch.int64).view(B, H, Lq, calls)
+    draws = torch.stack(philox4x32(seed, off), dim=-1).view(B, H, Lq, calls * DRAWS_PER_PHILOX)
+    return draws[..., :Lk] >= dropout_threshold(p)
 
 
 # --------------------------------------------------------------------------------------------
