@@ -24,7 +24,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.join(os.path.dirname(HERE), "tests")
 sys.path.insert(0, TESTS)
-os.environ.pop("TRITON_INTERPRET", None)  # real compiles: the kernels' autotuners, not the interpreter's config
 
 ARCH = 90
 PHILOX_ROUND_A = 0xD2511F53  # Philox4x32's round multiplier of c0: one mul.lo by it per round
@@ -37,6 +36,21 @@ def family(name):
         FAMILIES[name] = fn
         return fn
     return register
+
+
+@family("attention")
+def attention_jobs(arch):
+    """Forward, backward (dK/dV, dQ) and decode-combine configs, plus the forward and both
+    backward kernels with dropout at the first config selectable with dropout (the Philox column)."""
+    import triton_resource_jobs as jobs_module
+
+    jobs = jobs_module.attention_jobs(arch)
+    with_dropout = jobs_module.attention_jobs(arch, dropout_p=0.1)
+    for fn in dict.fromkeys(j.fn for j in with_dropout if j.family in ("attention_fwd", "attention_bwd")):
+        first = next(j for j in with_dropout if j.fn is fn)
+        first.family += "+dropout"
+        jobs.append(first)
+    return jobs
 
 
 @family("gemm")
@@ -105,6 +119,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--family", action="append", choices=sorted(FAMILIES))
     args = parser.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # real compiles: the kernels' autotuners, not the interpreter's config
     text = markdown(rows(args.family or sorted(FAMILIES)))
     path = os.path.join(args.out, f"kernels-sm{ARCH}a-{datetime.date.today()}.md")
     with open(path, "w") as f:

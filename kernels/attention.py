@@ -70,7 +70,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i_row, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i_row, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
         v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
                     mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)
@@ -184,6 +184,10 @@ def _attn_fwd_kernel(
     tl.store(Lse + b * sl_b + (q_start + i64) * sl_l + h_row * sl_h + split * sl_s, lse, mask=row_ok)
 
 
+# the splits the combine kernel reads at a time: one compiled kernel for every split count
+COMBINE_BLOCK_S = 16
+
+
 @triton.jit(do_not_specialize=["num_splits"])
 def _attn_combine_kernel(
     OutPart,  # (S, R, Dv) float32 partial outputs, each normalised within its split
@@ -226,11 +230,13 @@ def _attn_combine_kernel(
 def fwd_configs():
     if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # sized for H100 (sm_90); prune_fwd keeps those that fit the call's dtype and head dims. Smaller
-    # tiles win for short or decode-like shapes; 8-warp 32x32 and 16x32 are for fp32 "ieee" dots,
-    # and the last fits every dtype at D = 256 (the untuned fallback of prune_fwd).
-    shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-              (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 8, 1)]
+    # sized for H100 (sm_90); prune_fwd keeps those that fit the call's dtype and head dims. 128x128
+    # with 8 warps and 2 stages is the D = 128 16-bit tile (each Q row block reused over twice the
+    # keys of 128x64). Smaller tiles win for short or decode-like shapes; 8-warp 32x32 and 16x32 are
+    # for fp32 "ieee" dots, and the last fits every dtype at D = 256 (the untuned fallback of prune_fwd).
+    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3),
+              (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1),
+              (16, 32, 8, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -240,7 +246,8 @@ def prune_fwd(configs, named_args, **meta):
     rows = named_args.get("key_lq", 1 << 30)
     q = named_args["Q"]
     elt, smem = q.element_size(), _autotune.smem_limit(q.device)
-    kept = [c for c in configs if resources.fits_fwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem)]
+    kept = [c for c in configs if resources.fits_fwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem,
+                                                     meta.get("DROPOUT", False))]
     return [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, rows)] or kept or configs[-1:]
 
 
@@ -308,7 +315,7 @@ def forward_launches(q, k, v, out, lse, bias, slopes, causal, scale, window, dro
     launches = [(kernel, grid, args, with_config(meta, config))]
     if num_splits > 1:
         launches.append((_attn_combine_kernel, (R,), (out_part, lse_part, out, lse, R, Dv, int(num_splits)),
-                         dict(BLOCK_S=16, BLOCK_DV=block_d(Dv))))
+                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=block_d(Dv))))
     return launches
 
 

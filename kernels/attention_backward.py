@@ -70,37 +70,41 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
                 h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
                 win_right, seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
-    """dK, dV contributions of one query head's row blocks [lo, hi) to one key block."""
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK, dV contributions of one query head's row blocks [lo, hi) to one key block, in the
+    transposed orientation (keys down the rows): S^T = K Q^T, dP^T = V dO^T, so P^T and dS^T are
+    the left operands of dV += Z^T dO and dK += dS^T Q as they come out of the registers, and
+    only loaded tiles (Q^T, dO) are read transposed, which the MMA takes from shared memory."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    n0 = tl.min(j, 0)
     for start_m in range(lo, hi, BLOCK_M):
         i = start_m + offs_m
         i64 = i.to(tl.int64)
-        q = tl.load(q_base + i64[:, None] * sq_l + offs_d[None, :] * sq_d,
-                    mask=(i[:, None] < Lq_b) & (offs_d[None, :] < D), other=0.0)
+        qt = tl.load(q_base + i64[None, :] * sq_l + offs_d[:, None] * sq_d,
+                     mask=(i[None, :] < Lq_b) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
         do = tl.load(do_base + i64[:, None] * sdo_l + offs_dv[None, :] * sdo_d,
                      mask=(i[:, None] < Lq_b) & (offs_dv[None, :] < Dv), other=0.0)
         lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq_b)
-        p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
-                        ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
-                        WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
-        dp = _dot(do, vt, IEEE_DOT)
+        pt = _probs_tile(k, qt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
+                         ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS, True)  # (BLOCK_N, BLOCK_M)
+        dpt = _dot(v, tl.trans(do), IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
-            z = tl.where(keep, p * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+            keep = tl.trans(_dropout_keep(seed, b_drop, h_row, i, n0, H, Lq_b, Lk_b, drop_threshold, BLOCK_N))
+            zt = tl.where(keep, pt * drop_scale, 0.0)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
         else:
-            z = p
-        ds = p * (dp - delta[:, None])
-        dv += _dot(tl.trans(z.to(do.dtype)), do, IEEE_DOT)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+            zt = pt
+        dst = pt * (dpt - delta[None, :])
+        dv += _dot(zt.to(do.dtype), do, IEEE_DOT)
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE_DOT)
     return dk, dv
 
 
@@ -138,11 +142,10 @@ def _attn_bwd_dkdv(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kmask = (j[None, :] < Lk_b) & (offs_d[:, None] < D)
-    kt = tl.load(K + b * sk_b + hkv * sk_h + (k_start + j64[None, :]) * sk_l + offs_d[:, None] * sk_d,
-                 mask=kmask, other=0.0)  # (BLOCK_D, BLOCK_N)
-    vt = tl.load(V + b * sv_b + hkv * sv_h + (k_start + j64[None, :]) * sv_l + offs_dv[:, None] * sv_d,
-                 mask=(j[None, :] < Lk_b) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
+    k = tl.load(K + b * sk_b + hkv * sk_h + (k_start + j64[:, None]) * sk_l + offs_d[None, :] * sk_d,
+                mask=(j[:, None] < Lk_b) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * sv_b + hkv * sv_h + (k_start + j64[:, None]) * sv_l + offs_dv[None, :] * sv_d,
+                mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -181,20 +184,20 @@ def _attn_bwd_dkdv(
         do_base = dOut + b * sdo_b + h * sdo_h + q_start * sdo_l
         # query blocks [m_full_lo, m_full_hi) see this key block whole: no causal/window/bound mask
         dk, dv = _dkdv_tiles(
-            lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
-            m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b,
+            m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b,
             b_drop, h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
             win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_D, BLOCK_DV)
+            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
-            m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = dk * sm_scale
     nmask = j[:, None] < Lk_b
     tl.store(dK + b * sdk_b + hkv * sdk_h + (k_start + j64[:, None]) * sdk_l + offs_d[None, :] * sdk_d,
@@ -225,7 +228,7 @@ def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, 
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
         dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE_DOT)

@@ -5,8 +5,8 @@ host-side argument helpers.
 Legend: B batch (or sequences, varlen), H query heads, Hkv kv heads, G = H // Hkv, Lq/Lk
 lengths, D/Dv head dims. Scores are kept in the log2 domain (scale * log2(e) folded in).
 
-Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*Lk + j) >= threshold, the exact
-stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
+Dropout keeps (b, h, i, j) iff philox(seed, ((b*H + h)*Lq + i)*ceil(Lk/4) + j//4)[j % 4] >= threshold,
+the exact stream of ``fusedformer.vocabulary.attention_dropout_keep`` (varlen: sequence b draws with seed
 + b and b = 0, as the per-sequence reference does). The kernels read the seed from a one-element
 int64 device tensor, never from a host integer, so a captured CUDA graph that draws the seed on
 the device before the kernel gets a fresh mask on every replay.
@@ -38,21 +38,41 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _by_row(x, TRANSPOSED: tl.constexpr):
+    """A per-query-row vector as a column of the (query, key) tile, or a row of its transpose."""
+    if TRANSPOSED:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _by_key(x, TRANSPOSED: tl.constexpr):
+    """A per-key vector as a row of the (query, key) tile, or a column of its transpose."""
+    if TRANSPOSED:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
 def _tile_scores(qk, b, h_row, i_row, row_ok, j_col, Lk,
                  Bias,  # bias/mask (B|1, H|1, Lq|1, Lk|1); bool masks viewed as uint8
                  sb_b, sb_h, sb_i, sb_j,  # bias strides, 0 on broadcast dims
                  Slopes, ss_b, ss_h,  # ALiBi slopes (B|1, H) float32, batch stride 0 for (H,)
                  qk_scale, win_left, win_right,
                  BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
-                 WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KEYS: tl.constexpr = True):
-    """Scores of a (BLOCK_M, BLOCK_N) tile in the log2 domain, -inf where masked. ``row_ok`` marks
-    the rows that exist (a padding row of the packed decode tile has a head index past H, so every
-    bias and slope load is masked by it). MASK_KEYS=False is for tiles that the bounds, causal and
-    window rules leave whole (the mask and bias still apply)."""
+                 WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK_KEYS: tl.constexpr = True,
+                 TRANSPOSED: tl.constexpr = False):
+    """Scores of a (BLOCK_M, BLOCK_N) tile in the log2 domain, -inf where masked; TRANSPOSED: of its
+    (BLOCK_N, BLOCK_M) transpose, keys down the rows (qk = K Q^T). ``row_ok`` marks the query rows
+    that exist (a padding row of the packed decode tile has a head index past H, so every bias and
+    slope load is masked by it). MASK_KEYS=False is for tiles that the bounds, causal and window
+    rules leave whole (the mask and bias still apply)."""
     s = qk * qk_scale
-    i2 = i_row[:, None]
-    j2 = j_col[None, :]
-    inside = row_ok[:, None] & (j2 < Lk)
+    i2 = _by_row(i_row, TRANSPOSED)
+    j2 = _by_key(j_col, TRANSPOSED)
+    inside = _by_row(row_ok, TRANSPOSED) & (j2 < Lk)
     valid = inside
     if MASK_KEYS:
         if CAUSAL:
@@ -62,7 +82,7 @@ def _tile_scores(qk, b, h_row, i_row, row_ok, j_col, Lk,
         if WINDOW_RIGHT:
             valid = valid & (j2 <= i2 + win_right)
     if BIAS_KIND != 0:
-        ptrs = Bias + b * sb_b + h_row[:, None] * sb_h + i2.to(tl.int64) * sb_i + j2.to(tl.int64) * sb_j
+        ptrs = Bias + b * sb_b + _by_row(h_row, TRANSPOSED) * sb_h + i2.to(tl.int64) * sb_i + j2.to(tl.int64) * sb_j
         if BIAS_KIND == 1:
             valid = valid & (tl.load(ptrs, mask=inside, other=0) != 0)
         else:
@@ -70,7 +90,7 @@ def _tile_scores(qk, b, h_row, i_row, row_ok, j_col, Lk,
     if HAS_ALIBI:
         slope = tl.load(Slopes + b * ss_b + h_row * ss_h, mask=row_ok, other=0.0).to(tl.float32)
         dist = tl.abs(i2 - j2).to(tl.float32)
-        s -= slope[:, None] * 1.4426950408889634 * dist
+        s -= _by_row(slope, TRANSPOSED) * 1.4426950408889634 * dist
     if MASK_KEYS or BIAS_KIND == 1:
         s = tl.where(valid, s, float("-inf"))
     return s
@@ -86,11 +106,16 @@ def _load_seed(Seed, b, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, b, h_row, i_row, j_col, H, Lq, Lk, drop_threshold):
-    """Keep-mask of a tile: philox(seed, ((b*H + h)*Lq + i)*Lk + j)[0] >= threshold (unsigned)."""
-    off = ((b * H + h_row[:, None]) * Lq + i_row[:, None]) * Lk + j_col[None, :].to(tl.int64)
-    r = tl.randint(seed, off)
-    return r.to(tl.int64) >= drop_threshold
+def _dropout_keep(seed, b, h_row, i_row, n0, H, Lq, Lk, drop_threshold, BLOCK_N: tl.constexpr):
+    """Keep-mask of the (BLOCK_M, BLOCK_N) tile of keys n0.. (n0 a multiple of 4): key j of row r =
+    (b*H + h)*Lq + i keeps iff output j % 4 of philox(seed, r * ceil(Lk / 4) + j // 4) >= threshold
+    (unsigned). One randint4x call per four keys: BLOCK_M * BLOCK_N / 4 calls per tile."""
+    rows = (b * H + h_row) * Lq + i_row
+    calls = (n0 // 4 + tl.arange(0, BLOCK_N // 4)).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * tl.cdiv(Lk, 4) + calls[None, :])
+    # interleave the four outputs along the keys: key 4c + t takes output t of call c
+    draws = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (rows.shape[0], BLOCK_N))
+    return draws.to(tl.int64) >= drop_threshold
 
 
 @triton.jit
@@ -144,16 +169,17 @@ def _whole_key_range(lo, hi, i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL: tl.c
 
 
 @triton.jit
-def _probs_tile(q, kt, lse2, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
+def _probs_tile(a, b_op, lse2, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                 qk_scale, win_left, win_right, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr = True):
-    """P = exp2(S - lse2) for a (BLOCK_M, BLOCK_N) tile; lse2 = +inf on dead rows gives P = 0."""
-    qk = _dot(q, kt, IEEE_DOT)
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr = True, TRANSPOSED: tl.constexpr = False):
+    """P = exp2(S - lse2) of a (BLOCK_M, BLOCK_N) tile from (a, b_op) = (Q, K^T), or with TRANSPOSED
+    P^T of its transpose from (K, Q^T); lse2 = +inf on dead rows gives P = 0."""
+    qk = _dot(a, b_op, IEEE_DOT)
     s = _tile_scores(qk, b, h_row, i_row, i_row < Lq_b, j, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                      qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-                     MASK_KEYS)
-    return tl.math.exp2(s - lse2[:, None])
+                     MASK_KEYS, TRANSPOSED)
+    return tl.math.exp2(s - _by_row(lse2, TRANSPOSED))
 
 
 @triton.jit

@@ -86,7 +86,8 @@ def _attn_bwd_dbias(
                                     WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT)
                     dp = _dot(do, vt, IEEE_DOT)
                     if DROPOUT:
-                        keep = _dropout_keep(seed, b, h_row, i, j, H, Lq, Lk, drop_threshold)
+                        keep = _dropout_keep(seed, b, h_row, i, (tile_n + jn) * BLOCK_N, H, Lq, Lk, drop_threshold,
+                                             BLOCK_N)
                         dp = tl.where(keep, dp * drop_scale, 0.0)
                     ds = p * (dp - delta[:, None])
                     ok = (i[:, None] < Lq) & (j[None, :] < Lk)

@@ -10,7 +10,9 @@ num_warps threads, "streamed" the tiles loaded per loop step (forward: K and V, 
 - registers: the fp32 values each thread keeps live,
       (accumulator + scores + resident * e/4 + prefetched * e/4 + ieee * streamed) / T
   where "prefetched" is the next steps' streamed tiles (num_stages > 1), and fp32 "ieee" dots
-  run on FMA units with both operands in registers. Forward limit 208 (100 for ieee dots).
+  run on FMA units with both operands in registers. Forward limit 224 (100 for ieee dots): 128x128,
+  8 warps, 2 stages at D = 128 (224) compiles to 254 registers, no spill, on sm_90a (4 B on
+  sm_80); with dropout (+M x N draws, 288) it spilled 40 B and is pruned.
 - warps: each warp owns at least 64 of the M x N scores (8 warps on a 16x16 tile spilled in
   dK/dV for every dtype, 4 to 132 B, with few values live).
 
@@ -28,7 +30,7 @@ fp32-ieee backward tiles take 16 query rows: a 32-row one spilled 452 B to 6.7 K
 
 from fusedformer.kernels._autotune import SMEM_SM90
 
-MAX_LIVE_FWD = 208
+MAX_LIVE_FWD = 224
 MAX_LIVE_IEEE = 100  # forward, fp32-ieee
 MAX_LIVE_BWD = {2: 128, 4: 144}  # by element size
 MIN_SCORES_PER_WARP = 64
@@ -42,11 +44,12 @@ def _warps_fit(config):
     return config.num_warps * MIN_SCORES_PER_WARP <= config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
 
 
-def fits_fwd(config, d, dv, elt, ieee, smem=SMEM_SM90):
-    """Forward tile: streams K, V (N x (D + Dv)); keeps acc (M x Dv), scores (M x N) and Q (M x D)."""
+def fits_fwd(config, d, dv, elt, ieee, smem=SMEM_SM90, dropout=False):
+    """Forward tile: streams K, V (N x (D + Dv)); keeps acc (M x Dv), scores (M x N) and Q (M x D),
+    and with dropout the tile's M x N Philox draws."""
     m, n, threads, stages = _shape(config)
     streamed = n * (d + dv)
-    live = m * (dv + n) + m * d * elt / 4 + (stages > 1) * streamed * elt / 4 + ieee * streamed
+    live = m * (dv + n) + m * d * elt / 4 + (stages > 1) * streamed * elt / 4 + ieee * streamed + dropout * m * n
     limit = MAX_LIVE_IEEE if ieee else MAX_LIVE_FWD
     return _warps_fit(config) and elt * (stages * streamed + m * n + m * d) <= smem and live / threads <= limit
 

@@ -74,27 +74,28 @@ def act_fn(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_grad_fn(h, ACT: tl.constexpr):
-    """act'(h); relu' is NaN at NaN (as vocabulary's relu derivative)."""
+def act_grad_fn(dy, h, ACT: tl.constexpr):
+    """dL/dh = dy * act'(h); relu's is a select, as torch's threshold_backward (and vocabulary's
+    relu grad): 0 where h <= 0 even for a NaN dy, dy elsewhere, a NaN h included."""
     if ACT == RELU:
-        return tl.where(h > 0, 1.0, tl.where(h == h, 0.0, h))
+        return tl.where(h <= 0, 0.0, dy)
     elif ACT == GELU:
-        return 0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+        return dy * (0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI)
     elif ACT == GELU_TANH:
         t = _tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h))
-        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h)
+        return dy * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h))
     elif ACT == SILU:
         s = _sigmoid(h)
-        return s * (1.0 + h * (1.0 - s))
+        return dy * (s * (1.0 + h * (1.0 - s)))
     else:
-        return tl.full(h.shape, 1.0, h.dtype)
+        return dy
 
 
 @triton.jit
 def gated_grad(dy, gate, up, ACT: tl.constexpr):
     """For y = act(gate) * up: (act(gate), dgate, dup) in the compute dtype."""
     a = act_fn(gate, ACT)
-    return a, dy * up * act_grad_fn(gate, ACT), dy * a
+    return a, act_grad_fn(dy * up, gate, ACT), dy * a
 
 
 @triton.jit
@@ -210,7 +211,7 @@ def _bias_act_bwd_kernel(
                 h = _load_summed(h_ptrs, stride_hs, SPLITS, mask, CD)
                 if ADD_BIAS:
                     h += b_gate
-                dh = dy * act_grad_fn(h, ACT)
+                dh = act_grad_fn(dy, h, ACT)
                 if STORE_Y:
                     tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
             tl.store(dh_ptrs, dh.to(DH.dtype.element_ty), mask=mask)

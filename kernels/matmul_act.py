@@ -204,7 +204,7 @@ def _matmul_act_kernel(
                         tl.store(db_ptrs, tl.sum(tl.where(mask, d_gate, 0.0), axis=0), mask=col_ok)
                         tl.store(db_ptrs + N_OUT, tl.sum(tl.where(mask, d_up, 0.0), axis=0), mask=col_ok)
                 else:
-                    dh = dy * act_grad_fn(h, ACT)
+                    dh = act_grad_fn(dy, h, ACT)
                     _store_half(P, dh, 0, m0, n0, rows, cols, n_total, N_OUT, mask, OUT_TMA)
                     if STORE_Y:
                         _store_out(Y, act_fn(h, ACT), m0, n0, rows, cols, N_OUT, mask, OUT_TMA)

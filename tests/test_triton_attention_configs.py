@@ -35,6 +35,23 @@ def test_every_dtype_and_head_dim_keeps_a_config(monkeypatch, smem):
             assert any(resources.fits_bwd(c, bd, bd, elt, ieee, smem) for c in bwd), (elt, ieee, d)
 
 
+def test_forward_large_tile_is_kept_at_d128_without_dropout_only(monkeypatch):
+    """128x128 / 8 warps / 2 stages compiles without spills for 16-bit D = 128 on sm_90a, and
+    spills once dropout's draws are live (attention_resources.fits_fwd), so the rule keeps it
+    for the plain forward only."""
+    fwd, _ = _sm90_lists(monkeypatch)
+    q = torch.empty(1, dtype=torch.bfloat16)
+
+    def tiles(dropout):
+        kept = fwd_kernels.prune_fwd(fwd, {"Q": q, "key_lq": 4096}, BLOCK_D=128, BLOCK_DV=128, IEEE_DOT=False,
+                                     DROPOUT=dropout)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+
+    assert (128, 128, 8, 2) in tiles(False)
+    assert (128, 128, 8, 2) not in tiles(True)
+    assert (128, 64, 8, 3) in tiles(True)
+
+
 def _kept(prune, configs, q, D, rows):
     bd = max(16, triton.next_power_of_2(D))
     return prune(configs, {"Q": q, "key_lq": rows}, BLOCK_D=bd, BLOCK_DV=bd, IEEE_DOT=q.dtype == torch.float32)

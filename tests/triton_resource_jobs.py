@@ -55,7 +55,7 @@ def heuristic_values(tuner, args):
 def _tensor(sig_type):
     """A stand-in for a pointer argument in named_args: prunes may read its dtype."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "u8": torch.uint8,
-             "i32": torch.int32}[sig_type.lstrip("*")]
+             "i32": torch.int32, "i64": torch.int64}[sig_type.lstrip("*")]
     return torch.empty(0, dtype=dtype)
 
 
@@ -79,7 +79,8 @@ def _autotuned_jobs(family, tuner, fn, types, ints, constexprs, aligned, arch, d
 # attention: forward (also what decode's packed-GQA launches pick from), backward, combine
 # --------------------------------------------------------------------------------------------
 
-_ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+_ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp32", "Seed": "*i64", "CuQ": "*i32",
+              "CuK": "*i32",
               "LsePart": "*fp32", "OutPart": "*fp32",
               **{n: "*bf16" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
 _ATTN_SCALARS = {"qk_scale": "fp32", "drop_scale": "fp32", "sm_scale": "fp32", "seed": "i64", "drop_threshold": "i64"}
@@ -92,7 +93,7 @@ def _unit_head_dim(fn):
     return {n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("_d")}
 
 
-def attention_jobs(arch):
+def attention_jobs(arch, dropout_p=0.0):
     from fusedformer.kernels import attention as A
     from fusedformer.kernels import attention_backward as AB
 
@@ -100,20 +101,19 @@ def attention_jobs(arch):
     ints = dict(B=BATCH, H=HEADS, G=1, Lq=LENGTH, Lk=LENGTH, D=HEAD_DIM, Dv=HEAD_DIM, key_lq=pow2(LENGTH),
                 key_lk=pow2(LENGTH))
     # bf16 causal self-attention, head dim 128: the common training / prefill launch
-    flags = dict(A.flags(None, True, (-1, -1), None, 0.0), VARLEN=False, IEEE_DOT=False,
+    flags = dict(A.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False,
                  BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
-    types = {**_ATTN_PTRS, **_ATTN_SCALARS}
+    types = {**_ATTN_PTRS, **_ATTN_SCALARS, "Seed": "*i64"}
     fwd_tuner, _ = A._tuned_fwd()
-    fwd = dict(flags, PACK_GQA=False, NUM_SPLITS=1, **_unit_head_dim(A._attn_fwd_kernel))
+    fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
     jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)
     for name, fn in (("dkdv", AB._attn_bwd_dkdv), ("dq", AB._attn_bwd_dq)):
         tuner, _ = AB._tuned(name)
         jobs += _autotuned_jobs("attention_bwd", tuner, fn, types, ints, dict(flags, **_unit_head_dim(fn)),
                                 _ATTN_ALIGNED, arch)
-    splits = 8  # decode's split-K merge: one program per row
-    blocks = dict(BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=A.block_d(HEAD_DIM))
-    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, dict(blocks, NUM_SPLITS=splits), {"Dv"}, 4,
-                    None, arch, blocks))
+    # decode's split-K merge: one program per row, the launcher's fixed split block
+    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=A.block_d(HEAD_DIM))
+    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, blocks, {"Dv"}, 4, None, arch, blocks))
     return jobs
 
 

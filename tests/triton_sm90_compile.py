@@ -96,27 +96,34 @@ def norm_kernels(N):
 
 
 def row_kernels(blocks, num_warps, backward, bf="bf16"):
-    """The row-wise softmax / norm kernels of one direction at ``blocks`` (row_config's choice)."""
+    """The row-wise softmax / norm kernels of one direction at ``blocks`` (row_config's choice):
+    layer and RMS norm are one kernel each way (IS_RMS); a looped softmax forward runs with its held
+    head's warps, and a looped norm backward adds its row-statistics kernels."""
     from fusedformer.kernels import layer_norm as kl
-    from fusedformer.kernels import rms_norm as kr
     from fusedformer.kernels import softmax as ks
 
     if not backward:
-        return [("softmax_fwd_rows", ks._softmax_fwd_rows_kernel, {"X": bf, "Y": bf}, (),
-                 dict(blocks, sxc=1, syc=1), num_warps),
-                ("layer_norm_fwd", kl._layer_norm_fwd_kernel,
-                 dict(X=bf, R=bf, W=bf, B=bf, Y=bf, RES_OUT=bf, MEAN="fp32", RSTD="fp32"), ("eps",),
-                 dict(blocks, HAS_RES=True, HAS_W=True, HAS_B=True), num_warps),
-                ("rms_norm_fwd", kr._rms_norm_fwd_kernel, dict(X=bf, R=bf, W=bf, Y=bf, RES_OUT=bf, RSTD="fp32"),
-                 ("eps",), dict(blocks, HAS_RES=True, HAS_W=True), num_warps)]
-    return [("softmax_bwd_rows", ks._softmax_bwd_rows_kernel, {"DY": bf, "Y": bf, "DX": bf}, (),
-             dict(blocks, sdc=1, syc=1, sxc=1), num_warps),
-            ("layer_norm_bwd", kl._layer_norm_bwd_kernel,
-             dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32", DB_PART="fp32"), (),
-             dict(blocks, HAS_W=True, HAS_B=True, HAS_DRES=True), num_warps),
-            ("rms_norm_bwd", kr._rms_norm_bwd_kernel,
-             dict(DY=bf, X=bf, W=bf, RSTD="fp32", DRES=bf, DX=bf, DW_PART="fp32"), (),
-             dict(blocks, HAS_W=True, HAS_DRES=True), num_warps)]
+        elem_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[bf]
+        head, softmax_warps = (blocks["BLOCK_N"], num_warps) if blocks["SINGLE"] else ks.held_head(elem_bytes)
+        out = [("softmax_fwd_rows", ks._softmax_fwd_rows_kernel, {"X": bf, "Y": bf}, (),
+                dict(blocks, HEAD=head, sxc=1, syc=1), softmax_warps)]
+        for label, rms in (("layer_norm_fwd", False), ("rms_norm_fwd", True)):
+            out.append((label, kl._norm_fwd_kernel,
+                        dict(X=bf, R=bf, W=bf, B=bf, Y=bf, RES_OUT=bf, MEAN="fp32", RSTD="fp32"), ("eps",),
+                        dict(blocks, IS_RMS=rms, HAS_RES=True, HAS_W=True, HAS_B=not rms), num_warps))
+        return out
+    out = [("softmax_bwd_rows", ks._softmax_bwd_rows_kernel, {"DY": bf, "Y": bf, "DX": bf}, (),
+            dict(blocks, sdc=1, syc=1, sxc=1), num_warps)]
+    for label, rms in (("layer_norm_bwd", False), ("rms_norm_bwd", True)):
+        out.append((label, kl._norm_bwd_kernel,
+                    dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", C1="fp32", C2="fp32", DRES=bf, DX=bf,
+                         DW_PART="fp32", DB_PART="fp32"), (),
+                    dict(blocks, IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DRES=True), num_warps))
+        if not blocks["SINGLE"]:  # rows past one tile: the per-row reductions run first
+            out.append((label + "_stats", kl._norm_bwd_stats_kernel,
+                        dict(DY=bf, X=bf, W=bf, MEAN="fp32", RSTD="fp32", C1="fp32", C2="fp32"), (),
+                        dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], IS_RMS=rms, HAS_W=True), num_warps))
+    return out
 
 
 def column_kernels(blocks, num_warps, bf="bf16"):

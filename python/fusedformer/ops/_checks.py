@@ -1,5 +1,8 @@
 """Argument validation shared by the ops: each check raises TypeError/ValueError naming the
-op and the argument, before anything reaches a kernel."""
+op and the argument, before anything reaches a kernel. Also the rows layout the row-wise ops
+(norms, linear_act, feed_forward) hand their backends."""
+
+import math
 
 import torch
 
@@ -21,7 +24,9 @@ def check_float(op, name, t, *, optional=False):
 
 
 def check_same_device(op, ref_name, ref, **others):
+    """Each of ``others`` (None or a tensor) is on ref's device."""
     for name, t in others.items():
+        check_tensor(op, name, t, optional=True)
         if t is not None and t.device != ref.device:
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
 
@@ -77,7 +82,9 @@ def normalized_size(op, x, normalized_shape):
 
 def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_slopes, heads, batch):
     """The options attention and varlen attention share; ``alibi_slopes`` is (heads,) or (batch, heads)."""
-    check_number(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    check_number(op, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:  # also refuses NaN, which compares false with everything
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None:
@@ -93,3 +100,12 @@ def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
             raise ValueError(f"{op}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({heads},) or "
                              f"({batch}, {heads})")
+
+
+def as_rows(t, n_dims):
+    """(..., *trailing n_dims) -> 2-D (M, N), M and N the products of the leading and trailing
+    sizes (reshape(-1, N) cannot tell M when N is 0). A view when the layout allows (unit stride
+    in the row), else a contiguous copy."""
+    split = t.dim() - n_dims
+    rows = t.reshape(math.prod(t.shape[:split]), math.prod(t.shape[split:]))
+    return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()

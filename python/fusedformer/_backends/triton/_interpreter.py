@@ -14,6 +14,7 @@ it runs interpreted):
 """
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -66,10 +67,10 @@ def install():
     builder = interpreter.InterpreterBuilder
     _patch(builder, "create_dot", _bf16_dot)
     _patch(builder, "cast_impl", _bf16_rounding_cast)
-    _patch(builder, "create_masked_load", _checked_load)
-    _patch(builder, "create_masked_store", _checked_store)
-    _patch(builder, "create_atomic_rmw", _checked_atomic_rmw)
-    _patch(builder, "create_atomic_cas", _checked_atomic_cas)
+    _patch(builder, "create_masked_load", _checked("load", "ptrs", "mask"))
+    _patch(builder, "create_masked_store", _checked("store", "ptrs", "mask"))
+    _patch(builder, "create_atomic_rmw", _checked("atomic", "ptr", "mask"))
+    _patch(builder, "create_atomic_cas", _checked("atomic", "ptr"))
     _patch(interpreter.GridExecutor, "_init_args_hst", _recording_launch)
 
 
@@ -188,33 +189,19 @@ def _nearest(address, width):
     return best[1] if best else "in a launch without tensor arguments"
 
 
-def _checked_load(original):
-    def create_masked_load(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
-        _check("load", ptrs, mask)
-        return original(self, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
+def _checked(access, pointer, mask=None):
+    """A wrapper factory for the builder method whose ``pointer`` argument (enabled under its
+    ``mask`` argument, if any) it bounds-checks before the call; arguments may come by position or
+    by name."""
 
-    return create_masked_load
+    def make_wrapper(original):
+        names = list(inspect.signature(original).parameters)  # "self" first, as positional args come
 
+        def checked(*args, **kwargs):
+            given = dict(zip(names, args), **kwargs)
+            _check(access, given[pointer], given.get(mask))
+            return original(*args, **kwargs)
 
-def _checked_store(original):
-    def create_masked_store(self, ptrs, value, mask, cache_modifier, eviction_policy):
-        _check("store", ptrs, mask)
-        return original(self, ptrs, value, mask, cache_modifier, eviction_policy)
+        return checked
 
-    return create_masked_store
-
-
-def _checked_atomic_rmw(original):
-    def create_atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
-        _check("atomic", ptr, mask)
-        return original(self, rmw_op, ptr, val, mask, sem, scope)
-
-    return create_atomic_rmw
-
-
-def _checked_atomic_cas(original):
-    def create_atomic_cas(self, ptr, cmp, val, sem, scope):
-        _check("atomic", ptr, None)
-        return original(self, ptr, cmp, val, sem, scope)
-
-    return create_atomic_cas
+    return make_wrapper
