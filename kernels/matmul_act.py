@@ -344,6 +344,15 @@ def _n_out(x, weight, activation):
     return weight.shape[0] // 2 if gated else weight.shape[0]
 
 
+def _k_slices(x, n_out, splits):
+    """The K slices to run: ``splits`` (a positive int), or split_k's rule when None."""
+    if splits is None:
+        return _auto_splits(x, n_out)
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"matmul_act: splits must be None or a positive int, got {splits!r}")
+    return splits
+
+
 def matmul_act_forward(x, weight, bias, activation, *, store_preact=True, use_tma=None, splits=None):
     """(y, preact or None) = act(x @ weight^T + bias) for x (M, K), weight (N, K), bias (N,).
 
@@ -353,7 +362,7 @@ def matmul_act_forward(x, weight, bias, activation, *, store_preact=True, use_tm
     """
     n_out = _n_out(x, weight, activation)
     M, N = x.shape[0], weight.shape[0]
-    splits = _auto_splits(x, n_out) if splits is None else splits
+    splits = _k_slices(x, n_out, splits)
     if splits > 1 and M and n_out:
         part = _split_partials(x, weight, activation, splits, use_tma)
         return bias_act_forward(part, bias, activation, store_preact, out_dtype=x.dtype)
@@ -374,7 +383,7 @@ def matmul_act_dh(grad_y, x, weight, bias, activation, *, store_y=False, use_tma
     """
     n_out = _n_out(x, weight, activation)
     M, N = x.shape[0], weight.shape[0]
-    splits = _auto_splits(x, n_out) if splits is None else splits
+    splits = _k_slices(x, n_out, splits)
     if splits > 1 and M and n_out:
         part = _split_partials(x, weight, activation, splits, use_tma)
         return bias_act_backward(grad_y, part, bias, activation, add_bias=True, bias_grad=bias is not None,

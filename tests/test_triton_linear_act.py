@@ -274,6 +274,11 @@ def test_bad_input():
         mm_kernels.matmul_act_forward(x, torch.randn(6, 7), None, "gelu")
     with pytest.raises(ValueError, match="even"):
         mm_kernels.matmul_act_forward(x, torch.randn(5, 8), None, "swiglu")
+    for splits in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="splits"):
+            mm_kernels.matmul_act_forward(x, torch.randn(6, 8), None, "gelu", splits=splits)
+        with pytest.raises(ValueError, match="splits"):
+            mm_kernels.matmul_act_dh(torch.randn(4, 6), x, torch.randn(6, 8), None, "gelu", splits=splits)
     assert "float16" in tl_backend.unsupported(x.to(torch.int32), torch.ones(6, 8, dtype=torch.int32), None, "gelu")
     assert tl_backend.unsupported(x, torch.randn(6, 8), None, "gelu") is None
 
