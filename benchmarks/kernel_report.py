@@ -57,7 +57,7 @@ def attention_jobs(arch):
 def gemm_jobs(arch):
     """The GEMM with epilogue in every variant the launcher runs (forward plain and gated, gated
     recompute backward, split-K partials; triton_resource_jobs.GEMM_VARIANTS) at each selectable
-    config, and the bias + activation kernels (the split-K reduction and the general path)."""
+    config, and the bias + activation kernels (swiglu, adding split-K partials)."""
     import dataclasses
 
     import triton_resource_jobs as jobs_module

@@ -160,16 +160,16 @@ def _bias_act_fwd_kernel(
 
 @triton.jit
 def _bias_act_bwd_kernel(
-    DY,  # upstream gradient, (M, N_OUT)
-    H,  # preact (M, N); without the bias when ADD_BIAS (a recomputed x @ W^T, or SPLITS partial
+    DY,  # upstream gradient, (M, N_OUT), unit column stride
+    H,  # preact (M, N), unit column stride; without the bias when ADD_BIAS (a recomputed x @ W^T, or SPLITS partial
     # sums of it stride_hs elements apart)
     B,  # bias (N,); read only when ADD_BIAS
     DH,  # gradient w.r.t. preact, (M, N) contiguous
     Y,  # recomputed act output (M, N_OUT) contiguous; written only when STORE_Y
     DB,  # bias-gradient partials, (cdiv(M, BLOCK_M * ROW_BLOCKS), N) in CD; written only when BIAS_GRAD
     M, N_OUT,
-    stride_dym, stride_dyn,  # strides of DY
-    stride_hs, stride_hm, stride_hn,  # strides of H
+    stride_dym,  # row stride of DY
+    stride_hs, stride_hm,  # slice and row strides of H
     SPLITS,
     ADD_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, STORE_Y: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, CD: tl.constexpr,
@@ -189,13 +189,13 @@ def _bias_act_bwd_kernel(
     for i in range(ROW_BLOCKS):
         rows = (pid_m.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & col_ok[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(CD)
-        h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(CD)
+        h_ptrs = H + rows[:, None] * stride_hm + cols[None, :]
         dh_ptrs = DH + rows[:, None] * n_total + cols[None, :]
         y_ptrs = Y + rows[:, None] * N_OUT + cols[None, :]
         if GATED:
             gate = _load_summed(h_ptrs, stride_hs, SPLITS, mask, CD)
-            up = _load_summed(h_ptrs + N_OUT * stride_hn, stride_hs, SPLITS, mask, CD)
+            up = _load_summed(h_ptrs + N_OUT, stride_hs, SPLITS, mask, CD)
             if ADD_BIAS:
                 gate += b_gate
                 up += b_up
@@ -298,6 +298,9 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     Returns (dh, db or None, y or None); dh and y in ``out_dtype`` (default h's), db in fp32.
     """
     act, gated = kernel_activation("bias_act", activation)
+    # unit column strides: compiled for a run-time one the backward spilled (sm_90a swiglu: 188 B
+    # per thread, 255 registers; 248 and none with unit strides), so a strided dy or h is copied
+    grad_y, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (grad_y, h))
     M, N = h.shape[-2:]
     splits, stride_hs = _splits(h)
     n_out = N // 2 if gated else N
@@ -315,7 +318,7 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     _bias_act_bwd_kernel[grid](
         grad_y, h, bias if bias is not None else h, dh, y if y is not None else dh,
         partials if partials is not None else dh, M, n_out,
-        grad_y.stride(0), grad_y.stride(1), stride_hs, h.stride(-2), h.stride(-1), splits,
+        grad_y.stride(0), stride_hs, h.stride(-2), splits,
         ADD_BIAS=add_bias and bias is not None, BIAS_GRAD=bias_grad, STORE_Y=store_y,
         ACT=act, GATED=gated, CD=_compute_dtype(out_dtype), ROW_BLOCKS=row_blocks, BLOCK_M=block_m,
         BLOCK_N=block_n)

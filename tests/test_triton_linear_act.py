@@ -139,6 +139,23 @@ def test_strided_inputs(activation, path):
         torch.testing.assert_close(got.double(), want_g, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ("gelu", "swiglu"))
+def test_strided_grad(activation, path):
+    """A grad_y with a column stride (every other column of a wider tensor) and one expanded from
+    a scalar (strides 0, as y.sum()'s backward gives it): saved-preact and recompute backwards
+    against the float64 reference (the epilogue kernels copy a strided dy to unit columns)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(13, 24, generator=g), torch.randn(40, 24, generator=g) / 5, torch.randn(40, generator=g)
+    y, preact = tl_backend.forward(x, w, b, activation, path=path)
+    every_other = torch.randn(13, 2 * y.shape[1], generator=g)[:, ::2]
+    for dy in (every_other, torch.tensor(0.7).expand(y.shape)):
+        want = reference.linear_act_backward(dy.double(), x.double(), w.double(), b.double(), None, activation)
+        for saved in (preact, None):
+            got = tl_backend.backward(dy, x, w, b, saved, activation, path=path)[:3]
+            for g_, ref in zip(got, want):
+                torch.testing.assert_close(g_.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("activation", ACTS)
 def test_nan_propagates(activation, path):
     x = torch.randn(9, 24, dtype=torch.float16)

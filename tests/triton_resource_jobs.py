@@ -121,7 +121,7 @@ def attention_jobs(arch, dropout_p=0.0):
 # GEMM with the bias + activation epilogue (TMA persistent on sm_90), and the epilogue kernels
 # --------------------------------------------------------------------------------------------
 
-_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hm", "K", "N_OUT", "M_BUCKET"}
+_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hs", "stride_hm", "K", "N_OUT", "M_BUCKET"}
 
 
 # (MODE, activation, rows): the forward, its gated form, the gated recompute backward (the most
@@ -143,17 +143,20 @@ def gemm_jobs(arch, plant=False):
         jobs += _gemm_variant_jobs(MA, tuner, arch, mode, BA.kernel_activation("resource test", activation), rows)
     if plant:
         return jobs
-    act, gated = BA.kernel_activation("resource test", "gelu")
+    # swiglu: of every activation, the most registers in both bias_act kernels (245-248 in the backward)
+    act, gated = BA.kernel_activation("resource test", "swiglu")
     block_m, block_n = BA._blocks(GEMM)
     common = dict(ACT=act, GATED=gated, CD=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n)
     epilogue = {n: "*bf16" for n in ("H", "B", "Y", "P", "DY", "DH")} | {"DB": "*fp32"}
     row_blocks = 8  # the most row blocks per backward program (_row_blocks)
+    # the forward as launched on a matmul output: triton specialises its unit column stride (the
+    # backward assumes one)
     jobs.append(Job("bias_act", BA._bias_act_fwd_kernel, epilogue,
-                    dict(common, HAS_BIAS=True, STORE_PREACT=True), _GEMM_ALIGNED, 4, None, arch,
+                    dict(common, HAS_BIAS=True, STORE_PREACT=True, stride_hn=1), _GEMM_ALIGNED, 4, None, arch,
                     {"BLOCK_M": block_m, "BLOCK_N": block_n}))
-    jobs.append(Job("bias_act", BA._bias_act_bwd_kernel, epilogue,
-                    dict(common, ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ROW_BLOCKS=row_blocks), _GEMM_ALIGNED,
-                    4, None, arch, {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROW_BLOCKS": row_blocks}))
+    backward = dict(common, ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ROW_BLOCKS=row_blocks)
+    jobs.append(Job("bias_act", BA._bias_act_bwd_kernel, epilogue, backward, _GEMM_ALIGNED, 4, None, arch,
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROW_BLOCKS": row_blocks}))
     return jobs
 
 
