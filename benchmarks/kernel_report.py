@@ -53,6 +53,24 @@ def attention_jobs(arch):
     return jobs
 
 
+@family("gemm")
+def gemm_jobs(arch):
+    """The GEMM with epilogue in every variant the launcher runs (forward plain and gated, gated
+    recompute backward, split-K partials; triton_resource_jobs.GEMM_VARIANTS) at each selectable
+    config, and the bias + activation kernels (swiglu, adding split-K partials)."""
+    import dataclasses
+
+    import triton_resource_jobs as jobs_module
+
+    def variant(job):  # the GEMM's rows named by what the launcher runs them for
+        if job.family != "matmul_act":
+            return job
+        mode = {0: "forward", 1: "recompute dh", 2: "split-K partials"}[job.constexprs["MODE"]]
+        return dataclasses.replace(job, family=f"matmul_act {mode}{' gated' if job.constexprs['GATED'] else ''}")
+
+    return [variant(job) for job in jobs_module.gemm_jobs(arch)]
+
+
 def engines(ptx, num_warps):
     """What the PTX uses: {wgmma, tma, cp_async, load, store, philox}."""
     def widest(op):

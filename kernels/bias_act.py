@@ -92,12 +92,17 @@ def act_grad_fn(dy, h, ACT: tl.constexpr):
 
 
 @triton.jit
+def gated_grad(dy, gate, up, ACT: tl.constexpr):
+    """For y = act(gate) * up: (act(gate), dgate, dup) in the compute dtype."""
+    a = act_fn(gate, ACT)
+    return a, act_grad_fn(dy * up, gate, ACT), dy * a
+
+
+@triton.jit
 def store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT: tl.constexpr, STORE_Y: tl.constexpr):
     """For y = act(gate) * up: stores dh = [dgate | dup] (dup N_OUT after dgate) and, when
     STORE_Y, y; returns (dgate, dup) in the compute dtype."""
-    a = act_fn(gate, ACT)
-    d_gate = act_grad_fn(dy * up, gate, ACT)
-    d_up = dy * a
+    a, d_gate, d_up = gated_grad(dy, gate, up, ACT)
     tl.store(dh_ptrs, d_gate.to(dh_ptrs.dtype.element_ty), mask=mask)
     tl.store(dh_ptrs + N_OUT, d_up.to(dh_ptrs.dtype.element_ty), mask=mask)
     if STORE_Y:
@@ -106,13 +111,25 @@ def store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT: tl.constex
 
 
 @triton.jit
+def _load_summed(ptrs, stride_hs, SPLITS, mask, CD: tl.constexpr):
+    """The sum of SPLITS tiles stride_hs elements apart (a split-K GEMM's partials), added in a
+    fixed order: the same bits on every run."""
+    h = tl.load(ptrs, mask=mask, other=0.0).to(CD)
+    for s in range(1, SPLITS):
+        h += tl.load(ptrs + s * stride_hs, mask=mask, other=0.0).to(CD)
+    return h
+
+
+@triton.jit
 def _bias_act_fwd_kernel(
-    H,  # matmul output x @ W^T, (M, N) with N = N_OUT, or 2 * N_OUT when GATED ([gate | up])
+    H,  # matmul output x @ W^T, (M, N) with N = N_OUT, or 2 * N_OUT when GATED ([gate | up]);
+    # or SPLITS partial sums of it, stride_hs elements apart
     B,  # bias (N,); unused unless HAS_BIAS
     Y,  # output act(H + B), (M, N_OUT) contiguous
     P,  # saved preact H + B, (M, N) contiguous (may be H itself); unused unless STORE_PREACT
     M, N_OUT,
-    stride_hm, stride_hn,  # strides of H
+    stride_hs, stride_hm, stride_hn,  # strides of H
+    SPLITS,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, STORE_PREACT: tl.constexpr,
     CD: tl.constexpr,  # compute dtype
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -122,12 +139,12 @@ def _bias_act_fwd_kernel(
     col_ok = cols < N_OUT
     mask = (rows[:, None] < M) & col_ok[None, :]
     n_total = 2 * N_OUT if GATED else N_OUT
-    h = tl.load(H + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=mask, other=0.0).to(CD)
+    h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
+    h = _load_summed(h_ptrs, stride_hs, SPLITS, mask, CD)
     if HAS_BIAS:
         h += tl.load(B + cols, mask=col_ok, other=0.0).to(CD)[None, :]
     if GATED:
-        up = tl.load(H + rows[:, None] * stride_hm + (cols + N_OUT)[None, :] * stride_hn, mask=mask,
-                     other=0.0).to(CD)
+        up = _load_summed(h_ptrs + N_OUT * stride_hn, stride_hs, SPLITS, mask, CD)
         if HAS_BIAS:
             up += tl.load(B + N_OUT + cols, mask=col_ok, other=0.0).to(CD)[None, :]
         y = act_fn(h, ACT) * up
@@ -143,15 +160,17 @@ def _bias_act_fwd_kernel(
 
 @triton.jit
 def _bias_act_bwd_kernel(
-    DY,  # upstream gradient, (M, N_OUT)
-    H,  # preact (M, N); without the bias when ADD_BIAS (a recomputed x @ W^T)
+    DY,  # upstream gradient, (M, N_OUT), unit column stride
+    H,  # preact (M, N), unit column stride; without the bias when ADD_BIAS (a recomputed x @ W^T, or SPLITS partial
+    # sums of it stride_hs elements apart)
     B,  # bias (N,); read only when ADD_BIAS
     DH,  # gradient w.r.t. preact, (M, N) contiguous
     Y,  # recomputed act output (M, N_OUT) contiguous; written only when STORE_Y
     DB,  # bias-gradient partials, (cdiv(M, BLOCK_M * ROW_BLOCKS), N) in CD; written only when BIAS_GRAD
     M, N_OUT,
-    stride_dym, stride_dyn,  # strides of DY
-    stride_hm, stride_hn,  # strides of H
+    stride_dym,  # row stride of DY
+    stride_hs, stride_hm,  # slice and row strides of H
+    SPLITS,
     ADD_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, STORE_Y: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, CD: tl.constexpr,
     ROW_BLOCKS: tl.constexpr,  # BLOCK_M-row blocks per program: fewer, larger bias partials
@@ -170,13 +189,13 @@ def _bias_act_bwd_kernel(
     for i in range(ROW_BLOCKS):
         rows = (pid_m.to(tl.int64) * ROW_BLOCKS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows[:, None] < M) & col_ok[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(CD)
-        h_ptrs = H + rows[:, None] * stride_hm + cols[None, :] * stride_hn
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0).to(CD)
+        h_ptrs = H + rows[:, None] * stride_hm + cols[None, :]
         dh_ptrs = DH + rows[:, None] * n_total + cols[None, :]
         y_ptrs = Y + rows[:, None] * N_OUT + cols[None, :]
         if GATED:
-            gate = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
-            up = tl.load(h_ptrs + N_OUT * stride_hn, mask=mask, other=0.0).to(CD)
+            gate = _load_summed(h_ptrs, stride_hs, SPLITS, mask, CD)
+            up = _load_summed(h_ptrs + N_OUT, stride_hs, SPLITS, mask, CD)
             if ADD_BIAS:
                 gate += b_gate
                 up += b_up
@@ -189,7 +208,7 @@ def _bias_act_bwd_kernel(
             if ACT == IDENTITY and not STORE_Y:
                 dh = dy  # identity: the preact is never read
             else:
-                h = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
+                h = _load_summed(h_ptrs, stride_hs, SPLITS, mask, CD)
                 if ADD_BIAS:
                     h += b_gate
                 dh = act_grad_fn(dy, h, ACT)
@@ -232,29 +251,38 @@ def _row_blocks(M, n_out, block_m, block_n):
     return rb
 
 
-def bias_act_forward(h, bias, activation, store_preact=True, out_dtype=None):
-    """y = act(h + bias) over a matmul output ``h`` (M, N) of any strides.
+def _splits(h):
+    """(K slices, their stride) of a matmul output: 2-D (M, N), or a split-K GEMM's 3-D partial
+    sums (SPLITS, M, N), which the kernels add in order."""
+    return (h.shape[0], h.stride(0)) if h.dim() == 3 else (1, 0)
 
-    Returns (y, preact or None). preact is written in place over ``h`` when ``h`` is contiguous
-    and already of ``out_dtype``, so the forward allocates only y.
+
+def bias_act_forward(h, bias, activation, store_preact=True, out_dtype=None):
+    """y = act(h + bias) over a matmul output ``h`` (M, N) of any strides, or the sum of its
+    split-K partials (SPLITS, M, N).
+
+    Returns (y, preact or None). preact is written in place over ``h`` when ``h`` is contiguous,
+    2-D and already of ``out_dtype``, so the forward allocates only y.
     """
     act, gated = kernel_activation("bias_act", activation)
-    M, N = h.shape
+    M, N = h.shape[-2:]
+    splits, stride_hs = _splits(h)
     n_out = N // 2 if gated else N
     out_dtype = out_dtype or h.dtype
     y = torch.empty(M, n_out, device=h.device, dtype=out_dtype)
     preact = None
     if store_preact:
-        preact = h if (h.is_contiguous() and h.dtype == out_dtype) else torch.empty(M, N, device=h.device,
-                                                                                   dtype=out_dtype)
+        in_place = h.dim() == 2 and h.is_contiguous() and h.dtype == out_dtype
+        preact = h if in_place else torch.empty(M, N, device=h.device, dtype=out_dtype)
     if M == 0 or n_out == 0:
         if preact is not None and preact is not h:
+            h = h.sum(0) if splits > 1 else h
             preact.copy_(h + bias if bias is not None else h)
         return y, preact
     block_m, block_n = _blocks(n_out)
     _bias_act_fwd_kernel[_grid(M, n_out, block_m, block_n)](
         h, bias if bias is not None else h, y, preact if preact is not None else y, M, n_out,
-        h.stride(0), h.stride(1),
+        stride_hs, h.stride(-2), h.stride(-1), splits,
         HAS_BIAS=bias is not None, ACT=act, GATED=gated, STORE_PREACT=store_preact,
         CD=_compute_dtype(out_dtype), BLOCK_M=block_m, BLOCK_N=block_n)
     return y, preact
@@ -264,12 +292,17 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
                       out_dtype=None):
     """dh = dy * act'(preact) and, when ``bias_grad``, db = sum_rows(dh) (fp32, deterministic).
 
-    ``h`` is the saved preact, or with ``add_bias`` a recomputed x @ W^T to which ``bias`` is
-    added here. ``store_y`` also returns the activation output act(preact) (for a recompute).
+    ``h`` is the saved preact, or with ``add_bias`` a recomputed x @ W^T (or its split-K partials
+    (SPLITS, M, N)) to which ``bias`` is added here. ``store_y`` also returns the activation
+    output act(preact) (for a recompute).
     Returns (dh, db or None, y or None); dh and y in ``out_dtype`` (default h's), db in fp32.
     """
     act, gated = kernel_activation("bias_act", activation)
-    M, N = h.shape
+    # unit column strides: compiled for a run-time one the backward spilled (sm_90a swiglu: 188 B
+    # per thread, 255 registers; 248 and none with unit strides), so a strided dy or h is copied
+    grad_y, h = (t if t.stride(-1) == 1 else t.contiguous() for t in (grad_y, h))
+    M, N = h.shape[-2:]
+    splits, stride_hs = _splits(h)
     n_out = N // 2 if gated else N
     out_dtype = out_dtype or h.dtype
     dev = h.device
@@ -285,7 +318,7 @@ def bias_act_backward(grad_y, h, bias, activation, *, add_bias=False, bias_grad=
     _bias_act_bwd_kernel[grid](
         grad_y, h, bias if bias is not None else h, dh, y if y is not None else dh,
         partials if partials is not None else dh, M, n_out,
-        grad_y.stride(0), grad_y.stride(1), h.stride(0), h.stride(1),
+        grad_y.stride(0), stride_hs, h.stride(-2), splits,
         ADD_BIAS=add_bias and bias is not None, BIAS_GRAD=bias_grad, STORE_Y=store_y,
         ACT=act, GATED=gated, CD=_compute_dtype(out_dtype), ROW_BLOCKS=row_blocks, BLOCK_M=block_m,
         BLOCK_N=block_n)

@@ -14,6 +14,7 @@ from _testing import assert_compiles_without_interpreter, assert_parity
 from fusedformer import reference
 from fusedformer.kernels import _autotune
 from fusedformer.kernels import matmul_act as mm_kernels
+from fusedformer.kernels import matmul_act_configs as mm_configs
 from fusedformer.parity import Case, run_case
 from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
@@ -138,6 +139,23 @@ def test_strided_inputs(activation, path):
         torch.testing.assert_close(got.double(), want_g, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("activation", ("gelu", "swiglu"))
+def test_strided_grad(activation, path):
+    """A grad_y with a column stride (every other column of a wider tensor) and one expanded from
+    a scalar (strides 0, as y.sum()'s backward gives it): saved-preact and recompute backwards
+    against the float64 reference (the epilogue kernels copy a strided dy to unit columns)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(13, 24, generator=g), torch.randn(40, 24, generator=g) / 5, torch.randn(40, generator=g)
+    y, preact = tl_backend.forward(x, w, b, activation, path=path)
+    every_other = torch.randn(13, 2 * y.shape[1], generator=g)[:, ::2]
+    for dy in (every_other, torch.tensor(0.7).expand(y.shape)):
+        want = reference.linear_act_backward(dy.double(), x.double(), w.double(), b.double(), None, activation)
+        for saved in (preact, None):
+            got = tl_backend.backward(dy, x, w, b, saved, activation, path=path)[:3]
+            for g_, ref in zip(got, want):
+                torch.testing.assert_close(g_.double(), ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("activation", ACTS)
 def test_nan_propagates(activation, path):
     x = torch.randn(9, 24, dtype=torch.float16)
@@ -189,19 +207,32 @@ def test_bias_grad_is_deterministic(path):
 
 @pytest.mark.parametrize("activation", ("gelu", "swiglu"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_tma_descriptor_path(activation, dtype):
+@pytest.mark.parametrize("N", (82, 160), ids=("pointer_epilogue", "tma_epilogue"))
+def test_tma_descriptor_path(activation, dtype, N, monkeypatch):
+    """Operands through TMA descriptors; with 16-byte output rows (n_out a multiple of 8) the
+    epilogue too: y and the preact (dh) halves stored, dy loaded, through descriptors."""
+    described = []
+    describe = mm_kernels._descriptor
+    monkeypatch.setattr(mm_kernels, "_descriptor", lambda t, *a: described.append(t) or describe(t, *a))
     g = torch.Generator().manual_seed(5)
-    M, K, N = 37, 40, 82  # K * 2 bytes is a multiple of 16: descriptors are legal
+    M, K = 37, 40  # K * 2 bytes is a multiple of 16: descriptors are legal
+    n_out = N // 2 if activation == "swiglu" else N
     x, w, b = (torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g))
     assert mm_kernels.tma_eligible(x.to(dtype), w.to(dtype))
-    y, p = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation, use_tma=True)
+    y, p = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation, use_tma=True, splits=1)
+    assert len(described) == (4 if n_out % 8 == 0 else 2)  # x, w (+ y, preact)
+    y_alone, none = mm_kernels.matmul_act_forward(x.to(dtype), w.to(dtype), b.to(dtype), activation,
+                                                  store_preact=False, use_tma=True, splits=1)
+    assert none is None and torch.equal(y_alone, y)
     y0, p0 = reference.linear_act_forward(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double(), activation)
     tol = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
     torch.testing.assert_close(y.double(), y0, rtol=tol, atol=tol)
     torch.testing.assert_close(p.double(), p0, rtol=tol, atol=tol)
     dy = torch.randn(y.shape, generator=g).to(dtype)
+    described.clear()
     dh, db, y_re = mm_kernels.matmul_act_dh(dy, x.to(dtype), w.to(dtype), b.to(dtype), activation, store_y=True,
-                                            use_tma=True)
+                                            use_tma=True, splits=1)
+    assert len(described) == (5 if n_out % 8 == 0 else 2)  # x, w (+ y, dh, dy)
     dh0 = ACTIVATIONS[activation].backward(dy.double(), p0)
     torch.testing.assert_close(dh.double(), dh0, rtol=tol, atol=tol * 4)
     torch.testing.assert_close(db.double(), dh0.sum(0), rtol=tol, atol=tol * M)
@@ -225,14 +256,14 @@ def test_fp32_precision_flag(monkeypatch):
 
 def _pruned(M, gated, mode, dtype=torch.bfloat16, precision="tf32"):
     named = {"X": torch.empty(1, dtype=dtype), "M_BUCKET": M}
-    return mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode, INPUT_PRECISION=precision)
+    return mm_configs.prune(mm_configs.configs(), named, GATED=gated, MODE=mode, INPUT_PRECISION=precision)
 
 
 def test_config_pruning():
     gated = _pruned(4096, True, 0)
     assert gated and all(c.kwargs["BLOCK_N"] <= 128 for c in gated)
     dh = _pruned(4096, False, 1)
-    assert dh and all(c.kwargs["BLOCK_M"] == mm_kernels.DH_BLOCK_M for c in dh)
+    assert dh and all(c.kwargs["BLOCK_M"] == mm_configs.DH_BLOCK_M for c in dh)
     small = _pruned(16, False, 0)
     assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
     ieee = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
@@ -249,7 +280,7 @@ def test_every_dtype_keeps_a_gemm_config(smem, monkeypatch):
                 kept = _pruned(4096, gated, mode, dtype, precision)
                 assert kept, (dtype, precision, gated, mode)
                 elt = torch.empty(0, dtype=dtype).element_size()
-                assert all(mm_kernels.fits(c, elt, gated, precision == "ieee", smem) for c in kept)
+                assert all(mm_configs.fits(c, elt, gated, precision == "ieee", smem) for c in kept)
 
 
 def test_bad_input():
@@ -260,6 +291,11 @@ def test_bad_input():
         mm_kernels.matmul_act_forward(x, torch.randn(6, 7), None, "gelu")
     with pytest.raises(ValueError, match="even"):
         mm_kernels.matmul_act_forward(x, torch.randn(5, 8), None, "swiglu")
+    for splits in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="splits"):
+            mm_kernels.matmul_act_forward(x, torch.randn(6, 8), None, "gelu", splits=splits)
+        with pytest.raises(ValueError, match="splits"):
+            mm_kernels.matmul_act_dh(torch.randn(4, 6), x, torch.randn(6, 8), None, "gelu", splits=splits)
     assert "float16" in tl_backend.unsupported(x.to(torch.int32), torch.ones(6, 8, dtype=torch.int32), None, "gelu")
     assert tl_backend.unsupported(x, torch.randn(6, 8), None, "gelu") is None
 
@@ -285,7 +321,7 @@ def test_gpu_every_gemm_config_compiles_and_matches(activation, dtype, monkeypat
     for mode in (0, 1):
         named = {"X": x, "M_BUCKET": 4096}
         precision = mm_kernels._input_precision(dtype)
-        for config in mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode,
+        for config in mm_configs.prune(mm_configs.configs(), named, GATED=gated, MODE=mode,
                                         INPUT_PRECISION=precision):
             monkeypatch.setattr(mm_kernels._tuned_kernel, "cache", _ForcedConfig(config))
             if mode == 0:
@@ -337,18 +373,22 @@ def compile_for(kernel, ptrs, consts, arch=90, warps=8, stages=3):
 
 
 def gemm(dt, tma, mode, gated, act, precision="tf32", arch=90, even_k=False):
-    desc = f"tensordesc<{dt}[128, 64]>"
-    ptrs = {"X": desc if tma else "*" + dt, "W": desc if tma else "*" + dt, "B": "*" + dt, "Y": "*" + dt,
-            "P": "*" + dt, "DY": "*" + dt, "DB": "*fp32"}
+    ptrs = {n: "*" + dt for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
+    if tma:  # operands and (aligned outputs) the epilogue through TMA, boxes as _set_tma_blocks sets them
+        ptrs.update({n: f"tensordesc<{dt}{box}>" for n, box in (("X", [128, 64]), ("W", [64, 64]), ("Y", [128, 64]),
+                                                               ("P", [128, 1, 64]), ("DY", [128, 64]))})
     consts = dict(MODE=mode, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=mode == 1, STORE_P=True, USE_TMA=tma,
-                  EVEN_K=even_k, INPUT_PRECISION=precision, GROUP_M=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                  OUT_TMA=tma, EVEN_K=even_k, INPUT_PRECISION=precision, GROUP_M=8, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
                   stride_xk=1, stride_wk=1)
     return compile_for(MA._matmul_act_kernel, ptrs, consts, arch)
 
 
 k = gemm("bf16", True, 0, True, 4)
-assert "cp.async.bulk.tensor" in k.asm["ptx"] and "wgmma" in k.asm["ptx"], "TMA + wgmma expected on sm_90"
-gemm("fp16", True, 1, False, 3)
+ptx = k.asm["ptx"]
+assert "wgmma" in ptx and "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx, "TMA loads + wgmma on sm_90"
+assert "cp.async.bulk.tensor.3d.global.shared" in ptx and "st.global" not in ptx, "the epilogue stores through TMA"
+k = gemm("fp16", True, 1, True, 3)
+assert k.metadata.num_warps == 8 and "st.global" in k.asm["ptx"]  # only the bias partials: pointer stores
 k = gemm("bf16", False, 0, False, 2)
 # the pointer path must be software-pipelined (async copies into num_stages buffers)
 assert "async_copy_global_to_local" in k.asm["ttgir"] and k.metadata.shared >= 2 * 32768, k.metadata.shared
@@ -370,3 +410,4 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     pointer path, fp32 ieee for sm_80, the elementwise kernels) to cubins so compile-only errors and a
     lost software pipeline show up on CPU machines too."""
     assert_compiles_without_interpreter(_COMPILE_SCRIPT, tmp_path)
+

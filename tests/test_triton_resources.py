@@ -77,10 +77,6 @@ KNOWN_SPILLS = {
     "_attn_bwd_dkdv sm_90 32x32 w4 s2",  # the transposed dK/dV (issue 18) no longer spills it on sm_80
     "_attn_bwd_dq sm_90 64x128 w8 s2", "_attn_bwd_dq sm_90 32x32 w4 s2", "_attn_bwd_dq sm_90 16x32 w4 s1",
     "_attn_bwd_dq sm_80 128x64 w8 s2", "_attn_bwd_dq sm_80 64x128 w8 s2", "_attn_bwd_dq sm_80 64x64 w4 s3",
-    *(f"_matmul_act_kernel sm_{arch} {tile}" for arch in (90, 80) for tile in (
-        "128x256x64 w8 s3", "128x128x64 w8 s3", "128x128x64 w8 s4", "128x128x32 w4 s4", "128x64x64 w4 s4",
-        "64x128x64 w4 s4", "64x256x64 w8 s3")),
-    "_bias_act_bwd_kernel sm_90 32x128 w4", "_bias_act_bwd_kernel sm_80 32x128 w4",
     # left after the dtype pruning rule (kernels/attention_resources.py), which was calibrated on
     # sm_90a only: 4 bytes on sm_80's forward
     "_attn_fwd_kernel sm_80 64x32 w4 s2",

@@ -121,48 +121,70 @@ def attention_jobs(arch, dropout_p=0.0):
 # GEMM with the bias + activation epilogue (TMA persistent on sm_90), and the epilogue kernels
 # --------------------------------------------------------------------------------------------
 
-_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hm", "K", "M_BUCKET"}
+_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hs", "stride_hm", "K", "N_OUT", "M_BUCKET"}
+
+
+# (MODE, activation, rows): the forward, its gated form, the gated recompute backward (the most
+# epilogue stores: dgate, dup, y and the dy load), and decode's split-K partials
+GEMM_VARIANTS = ((0, "gelu", GEMM), (0, "swiglu", GEMM), (1, "swiglu", GEMM), (2, "gelu", 16))
 
 
 def gemm_jobs(arch, plant=False):
     from fusedformer.kernels import bias_act as BA
     from fusedformer.kernels import matmul_act as MA
 
-    tma = arch >= 90  # the launcher takes TMA on sm_90+ for aligned 16-bit operands
-    act, gated = BA.kernel_activation("resource test", "gelu")
-    ints = dict(M=GEMM, N_OUT=GEMM, K=GEMM, M_BUCKET=GEMM)
-    constexprs = dict(MODE=0, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=False, STORE_P=True, USE_TMA=tma,
-                      INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
-    sig = {n: "*bf16" for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
-
-    def describe(config):
-        if not tma:
-            return sig
-        # the config's pre_hook sets the descriptors' block shapes: ask it rather than copy its rule
-        nargs = {**config.kwargs, "USE_TMA": True, "X": _Descriptor(), "W": _Descriptor()}
-        config.pre_hook(nargs)
-        return {**sig, **{n: f"tensordesc<bf16{list(nargs[n].block_shape)}>" for n in ("X", "W")}}
-
     tuner = MA._tuned_kernel
     if plant:  # 4 stages of 64x256 bf16 x and w tiles: 256 KB of shared memory
         big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4,
                             pre_hook=tuner.configs[0].pre_hook)
         tuner = types.SimpleNamespace(configs=[big], early_config_prune=None, fn=tuner.fn)
-    jobs = _autotuned_jobs("matmul_act", tuner, MA._matmul_act_kernel, sig, ints, constexprs, _GEMM_ALIGNED,
-                           arch, describe)
+    jobs = []
+    for mode, activation, rows in GEMM_VARIANTS[:1] if plant else GEMM_VARIANTS:
+        jobs += _gemm_variant_jobs(MA, tuner, arch, mode, BA.kernel_activation("resource test", activation), rows)
     if plant:
         return jobs
+    # swiglu: of every activation, the most registers in both bias_act kernels (245-248 in the backward)
+    act, gated = BA.kernel_activation("resource test", "swiglu")
     block_m, block_n = BA._blocks(GEMM)
     common = dict(ACT=act, GATED=gated, CD=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n)
     epilogue = {n: "*bf16" for n in ("H", "B", "Y", "P", "DY", "DH")} | {"DB": "*fp32"}
     row_blocks = 8  # the most row blocks per backward program (_row_blocks)
+    # the forward as launched on a matmul output: triton specialises its unit column stride (the
+    # backward assumes one)
     jobs.append(Job("bias_act", BA._bias_act_fwd_kernel, epilogue,
-                    dict(common, HAS_BIAS=True, STORE_PREACT=True), _GEMM_ALIGNED, 4, None, arch,
+                    dict(common, HAS_BIAS=True, STORE_PREACT=True, stride_hn=1), _GEMM_ALIGNED, 4, None, arch,
                     {"BLOCK_M": block_m, "BLOCK_N": block_n}))
-    jobs.append(Job("bias_act", BA._bias_act_bwd_kernel, epilogue,
-                    dict(common, ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ROW_BLOCKS=row_blocks), _GEMM_ALIGNED,
-                    4, None, arch, {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROW_BLOCKS": row_blocks}))
+    backward = dict(common, ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ROW_BLOCKS=row_blocks)
+    jobs.append(Job("bias_act", BA._bias_act_bwd_kernel, epilogue, backward, _GEMM_ALIGNED, 4, None, arch,
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROW_BLOCKS": row_blocks}))
     return jobs
+
+
+def _gemm_variant_jobs(MA, tuner, arch, mode, act_gated, rows):
+    """The selectable configs of one GEMM variant, specialised as the launcher would for aligned
+    bf16 operands of rows x 4096 x 4096: on sm_90 TMA loads, and TMA epilogue except MODE 2."""
+    act, gated = act_gated
+    tma = arch >= 90  # the launcher takes TMA on sm_90+ for aligned 16-bit operands
+    ints = dict(M=rows, N_OUT=GEMM, K=GEMM, M_BUCKET=triton.next_power_of_2(rows), SPLITS=4 if mode == 2 else 1)
+    constexprs = dict(MODE=mode, ACT=act, GATED=gated, HAS_BIAS=mode != 2, STORE_Y=mode == 1, STORE_P=mode == 0,
+                      USE_TMA=tma, OUT_TMA=tma and mode != 2, INPUT_PRECISION=MA._input_precision(torch.bfloat16),
+                      stride_xk=1, stride_wk=1)
+    sig = {n: "*bf16" for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
+    if mode == 2:
+        sig = dict(sig, P="*fp32")
+
+    def describe(config):
+        if not tma:
+            return sig
+        # the config's pre_hook sets the descriptors' block shapes: ask it rather than copy its rule
+        descs = ("X", "W") + (("Y", "P", "DY") if constexprs["OUT_TMA"] else ())
+        nargs = {**config.kwargs, **constexprs, **{n: _Descriptor() for n in descs}}
+        config.pre_hook(nargs)
+        return {**sig, **{n: f"tensordesc<bf16{list(nargs[n].block_shape)}>" for n in descs
+                          if nargs[n].block_shape is not None}}
+
+    return _autotuned_jobs("matmul_act", tuner, MA._matmul_act_kernel, sig, ints, constexprs, _GEMM_ALIGNED, arch,
+                           describe)
 
 
 class _Descriptor:

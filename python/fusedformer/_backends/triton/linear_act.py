@@ -4,7 +4,8 @@ Two paths, same semantics as reference.linear_act_forward / _backward:
   gemm      one Triton GEMM whose epilogue adds the bias and applies the activation (gated:
             act(gate) * up from one pass over the stacked weight), storing the preact only when
             the backward needs it; the recompute backward rebuilds h in the same GEMM and emits dh
-            from its epilogue.
+            from its epilogue. Decode-size M (fewer output tiles than SMs) splits K instead: fp32
+            partial sums per slice, added in order by the epilogue kernel (deterministic).
   epilogue  torch's GEMM (cuBLAS) for x @ W^T, then one elementwise bias + activation kernel
             (the general path: any dtype the backend takes, float64 included).
 ``auto`` takes gemm for float16 / bfloat16 and epilogue for float32 / float64 (cuBLAS's fp32
