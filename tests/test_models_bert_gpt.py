@@ -71,6 +71,21 @@ def test_bert_bad_input_names_the_argument():
         ours(torch.ones(1, 17, dtype=torch.long))
 
 
+def test_bert_from_hf_translates_the_activation_and_names_an_unsupported_one():
+    def hf_bert(act):
+        config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=40, max_position_embeddings=24, hidden_act=act)
+        return hf_eval(transformers.BertModel(config, add_pooling_layer=False), torch.float64)
+
+    hf = hf_bert("gelu_pytorch_tanh")  # Hugging Face's name of the tanh GELU
+    ours = Bert.from_hf(hf).eval()
+    assert ours.config.hidden_act == "gelu_tanh"
+    ids = random_ids(2, 7, 97)
+    close(ours(ids), hf(input_ids=ids).last_hidden_state, torch.float64)
+    with pytest.raises(ValueError, match="hidden_act 'quick_gelu'"):
+        Bert.from_hf(hf_bert("quick_gelu"))
+
+
 # --------------------------------------------------------------------------------------------
 # GPT
 # --------------------------------------------------------------------------------------------
