@@ -213,4 +213,17 @@ int64_t row_cache_smem(K kernel, int64_t bytes) {
 // Rows processed by a grid of at most this many blocks (blocks loop over the rest).
 constexpr int64_t kMaxRowBlocks = 1 << 20;
 
+// The grid of a kernel over `n` rows (or columns): a block each, at most kMaxRowBlocks.
+inline unsigned row_blocks(int64_t n) { return unsigned(n < kMaxRowBlocks ? n : kMaxRowBlocks); }
+
+// Launches a softmax / norm row kernel over rows of N elements of T: `blocks` blocks of
+// row_threads threads (vector accesses with `vec`), given the row cache of `cache_bytes` when it
+// fits; the kernel takes `args...` and then whether it has the cache.
+template <typename T, typename K, typename... Args>
+void launch_rows(K kernel, bool vec, unsigned blocks, int64_t N, int64_t cache_bytes, uintptr_t stream,
+                 Args... args) {
+  const int64_t smem = row_cache_smem(kernel, cache_bytes);
+  kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(args..., smem > 0);
+}
+
 }  // namespace ff

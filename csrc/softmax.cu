@@ -97,12 +97,9 @@ void softmax_forward(int dtype, uintptr_t x, uintptr_t y, int64_t M, int64_t N, 
                      bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_forward: negative size");
   if (M == 0 || N == 0) return;
-  const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>;
-    const int64_t smem = row_cache_smem(kernel, N * 4);
-    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(x), ptr<T>(y), M, N, sx, sy, smem > 0);
+    launch_rows<T>(vec ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>, vec, row_blocks(M), N, N * 4,
+                   stream, ptr<const T>(x), ptr<T>(y), M, N, sx, sy);
   });
   FF_LAUNCH_CHECK("softmax_fwd_kernel");
 }
@@ -111,12 +108,9 @@ void softmax_backward(int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_
                       int64_t sy, int64_t sdx, bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_backward: negative size");
   if (M == 0 || N == 0) return;
-  const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>;
-    const int64_t smem = row_cache_smem(kernel, N * 8);
-    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx, smem > 0);
+    launch_rows<T>(vec ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>, vec, row_blocks(M), N, N * 8,
+                   stream, ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx);
   });
   FF_LAUNCH_CHECK("softmax_bwd_kernel");
 }
