@@ -144,21 +144,14 @@ __global__ void __launch_bounds__(kRowThreads, 1) norm_bwd_kernel(const T* __res
       }
     };
     float sg = 0.f, sgx = 0.f;
-    for_chunks<T, VEC>(N, [&](int64_t j, auto w_) {
+    backward_first_pass<T, VEC>(N, dyr, xr, cache, cached, [&](int64_t j, auto w_, const auto& g, auto& xh) {
       constexpr int W = decltype(w_)::value;
-      float g[W], xh[W];
-      load_f<W>(dyr + j, g);
-      load_f<W>(xr + j, xh);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        xh[k] = (xh[k] - mu) * rs;
+        xh[k] = (xh[k] - mu) * rs;  // cached as xhat
         const float gw = w ? g[k] * w[j + k] : g[k];
         sg += gw;
         sgx += gw * xh[k];
-      }
-      if (cached) {
-        cache_store<W>(cache, j, g);
-        cache_store<W>(cache + N, j, xh);
       }
     });
     const float c1 = RMS ? 0.f : block_sum(sg, scratch) / float(N);

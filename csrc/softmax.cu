@@ -61,17 +61,10 @@ __global__ void __launch_bounds__(kRowThreads, 1) softmax_bwd_kernel(const T* __
     const T* yr = y + row * sy;
     T* dxr = dx + row * sdx;
     float dot = 0.f;
-    for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
+    backward_first_pass<T, VEC>(N, dyr, yr, cache, cached, [&](int64_t, auto w, const auto& g, const auto& p) {
       constexpr int W = decltype(w)::value;
-      float g[W], p[W];
-      load_f<W>(dyr + j, g);
-      load_f<W>(yr + j, p);
 #pragma unroll
       for (int k = 0; k < W; ++k) dot += g[k] * p[k];
-      if (cached) {
-        cache_store<W>(cache, j, g);
-        cache_store<W>(cache + N, j, p);
-      }
     });
     dot = block_sum(dot, scratch);
     for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
