@@ -156,6 +156,73 @@ __device__ __forceinline__ HeadPtrs<T> head_ptrs(const Params& p, int64_t b, int
           static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh};
 }
 
+// Every (batch b, query head h) of this block's grid-stride share: body(b, h, qb, kb, vb, bias)
+// with the head's q, k, v (head_ptrs) and mask (bias_at), once the block is done with the
+// previous head's shared memory.
+template <typename T, typename Body>
+__device__ __forceinline__ void for_each_head(const Params& p, Body&& body) {
+  for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
+    for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
+      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
+      const Bias bias = bias_at(p.bias, b, h);
+      __syncthreads();  // the previous (b, h) is done with shared memory
+      body(b, h, qb, kb, vb, bias);
+    }
+  }
+}
+
+// A kernel's dynamic shared memory: consecutive arrays, each layout below listing them once as
+// take<U>(n) calls on a carve. In the kernel SmemPtrs hands out pointers into the buffer; on the
+// host SmemBytes counts the bytes its launcher asks for (smem_bytes).
+struct SmemPtrs {
+  uint8_t* at;
+  template <typename U>
+  __device__ U* take(int n) {
+    U* p = reinterpret_cast<U*>(at);
+    at += n * sizeof(U);
+    return p;
+  }
+};
+struct SmemBytes {
+  size_t bytes = 0;
+  template <typename U>
+  constexpr U* take(int n) {
+    bytes += n * sizeof(U);
+    return nullptr;
+  }
+};
+
+// forward: the Q tile (kBM rows), the K and V tiles (kBN rows), each with row pitch D + 8
+template <typename T, int D>
+struct FwdSmem {
+  T *q, *k, *v;
+  template <typename Carve>
+  __host__ __device__ constexpr explicit FwdSmem(Carve&& c)
+      : q(c.template take<T>(kBM * (D + 8))), k(c.template take<T>(kBN * (D + 8))),
+        v(c.template take<T>(kBN * (D + 8))) {}
+};
+
+// backward: the K, V tiles (kBN rows), the Q, dO tiles (kBM rows), dS^T (kBN, kBM + 8), then the
+// query block's lse (log2 domain; +inf: p = 0) and delta, kBM floats each
+template <typename T, int D>
+struct BwdSmem {
+  T *k, *v, *q, *dout, *ds;
+  float *lse, *delta;
+  template <typename Carve>
+  __host__ __device__ constexpr explicit BwdSmem(Carve&& c)
+      : k(c.template take<T>(kBN * (D + 8))), v(c.template take<T>(kBN * (D + 8))),
+        q(c.template take<T>(kBM * (D + 8))), dout(c.template take<T>(kBM * (D + 8))),
+        ds(c.template take<T>(kBN * (kBM + 8))), lse(c.template take<float>(kBM)), delta(c.template take<float>(kBM)) {}
+};
+
+template <typename Layout>
+constexpr size_t smem_bytes() {
+  SmemBytes c;
+  const Layout layout(c);
+  (void)layout;
+  return c.bytes;
+}
+
 // acc = A B^T for this warp: A its 16 rows of sA, B the first 8 * NT rows of sB, both (rows, D)
 // tiles in shared memory with pitch D + 8; acc[nt] holds n-tile nt (columns 8nt..8nt+7).
 template <typename T, int D, int NT>
@@ -206,104 +273,97 @@ __device__ __forceinline__ void warp_pb(float (&acc)[D / 8][4], const float (&pm
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);  // (kBM, D + 8)
-  T* sK = sQ + kBM * (D + 8);              // (kBN, D + 8)
-  T* sV = sK + kBN * (D + 8);              // (kBN, D + 8)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
-    for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
-      const Bias bias = bias_at(p.bias, b, h);
-      __syncthreads();  // the previous (b, h) is done with shared memory
-      load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
+  for_each_head<T>(p, [&](int64_t b, int64_t h, const T* qb, const T* kb, const T* vb, const Bias& bias) {
+    const auto [sQ, sK, sV] = FwdSmem<T, D>(SmemPtrs{smem_raw});
+    load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments, one per 16-wide k step
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};  // rows g and g + 8
+    const int64_t n_end = p.causal ? (m0 + kBM < p.Lk ? m0 + kBM : p.Lk) : p.Lk;
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBN) {
+      __syncthreads();  // the previous K, V tiles are consumed
+      load_tile<T, D>(sK, kb, n0, p.Lk, p.k_sl);
       cp_async_commit();
-      cp_async_wait<0>();
+      load_tile<T, D>(sV, vb, n0, p.Lk, p.v_sl);
+      cp_async_commit();
+      cp_async_wait<1>();  // K has landed; V may still be in flight
       __syncthreads();
-      uint32_t qf[D / 16][4];  // this warp's 16 query rows as A fragments, one per 16-wide k step
+      float s[kBN / 8][4];
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
-      float o[D / 8][4];
+      for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-      float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};  // rows g and g + 8
-      const int64_t n_end = p.causal ? (m0 + kBM < p.Lk ? m0 + kBM : p.Lk) : p.Lk;
-      for (int64_t n0 = 0; n0 < n_end; n0 += kBN) {
-        __syncthreads();  // the previous K, V tiles are consumed
-        load_tile<T, D>(sK, kb, n0, p.Lk, p.k_sl);
-        cp_async_commit();
-        load_tile<T, D>(sV, vb, n0, p.Lk, p.v_sl);
-        cp_async_commit();
-        cp_async_wait<1>();  // K has landed; V may still be in flight
-        __syncthreads();
-        float s[kBN / 8][4];
+      for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-          for (int nt2 = 0; nt2 < kBN / 16; ++nt2) {
-            uint32_t kf[4];  // B fragments of n-tiles 2*nt2 and 2*nt2 + 1
-            ldsm_x4(kf, sK + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * (D + 8) + kk * 16 + ((lane / 8) % 2) * 8);
-            mma16816<T>(s[2 * nt2], qf[kk], kf);
-            mma16816<T>(s[2 * nt2 + 1], qf[kk], kf + 2);
-          }
+        for (int nt2 = 0; nt2 < kBN / 16; ++nt2) {
+          uint32_t kf[4];  // B fragments of n-tiles 2*nt2 and 2*nt2 + 1
+          ldsm_x4(kf, sK + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * (D + 8) + kk * 16 + ((lane / 8) % 2) * 8);
+          mma16816<T>(s[2 * nt2], qf[kk], kf);
+          mma16816<T>(s[2 * nt2 + 1], qf[kk], kf + 2);
         }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = m0 + warp * 16 + g + (e >> 1) * 8, j = n0 + nt * 8 + tig * 2 + (e & 1);
+          s[nt][e] = score2(p, bias, s[nt][e], i, j);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {  // online softmax for row g + 8r
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(mrow[r], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep p = 0
+        const float alpha = exp2f(mrow[r] - m_use);
+        mrow[r] = m_new;
+        float rs = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kBN / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t i = m0 + warp * 16 + g + (e >> 1) * 8, j = n0 + nt * 8 + tig * 2 + (e & 1);
-            s[nt][e] = score2(p, bias, s[nt][e], i, j);
-          }
+          s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
+          s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
+          rs += s[nt][2 * r] + s[nt][2 * r + 1];
         }
+        lrow[r] = lrow[r] * alpha + rs;  // this thread's columns only; summed over the quad at the end
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {  // online softmax for row g + 8r
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(mrow[r], mx);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // all masked so far: keep p = 0
-          const float alpha = exp2f(mrow[r] - m_use);
-          mrow[r] = m_new;
-          float rs = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < kBN / 8; ++nt) {
-            s[nt][2 * r] = exp2f(s[nt][2 * r] - m_use);
-            s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_use);
-            rs += s[nt][2 * r] + s[nt][2 * r + 1];
-          }
-          lrow[r] = lrow[r] * alpha + rs;  // this thread's columns only; summed over the quad at the end
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            o[dt][2 * r] *= alpha;
-            o[dt][2 * r + 1] *= alpha;
-          }
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[dt][2 * r] *= alpha;
+          o[dt][2 * r + 1] *= alpha;
         }
-        cp_async_wait<0>();
-        __syncthreads();
-        warp_pb<T, D>(o, s, sV, lane);  // O += P V
       }
+      cp_async_wait<0>();
+      __syncthreads();
+      warp_pb<T, D>(o, s, sV, lane);  // O += P V
+    }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = lrow[r];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int64_t i = m0 + warp * 16 + g + r * 8;
-        if (i < p.Lq) {
-          T* orow = static_cast<T*>(p.o) + ((b * p.H + h) * p.Lq + i) * D;
+    for (int r = 0; r < 2; ++r) {
+      float l = lrow[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int64_t i = m0 + warp * 16 + g + r * 8;
+      if (i < p.Lq) {
+        T* orow = static_cast<T*>(p.o) + ((b * p.H + h) * p.Lq + i) * D;
 #pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            *reinterpret_cast<uint32_t*>(orow + dt * 8 + tig * 2) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-          }
-          if (tig == 0) p.lse[(b * p.H + h) * p.Lq + i] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : -INFINITY;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          *reinterpret_cast<uint32_t*>(orow + dt * 8 + tig * 2) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
         }
+        if (tig == 0) p.lse[(b * p.H + h) * p.Lq + i] = l > 0.f ? (mrow[r] + log2f(l)) * kLn2 : -INFINITY;
       }
     }
-  }
+  });
 }
 
 // delta[row] = sum_d dO[row, d] * O[row, d] over (B*H*Lq) contiguous rows of D; a warp per row
@@ -321,116 +381,100 @@ __global__ void __launch_bounds__(kDeltaThreads, 1) attn_bwd_delta_kernel(const 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);  // (kBN, D + 8)
-  T* sV = sK + kBN * (D + 8);              // (kBN, D + 8)
-  T* sQ = sV + kBN * (D + 8);              // (kBM, D + 8)
-  T* sdO = sQ + kBM * (D + 8);             // (kBM, D + 8)
-  T* sdS = sdO + kBM * (D + 8);            // dS^T, (kBN, kBM + 8)
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * (kBM + 8));  // (kBM,) log2 domain; +inf: p = 0
-  float* sDelta = sLse + kBM;                                     // (kBM,)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t n0 = int64_t(blockIdx.x) * kBN;
-  for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
-    for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
-      const int64_t bh = b * p.H + h;
-      const T* dob = static_cast<const T*>(p.dout) + bh * p.Lq * D;
-      const Bias bias = bias_at(p.bias, b, h);
-      __syncthreads();  // the previous (b, h) is done with shared memory
-      load_tile<T, D>(sK, kb, n0, p.Lk, p.k_sl);
-      load_tile<T, D>(sV, vb, n0, p.Lk, p.v_sl);
+  for_each_head<T>(p, [&](int64_t b, int64_t h, const T* qb, const T* kb, const T* vb, const Bias& bias) {
+    const auto [sK, sV, sQ, sdO, sdS, sLse, sDelta] = BwdSmem<T, D>(SmemPtrs{smem_raw});
+    const int64_t bh = b * p.H + h;
+    const T* dob = static_cast<const T*>(p.dout) + bh * p.Lq * D;
+    load_tile<T, D>(sK, kb, n0, p.Lk, p.k_sl);
+    load_tile<T, D>(sV, vb, n0, p.Lk, p.v_sl);
+    cp_async_commit();
+    float dk[D / 8][4], dv[D / 8][4];  // this warp's 16 keys
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+    }
+    for (int64_t m0 = p.causal ? n0 : 0; m0 < p.Lq; m0 += kBM) {  // causal: queries i >= n0 only
+      __syncthreads();  // the previous query block is consumed
+      load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
+      load_tile<T, D>(sdO, dob, m0, p.Lq, D);
       cp_async_commit();
-      float dk[D / 8][4], dv[D / 8][4];  // this warp's 16 keys
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+      for (int t = threadIdx.x; t < kBM; t += kThreads) {
+        const int64_t i = m0 + t;
+        const float l = i < p.Lq ? p.lse[bh * p.Lq + i] : -INFINITY;
+        sLse[t] = l == -INFINITY ? INFINITY : l * kLog2e;
+        sDelta[t] = i < p.Lq ? p.delta[bh * p.Lq + i] : 0.f;
       }
-      for (int64_t m0 = p.causal ? n0 : 0; m0 < p.Lq; m0 += kBM) {  // causal: queries i >= n0 only
-        __syncthreads();  // the previous query block is consumed
-        load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
-        load_tile<T, D>(sdO, dob, m0, p.Lq, D);
-        cp_async_commit();
-        for (int t = threadIdx.x; t < kBM; t += kThreads) {
-          const int64_t i = m0 + t;
-          const float l = i < p.Lq ? p.lse[bh * p.Lq + i] : -INFINITY;
-          sLse[t] = l == -INFINITY ? INFINITY : l * kLog2e;
-          sDelta[t] = i < p.Lq ? p.delta[bh * p.Lq + i] : 0.f;
+      cp_async_wait<0>();
+      __syncthreads();
+      // S^T = K Q^T: rows are this warp's keys, columns the block's 64 queries
+      float st[kBM / 8][4];
+      warp_abt<T, D>(st, sK, sQ, warp, lane);
+#pragma unroll
+      for (int nt = 0; nt < kBM / 8; ++nt) {  // P^T = exp2(S^T - lse)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int il = nt * 8 + tig * 2 + (e & 1);
+          const int64_t j = n0 + warp * 16 + g + (e >> 1) * 8;
+          st[nt][e] = exp2f(score2(p, bias, st[nt][e], m0 + il, j) - sLse[il]);
         }
-        cp_async_wait<0>();
-        __syncthreads();
-        // S^T = K Q^T: rows are this warp's keys, columns the block's 64 queries
-        float st[kBM / 8][4];
-        warp_abt<T, D>(st, sK, sQ, warp, lane);
+      }
+      warp_pb<T, D>(dv, st, sdO, lane);  // dV += P^T dO
+      float dpt[kBM / 8][4];
+      warp_abt<T, D>(dpt, sV, sdO, warp, lane);  // dP^T = V dO^T
+      // dS^T = P^T * (dP^T - delta), kept in registers for dK and in shared memory for dQ
 #pragma unroll
-        for (int nt = 0; nt < kBM / 8; ++nt) {  // P^T = exp2(S^T - lse)
+      for (int nt = 0; nt < kBM / 8; ++nt) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int il = nt * 8 + tig * 2 + (e & 1);
-            const int64_t j = n0 + warp * 16 + g + (e >> 1) * 8;
-            st[nt][e] = exp2f(score2(p, bias, st[nt][e], m0 + il, j) - sLse[il]);
-          }
-        }
-        warp_pb<T, D>(dv, st, sdO, lane);  // dV += P^T dO
-        float dpt[kBM / 8][4];
-        warp_abt<T, D>(dpt, sV, sdO, warp, lane);  // dP^T = V dO^T
-        // dS^T = P^T * (dP^T - delta), kept in registers for dK and in shared memory for dQ
-#pragma unroll
-        for (int nt = 0; nt < kBM / 8; ++nt) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sDelta[nt * 8 + tig * 2 + (e & 1)]);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + r * 8) * (kBM + 8) + nt * 8 + tig * 2) =
-                pack2<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
-          }
-        }
-        warp_pb<T, D>(dk, dpt, sQ, lane);  // dK += dS^T Q
-        __syncthreads();  // every warp's dS^T is in shared memory
-        // dQ (this warp's 16 queries) = dS K, read dS through a transposing ldmatrix of dS^T
-        float dq[D / 8][4];
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
-#pragma unroll
-        for (int kt = 0; kt < kBN / 16; ++kt) {
-          uint32_t a[4];
-          ldsm_x4_t(a, sdS + (kt * 16 + lane % 8 + (lane / 16) * 8) * (kBM + 8) + warp * 16 + ((lane / 8) % 2) * 8);
-          mma_k_step<T, D>(dq, a, sK, kt, lane);
-        }
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - sDelta[nt * 8 + tig * 2 + (e & 1)]);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int64_t i = m0 + warp * 16 + g + r * 8;
-          if (i < p.Lq) {
-            float* dqrow = p.dq + (bh * p.Lq + i) * D;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-              atomicAdd(dqrow + dt * 8 + tig * 2, dq[dt][2 * r] * p.scale);
-              atomicAdd(dqrow + dt * 8 + tig * 2 + 1, dq[dt][2 * r + 1] * p.scale);
-            }
-          }
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + r * 8) * (kBM + 8) + nt * 8 + tig * 2) =
+              pack2<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
         }
       }
-      cp_async_wait<0>();  // no query block at all: the K, V copies must still finish
+      warp_pb<T, D>(dk, dpt, sQ, lane);  // dK += dS^T Q
+      __syncthreads();  // every warp's dS^T is in shared memory
+      // dQ (this warp's 16 queries) = dS K, read dS through a transposing ldmatrix of dS^T
+      float dq[D / 8][4];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < kBN / 16; ++kt) {
+        uint32_t a[4];
+        ldsm_x4_t(a, sdS + (kt * 16 + lane % 8 + (lane / 16) * 8) * (kBM + 8) + warp * 16 + ((lane / 8) % 2) * 8);
+        mma_k_step<T, D>(dq, a, sK, kt, lane);
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t j = n0 + warp * 16 + g + r * 8;
-        if (j < p.Lk) {
-          float* dkrow = p.dk + (bh * p.Lk + j) * D;
-          float* dvrow = p.dv + (bh * p.Lk + j) * D;
+        const int64_t i = m0 + warp * 16 + g + r * 8;
+        if (i < p.Lq) {
+          float* dqrow = p.dq + (bh * p.Lq + i) * D;
 #pragma unroll
           for (int dt = 0; dt < D / 8; ++dt) {
-            *reinterpret_cast<float2*>(dkrow + dt * 8 + tig * 2) = make_float2(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
-            *reinterpret_cast<float2*>(dvrow + dt * 8 + tig * 2) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+            atomicAdd(dqrow + dt * 8 + tig * 2, dq[dt][2 * r] * p.scale);
+            atomicAdd(dqrow + dt * 8 + tig * 2 + 1, dq[dt][2 * r + 1] * p.scale);
           }
         }
       }
     }
-  }
-}
-
-template <int D> constexpr size_t fwd_smem(int elem) { return size_t(kBM + 2 * kBN) * (D + 8) * elem; }
-template <int D> constexpr size_t bwd_smem(int elem) {
-  return size_t(2 * kBN + 2 * kBM) * (D + 8) * elem + size_t(kBN) * (kBM + 8) * elem + 2 * kBM * sizeof(float);
+    cp_async_wait<0>();  // no query block at all: the K, V copies must still finish
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t j = n0 + warp * 16 + g + r * 8;
+      if (j < p.Lk) {
+        float* dkrow = p.dk + (bh * p.Lk + j) * D;
+        float* dvrow = p.dv + (bh * p.Lk + j) * D;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          *reinterpret_cast<float2*>(dkrow + dt * 8 + tig * 2) = make_float2(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
+          *reinterpret_cast<float2*>(dvrow + dt * 8 + tig * 2) = make_float2(dv[dt][2 * r], dv[dt][2 * r + 1]);
+        }
+      }
+    }
+  });
 }
 
 Params make_params(uintptr_t q, uintptr_t k, uintptr_t v, const std::vector<int64_t>& strides, int64_t B, int64_t H,
@@ -470,10 +514,10 @@ void launch(K kernel, dim3 grid, size_t smem, cudaStream_t stream, const Params&
 }  // namespace
 
 std::vector<LaunchLimit> attention_launch_limits() {
-  return {{"attn_fwd_kernel", 64, kThreads, int64_t(fwd_smem<64>(2)), true},
-          {"attn_fwd_kernel", 128, kThreads, int64_t(fwd_smem<128>(2)), true},
-          {"attn_bwd_kernel", 64, kThreads, int64_t(bwd_smem<64>(2)), true},
-          {"attn_bwd_kernel", 128, kThreads, int64_t(bwd_smem<128>(2)), true},
+  return {{"attn_fwd_kernel", 64, kThreads, int64_t(smem_bytes<FwdSmem<__half, 64>>()), true},
+          {"attn_fwd_kernel", 128, kThreads, int64_t(smem_bytes<FwdSmem<__half, 128>>()), true},
+          {"attn_bwd_kernel", 64, kThreads, int64_t(smem_bytes<BwdSmem<__half, 64>>()), true},
+          {"attn_bwd_kernel", 128, kThreads, int64_t(smem_bytes<BwdSmem<__half, 128>>()), true},
           {"attn_bwd_delta_kernel", 0, kDeltaThreads, 0, false}};
 }
 
@@ -487,9 +531,9 @@ void attention_forward(int dtype, int head_dim, uintptr_t q, uintptr_t k, uintpt
   const dim3 grid = attn_grid((Lq + kBM - 1) / kBM, H, B);
   FF_DISPATCH_HALF(dtype, T, {
     if (head_dim == 64) {
-      launch(attn_fwd_kernel<T, 64>, grid, fwd_smem<64>(2), as_stream(stream), p, "attn_fwd_kernel");
+      launch(attn_fwd_kernel<T, 64>, grid, smem_bytes<FwdSmem<T, 64>>(), as_stream(stream), p, "attn_fwd_kernel");
     } else if (head_dim == 128) {
-      launch(attn_fwd_kernel<T, 128>, grid, fwd_smem<128>(2), as_stream(stream), p, "attn_fwd_kernel");
+      launch(attn_fwd_kernel<T, 128>, grid, smem_bytes<FwdSmem<T, 128>>(), as_stream(stream), p, "attn_fwd_kernel");
     } else {
       require(false, "attention_forward: head_dim must be 64 or 128, got " + std::to_string(head_dim));
     }
@@ -520,9 +564,9 @@ void attention_backward(int dtype, int head_dim, uintptr_t q, uintptr_t k, uintp
         ptr<const T>(dout), ptr<const T>(out), ptr<float>(delta), rows, int(head_dim));
     FF_LAUNCH_CHECK("attn_bwd_delta_kernel");
     if (head_dim == 64) {
-      launch(attn_bwd_kernel<T, 64>, grid, bwd_smem<64>(2), as_stream(stream), p, "attn_bwd_kernel");
+      launch(attn_bwd_kernel<T, 64>, grid, smem_bytes<BwdSmem<T, 64>>(), as_stream(stream), p, "attn_bwd_kernel");
     } else {
-      launch(attn_bwd_kernel<T, 128>, grid, bwd_smem<128>(2), as_stream(stream), p, "attn_bwd_kernel");
+      launch(attn_bwd_kernel<T, 128>, grid, smem_bytes<BwdSmem<T, 128>>(), as_stream(stream), p, "attn_bwd_kernel");
     }
   });
 }

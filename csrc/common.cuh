@@ -140,6 +140,25 @@ __device__ __forceinline__ void for_chunks(int64_t n, F&& f) {
   for (int64_t j = tail + threadIdx.x; j < n; j += blockDim.x) f(j, Width<1>{});
 }
 
+// The first pass of a row backward over dy and a saved forward row s (softmax's y, a norm's x):
+// f(j, Width<W>{}, g, v) gets elements [j, j + W) of both as floats and may rewrite them; what
+// it leaves is kept in the row cache (dy at cache, s at cache + n) for the second pass when `cached`.
+template <typename T, bool VEC, typename F>
+__device__ __forceinline__ void backward_first_pass(int64_t n, const T* dy, const T* s, float* cache, bool cached,
+                                                    F&& f) {
+  for_chunks<T, VEC>(n, [&](int64_t j, auto w) {
+    constexpr int W = decltype(w)::value;
+    float g[W], v[W];
+    load_f<W>(dy + j, g);
+    load_f<W>(s + j, v);
+    f(j, w, g, v);
+    if (cached) {
+      cache_store<W>(cache, j, g);
+      cache_store<W>(cache + n, j, v);
+    }
+  });
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -212,5 +231,18 @@ int64_t row_cache_smem(K kernel, int64_t bytes) {
 
 // Rows processed by a grid of at most this many blocks (blocks loop over the rest).
 constexpr int64_t kMaxRowBlocks = 1 << 20;
+
+// The grid of a kernel over `n` rows (or columns): a block each, at most kMaxRowBlocks.
+inline unsigned row_blocks(int64_t n) { return unsigned(n < kMaxRowBlocks ? n : kMaxRowBlocks); }
+
+// Launches a softmax / norm row kernel over rows of N elements of T: `blocks` blocks of
+// row_threads threads (vector accesses with `vec`), given the row cache of `cache_bytes` when it
+// fits; the kernel takes `args...` and then whether it has the cache.
+template <typename T, typename K, typename... Args>
+void launch_rows(K kernel, bool vec, unsigned blocks, int64_t N, int64_t cache_bytes, uintptr_t stream,
+                 Args... args) {
+  const int64_t smem = row_cache_smem(kernel, cache_bytes);
+  kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(args..., smem > 0);
+}
 
 }  // namespace ff

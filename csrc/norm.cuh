@@ -144,21 +144,14 @@ __global__ void __launch_bounds__(kRowThreads, 1) norm_bwd_kernel(const T* __res
       }
     };
     float sg = 0.f, sgx = 0.f;
-    for_chunks<T, VEC>(N, [&](int64_t j, auto w_) {
+    backward_first_pass<T, VEC>(N, dyr, xr, cache, cached, [&](int64_t j, auto w_, const auto& g, auto& xh) {
       constexpr int W = decltype(w_)::value;
-      float g[W], xh[W];
-      load_f<W>(dyr + j, g);
-      load_f<W>(xr + j, xh);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        xh[k] = (xh[k] - mu) * rs;
+        xh[k] = (xh[k] - mu) * rs;  // cached as xhat
         const float gw = w ? g[k] * w[j + k] : g[k];
         sg += gw;
         sgx += gw * xh[k];
-      }
-      if (cached) {
-        cache_store<W>(cache, j, g);
-        cache_store<W>(cache + N, j, xh);
       }
     });
     const float c1 = RMS ? 0.f : block_sum(sg, scratch) / float(N);
@@ -205,13 +198,11 @@ void norm_forward(int dtype, uintptr_t x, uintptr_t res, uintptr_t w, uintptr_t 
   require(M >= 0 && N >= 0, "norm forward: negative size");
   require((res == 0) == (res_out == 0), "norm forward: residual and residual_out go together");
   if (M == 0 || N == 0) return;
-  const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? norm_fwd_kernel<T, true, RMS> : norm_fwd_kernel<T, false, RMS>;
-    const int64_t smem = row_cache_smem(kernel, N * 4);
-    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(x), ptr<const T>(res), ptr<const float>(w), ptr<const float>(b), ptr<T>(y), ptr<T>(res_out),
-        ptr<float>(mean), ptr<float>(rstd), M, N, sx, sres, sy, sro, float(eps), smem > 0);
+    launch_rows<T>(vec ? norm_fwd_kernel<T, true, RMS> : norm_fwd_kernel<T, false, RMS>, vec, row_blocks(M), N,
+                   N * 4, stream, ptr<const T>(x), ptr<const T>(res), ptr<const float>(w), ptr<const float>(b),
+                   ptr<T>(y), ptr<T>(res_out), ptr<float>(mean), ptr<float>(rstd), M, N, sx, sres, sy, sro,
+                   float(eps));
   });
   FF_LAUNCH_CHECK(RMS ? "rms_norm_fwd_kernel" : "layer_norm_fwd_kernel");
 }
@@ -229,16 +220,13 @@ void norm_backward(int dtype, uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t 
   if (M == 0 || N == 0) return;
   const int64_t rows_per_block = (M + nparts - 1) / nparts;
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? norm_bwd_kernel<T, true, RMS> : norm_bwd_kernel<T, false, RMS>;
-    const int64_t smem = row_cache_smem(kernel, N * 8);
-    kernel<<<unsigned(nparts), row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(dy), ptr<const T>(x), ptr<const float>(w), ptr<const float>(mean), ptr<const float>(rstd),
-        ptr<const T>(dres), ptr<T>(dx), ptr<float>(dw_part), ptr<float>(db_part), M, N, sdy, sx, sdr, sdx,
-        rows_per_block, smem > 0);
+    launch_rows<T>(vec ? norm_bwd_kernel<T, true, RMS> : norm_bwd_kernel<T, false, RMS>, vec, unsigned(nparts), N,
+                   N * 8, stream, ptr<const T>(dy), ptr<const T>(x), ptr<const float>(w), ptr<const float>(mean),
+                   ptr<const float>(rstd), ptr<const T>(dres), ptr<T>(dx), ptr<float>(dw_part), ptr<float>(db_part),
+                   M, N, sdy, sx, sdr, sdx, rows_per_block);
   });
   FF_LAUNCH_CHECK(RMS ? "rms_norm_bwd_kernel" : "layer_norm_bwd_kernel");
-  const int64_t cblocks64 = (N + kColumnSumThreads - 1) / kColumnSumThreads;
-  const unsigned cblocks = unsigned(cblocks64 < kMaxRowBlocks ? cblocks64 : kMaxRowBlocks);
+  const unsigned cblocks = row_blocks((N + kColumnSumThreads - 1) / kColumnSumThreads);
   if (dw_part) {
     column_sum_kernel<<<cblocks, kColumnSumThreads, 0, as_stream(stream)>>>(ptr<const float>(dw_part), ptr<float>(dw_out), nparts, N);
     FF_LAUNCH_CHECK("column_sum_kernel");

@@ -61,17 +61,10 @@ __global__ void __launch_bounds__(kRowThreads, 1) softmax_bwd_kernel(const T* __
     const T* yr = y + row * sy;
     T* dxr = dx + row * sdx;
     float dot = 0.f;
-    for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
+    backward_first_pass<T, VEC>(N, dyr, yr, cache, cached, [&](int64_t, auto w, const auto& g, const auto& p) {
       constexpr int W = decltype(w)::value;
-      float g[W], p[W];
-      load_f<W>(dyr + j, g);
-      load_f<W>(yr + j, p);
 #pragma unroll
       for (int k = 0; k < W; ++k) dot += g[k] * p[k];
-      if (cached) {
-        cache_store<W>(cache, j, g);
-        cache_store<W>(cache + N, j, p);
-      }
     });
     dot = block_sum(dot, scratch);
     for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
@@ -97,12 +90,9 @@ void softmax_forward(int dtype, uintptr_t x, uintptr_t y, int64_t M, int64_t N, 
                      bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_forward: negative size");
   if (M == 0 || N == 0) return;
-  const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>;
-    const int64_t smem = row_cache_smem(kernel, N * 4);
-    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(x), ptr<T>(y), M, N, sx, sy, smem > 0);
+    launch_rows<T>(vec ? softmax_fwd_kernel<T, true> : softmax_fwd_kernel<T, false>, vec, row_blocks(M), N, N * 4,
+                   stream, ptr<const T>(x), ptr<T>(y), M, N, sx, sy);
   });
   FF_LAUNCH_CHECK("softmax_fwd_kernel");
 }
@@ -111,12 +101,9 @@ void softmax_backward(int dtype, uintptr_t dy, uintptr_t y, uintptr_t dx, int64_
                       int64_t sy, int64_t sdx, bool vec, uintptr_t stream) {
   require(M >= 0 && N >= 0, "softmax_backward: negative size");
   if (M == 0 || N == 0) return;
-  const unsigned blocks = unsigned(M < kMaxRowBlocks ? M : kMaxRowBlocks);
   FF_DISPATCH(dtype, T, {
-    auto kernel = vec ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>;
-    const int64_t smem = row_cache_smem(kernel, N * 8);
-    kernel<<<blocks, row_threads(N, vec ? kVec<T> : 1), smem, as_stream(stream)>>>(
-        ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx, smem > 0);
+    launch_rows<T>(vec ? softmax_bwd_kernel<T, true> : softmax_bwd_kernel<T, false>, vec, row_blocks(M), N, N * 8,
+                   stream, ptr<const T>(dy), ptr<const T>(y), ptr<T>(dx), M, N, sdy, sy, sdx);
   });
   FF_LAUNCH_CHECK("softmax_bwd_kernel");
 }

@@ -55,6 +55,104 @@ def _softmax_grad(dy, y, dot, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _normalized(x, m, s, AXIS: tl.constexpr):
+    """exp(x - m) / s, with m and s the per-row (per-lane) max and sum of exp(x - m)."""
+    return tl.exp(x - tl.expand_dims(m, AXIS)) / tl.expand_dims(s, AXIS)
+
+
+# Tiles: a rows tile holds BLOCK_M rows (a, b) across axis 0 and walks the softmax dim along axis 1;
+# a columns tile holds one a and BLOCK_B lanes of b across axis 1 and walks it along axis 0. Past
+# the tile's decomposition both run the same forward (backward) body with AXIS the walked axis.
+@triton.jit
+def _row_tile(tile, n_rows, n_b, BLOCK_M: tl.constexpr):
+    """Row group indices (a, b) of the rows of ``tile``, and which rows exist (< n_rows)."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows // n_b, rows % n_b, rows < n_rows
+
+
+@triton.jit
+def _column_tile(tile, n_bt, n_b, BLOCK_B: tl.constexpr):
+    """a of ``tile``, its BLOCK_B lanes b, and which lanes exist (< n_b); n_bt tiles per a."""
+    b = (tile % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
+    return tile // n_bt, b, b < n_b
+
+
+@triton.jit
+def _chunk(start, N, lanes, BLOCK_N: tl.constexpr, AXIS: tl.constexpr):
+    """Softmax positions start .. start + BLOCK_N - 1 laid along AXIS (int64, so c * stride cannot
+    overflow), and the mask of those < N on the existing lanes."""
+    c = tl.expand_dims(start + tl.arange(0, BLOCK_N).to(tl.int64), 1 - AXIS)
+    return c, (c < N) & tl.expand_dims(lanes, AXIS)
+
+
+@triton.jit
+def _load_x(x_ptr, c, sxc, mask):
+    """x at softmax positions c in fp32, -inf where masked (so it adds nothing to max and sum)."""
+    return tl.load(x_ptr + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
+
+
+@triton.jit
+def _load_dy_y(dy_ptr, y_ptr, c, sdc, syc, mask):
+    """dy and y at softmax positions c in fp32, 0 where masked (so they add nothing to the dot)."""
+    dy = tl.load(dy_ptr + c * sdc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + c * syc, mask=mask, other=0.0).to(tl.float32)
+    return dy, y
+
+
+@triton.jit
+def _forward_tile(x_ptr, y_ptr, lanes, N, sxc, syc, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SINGLE: tl.constexpr, HEAD: tl.constexpr, AXIS: tl.constexpr):
+    """y = softmax(x) over the LANES rows of one tile (``lanes``: which exist), x_ptr / y_ptr each
+    row's start. Not SINGLE: online max and sum, then normalize; the first HEAD positions (0: none)
+    are read once and held in registers between the two passes."""
+    if SINGLE:
+        c, mask = _chunk(0, N, lanes, BLOCK_N, AXIS)
+        y = _softmax_tile(_load_x(x_ptr, c, sxc, mask), AXIS)
+        tl.store(y_ptr + c * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        m = tl.full([LANES], -float("inf"), tl.float32)
+        s = tl.zeros([LANES], tl.float32)
+        if HEAD > 0:
+            head_c = tl.expand_dims(tl.arange(0, HEAD).to(tl.int64), 1 - AXIS)
+            head_mask = tl.expand_dims(lanes, AXIS)  # N > HEAD on this path
+            head = _load_x(x_ptr, head_c, sxc, head_mask)
+            m, s = _online_max_sum(m, s, head, AXIS)
+        for start in range(HEAD, N, BLOCK_N):
+            c, mask = _chunk(start, N, lanes, BLOCK_N, AXIS)
+            m, s = _online_max_sum(m, s, _load_x(x_ptr, c, sxc, mask), AXIS)
+        # an all -inf row keeps m = -inf here and gives NaN, as torch does
+        if HEAD > 0:
+            y_head = _normalized(head, m, s, AXIS)
+            tl.store(y_ptr + head_c * syc, y_head.to(y_ptr.dtype.element_ty), mask=head_mask)
+        for start in range(HEAD, N, BLOCK_N):
+            c, mask = _chunk(start, N, lanes, BLOCK_N, AXIS)
+            y = _normalized(_load_x(x_ptr, c, sxc, mask), m, s, AXIS)
+            tl.store(y_ptr + c * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_tile(dy_ptr, y_ptr, dx_ptr, lanes, N, sdc, syc, sxc, LANES: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SINGLE: tl.constexpr, AXIS: tl.constexpr):
+    """dx = y * (dy - sum(dy * y)) over the LANES rows of one tile, as ``_forward_tile``; not
+    SINGLE: the dot first, then a second pass writes dx."""
+    if SINGLE:
+        c, mask = _chunk(0, N, lanes, BLOCK_N, AXIS)
+        dy, y = _load_dy_y(dy_ptr, y_ptr, c, sdc, syc, mask)
+        dot = tl.sum(dy * y, axis=AXIS)
+        tl.store(dx_ptr + c * sxc, _softmax_grad(dy, y, dot, AXIS).to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        dot = tl.zeros([LANES], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c, mask = _chunk(start, N, lanes, BLOCK_N, AXIS)
+            dy, y = _load_dy_y(dy_ptr, y_ptr, c, sdc, syc, mask)
+            dot += tl.sum(dy * y, axis=AXIS)
+        for start in range(0, N, BLOCK_N):
+            c, mask = _chunk(start, N, lanes, BLOCK_N, AXIS)
+            dy, y = _load_dy_y(dy_ptr, y_ptr, c, sdc, syc, mask)
+            tl.store(dx_ptr + c * sxc, _softmax_grad(dy, y, dot, AXIS).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _softmax_fwd_rows_kernel(
     X,  # input, element (a, b, c) at a*sxa + b*sxb + c*sxc
     Y,  # output, element (a, b, c) at a*sya + b*syb + c*syc
@@ -68,40 +166,10 @@ def _softmax_fwd_rows_kernel(
     SINGLE: tl.constexpr,  # one read per row; else the online two-pass loop
     HEAD: tl.constexpr,  # not SINGLE: the first HEAD columns, held in registers between the passes
 ):
-    n_tiles = tl.cdiv(n_rows, BLOCK_M)
-    for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < n_rows
-        a, b = rows // n_b, rows % n_b
-        x_row = X + (a * sxa + b * sxb)[:, None]
-        y_row = Y + (a * sya + b * syb)[:, None]
-        if SINGLE:
-            cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-            mask = rmask[:, None] & (cols < N)
-            x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-            y = _softmax_tile(x, 1)
-            tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
-        else:
-            # the head is read once; only the columns past it are read by both passes
-            head_cols = tl.arange(0, HEAD).to(tl.int64)[None, :]
-            head_mask = rmask[:, None]  # N > HEAD on this path
-            head = tl.load(x_row + head_cols * sxc, mask=head_mask, other=-float("inf")).to(tl.float32)
-            m, s = _online_max_sum(tl.full([BLOCK_M], -float("inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                                   head, 1)
-            for start in range(HEAD, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-                mask = rmask[:, None] & (cols < N)
-                x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                m, s = _online_max_sum(m, s, x, 1)
-            # an all -inf row keeps m = -inf here and gives NaN, as torch does
-            y_head = tl.exp(head - m[:, None]) / s[:, None]
-            tl.store(y_row + head_cols * syc, y_head.to(Y.dtype.element_ty), mask=head_mask)
-            for start in range(HEAD, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-                mask = rmask[:, None] & (cols < N)
-                x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                y = tl.exp(x - m[:, None]) / s[:, None]
-                tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
+    for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        a, b, rows = _row_tile(tile, n_rows, n_b, BLOCK_M)
+        _forward_tile(X + (a * sxa + b * sxb)[:, None], Y + (a * sya + b * syb)[:, None], rows, N, sxc, syc,
+                      BLOCK_M, BLOCK_N, SINGLE, HEAD, 1)
 
 
 @triton.jit
@@ -119,31 +187,9 @@ def _softmax_fwd_cols_kernel(
 ):
     n_bt = tl.cdiv(n_b, BLOCK_B)
     for tile in range(tl.program_id(0).to(tl.int64), n_a * n_bt, tl.num_programs(0)):
-        a = tile // n_bt
-        b = (tile % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = b < n_b
-        x_col = X + a * sxa + (b * sxb)[None, :]
-        y_col = Y + a * sya + (b * syb)[None, :]
-        if SINGLE:
-            c = tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-            mask = (c < N) & bmask[None, :]
-            x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-            y = _softmax_tile(x, 0)
-            tl.store(y_col + c * syc, y.to(Y.dtype.element_ty), mask=mask)
-        else:
-            m = tl.full([BLOCK_B], -float("inf"), tl.float32)
-            s = tl.zeros([BLOCK_B], tl.float32)
-            for start in range(0, N, BLOCK_N):
-                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-                mask = (c < N) & bmask[None, :]
-                x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                m, s = _online_max_sum(m, s, x, 0)
-            for start in range(0, N, BLOCK_N):
-                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-                mask = (c < N) & bmask[None, :]
-                x = tl.load(x_col + c * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                y = tl.exp(x - m[None, :]) / s[None, :]
-                tl.store(y_col + c * syc, y.to(Y.dtype.element_ty), mask=mask)
+        a, b, lanes = _column_tile(tile, n_bt, n_b, BLOCK_B)
+        _forward_tile(X + a * sxa + (b * sxb)[None, :], Y + a * sya + (b * syb)[None, :], lanes, N, sxc, syc,
+                      BLOCK_B, BLOCK_N, SINGLE, 0, 0)
 
 
 @triton.jit
@@ -159,35 +205,10 @@ def _softmax_bwd_rows_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
-    n_tiles = tl.cdiv(n_rows, BLOCK_M)
-    for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < n_rows
-        a, b = rows // n_b, rows % n_b
-        dy_row = DY + (a * sda + b * sdb)[:, None]
-        y_row = Y + (a * sya + b * syb)[:, None]
-        dx_row = DX + (a * sxa + b * sxb)[:, None]
-        if SINGLE:
-            cols = tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-            mask = rmask[:, None] & (cols < N)
-            dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
-            dot = tl.sum(dy * y, axis=1)
-            tl.store(dx_row + cols * sxc, _softmax_grad(dy, y, dot, 1).to(DX.dtype.element_ty), mask=mask)
-        else:
-            dot = tl.zeros([BLOCK_M], tl.float32)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-                mask = rmask[:, None] & (cols < N)
-                dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
-                dot += tl.sum(dy * y, axis=1)
-            for start in range(0, N, BLOCK_N):
-                cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
-                mask = rmask[:, None] & (cols < N)
-                dy = tl.load(dy_row + cols * sdc, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_row + cols * syc, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_row + cols * sxc, _softmax_grad(dy, y, dot, 1).to(DX.dtype.element_ty), mask=mask)
+    for tile in range(tl.program_id(0).to(tl.int64), tl.cdiv(n_rows, BLOCK_M), tl.num_programs(0)):
+        a, b, rows = _row_tile(tile, n_rows, n_b, BLOCK_M)
+        _backward_tile(DY + (a * sda + b * sdb)[:, None], Y + (a * sya + b * syb)[:, None],
+                       DX + (a * sxa + b * sxb)[:, None], rows, N, sdc, syc, sxc, BLOCK_M, BLOCK_N, SINGLE, 1)
 
 
 @triton.jit
@@ -205,33 +226,9 @@ def _softmax_bwd_cols_kernel(
 ):
     n_bt = tl.cdiv(n_b, BLOCK_B)
     for tile in range(tl.program_id(0).to(tl.int64), n_a * n_bt, tl.num_programs(0)):
-        a = tile // n_bt
-        b = (tile % n_bt) * BLOCK_B + tl.arange(0, BLOCK_B)
-        bmask = b < n_b
-        dy_col = DY + a * sda + (b * sdb)[None, :]
-        y_col = Y + a * sya + (b * syb)[None, :]
-        dx_col = DX + a * sxa + (b * sxb)[None, :]
-        if SINGLE:
-            c = tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-            mask = (c < N) & bmask[None, :]
-            dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
-            dot = tl.sum(dy * y, axis=0)
-            tl.store(dx_col + c * sxc, _softmax_grad(dy, y, dot, 0).to(DX.dtype.element_ty), mask=mask)
-        else:
-            dot = tl.zeros([BLOCK_B], tl.float32)
-            for start in range(0, N, BLOCK_N):
-                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-                mask = (c < N) & bmask[None, :]
-                dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
-                dot += tl.sum(dy * y, axis=0)
-            for start in range(0, N, BLOCK_N):
-                c = start + tl.arange(0, BLOCK_N).to(tl.int64)[:, None]
-                mask = (c < N) & bmask[None, :]
-                dy = tl.load(dy_col + c * sdc, mask=mask, other=0.0).to(tl.float32)
-                y = tl.load(y_col + c * syc, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dx_col + c * sxc, _softmax_grad(dy, y, dot, 0).to(DX.dtype.element_ty), mask=mask)
+        a, b, lanes = _column_tile(tile, n_bt, n_b, BLOCK_B)
+        _backward_tile(DY + a * sda + (b * sdb)[None, :], Y + a * sya + (b * syb)[None, :],
+                       DX + a * sxa + (b * sxb)[None, :], lanes, N, sdc, syc, sxc, BLOCK_B, BLOCK_N, SINGLE, 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,12 +30,22 @@ TID = np.arange(kThreads)  # threadIdx.x
 NT8, E = np.arange(8)[:, None], np.arange(4)[None, :]
 
 
-def fwd_smem(D, elem):  # attention.cu: fwd_smem<D>
-    return (kBM + 2 * kBN) * (D + 8) * elem
+def carve(*arrays):  # attention.cu: SmemPtrs / SmemBytes over a layout's take<U>(n) calls
+    """The byte offset of each (n, bytes of U) array placed one after another, and the size."""
+    offsets, at = [], 0
+    for n, size in arrays:
+        offsets.append(at)
+        at += n * size
+    return offsets, at
 
 
-def bwd_smem(D, elem):  # attention.cu: bwd_smem<D>
-    return (2 * kBN + 2 * kBM) * (D + 8) * elem + kBN * (kBM + 8) * elem + 2 * kBM * 4
+def fwd_smem(D, elem):  # attention.cu: FwdSmem<T, D> (q, k, v) and smem_bytes
+    return carve((kBM * (D + 8), elem), (kBN * (D + 8), elem), (kBN * (D + 8), elem))
+
+
+def bwd_smem(D, elem):  # attention.cu: BwdSmem<T, D> (k, v, q, dout, ds, lse, delta) and smem_bytes
+    return carve((kBN * (D + 8), elem), (kBN * (D + 8), elem), (kBM * (D + 8), elem), (kBM * (D + 8), elem),
+                 (kBN * (kBM + 8), elem), (kBM, 4), (kBM, 4))
 
 
 def lane_axes(x):
@@ -141,10 +151,11 @@ def score2(p, bias_bh, qk, i, j):
 def attn_fwd_kernel(p, D, block_x):
     """attention.cu: attn_fwd_kernel<T, D> for blockIdx.x = block_x and every (b, h)."""
     num, pitch = p.num, D + 8
-    smem = SharedMemory((p.B, p.H), fwd_smem(D, 2) // 2, num.acc)
-    sQ, sK, sV = 0, kBM * pitch, (kBM + kBN) * pitch
+    offsets, size = fwd_smem(D, 2)
+    smem = SharedMemory((p.B, p.H), size // 2, num.acc)
+    sQ, sK, sV = (at // 2 for at in offsets)  # in elements of T
     m0 = block_x * kBM
-    b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
+    b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]  # for_each_head: every (b, h) at once
     qb, kb, vb = head_offsets(p, b, h)
     bias = bias_at(p.bias, b, h)
     load_tile(smem, sQ, p.q, qb, m0, p.Lq, p.q_sl, D)
@@ -212,13 +223,12 @@ def attn_bwd_delta_kernel(num, dout, out, delta, rows, D):
 
 def attn_bwd_kernel(p, D, block_x):
     """attention.cu: attn_bwd_kernel<T, D> for blockIdx.x = block_x and every (b, h)."""
-    num, pitch = p.num, D + 8
-    smem = SharedMemory((p.B, p.H), (bwd_smem(D, 2) - 2 * kBM * 4) // 2, num.acc)
-    sK, sV = 0, kBN * pitch
-    sQ, sdO = 2 * kBN * pitch, 2 * kBN * pitch + kBM * pitch
-    sdS = 2 * kBN * pitch + 2 * kBM * pitch  # dS^T, (kBN, kBM + 8)
+    num = p.num
+    offsets, _ = bwd_smem(D, 2)
+    sK, sV, sQ, sdO, sdS, lse_at, _ = (at // 2 for at in offsets)  # in elements of T; sdS holds dS^T
+    smem = SharedMemory((p.B, p.H), lse_at, num.acc)  # the T arrays; sLse, sDelta are modelled apart
     n0 = block_x * kBN
-    b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
+    b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]  # for_each_head: every (b, h) at once
     qb, kb, vb = head_offsets(p, b, h)
     bh = b * p.H + h
     dob = bh * p.Lq * D

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fusedformer.vocabulary import parity_bound
+from torch.utils._pytree import tree_leaves
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 UNSUPPORTED_HEADING = "### torch inputs fusedformer refuses"
@@ -26,13 +27,7 @@ REFUSALS = {
 
 def tensors_in(value):
     """Every tensor in a (nested) tuple/list/dict, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors_in(v)]
-    return []
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def cast(value, dtype):

@@ -1,5 +1,8 @@
 """What the fusedformer.models tests share: tolerances against Hugging Face, a float model in eval
-mode, gradient comparison and random token ids."""
+mode, gradient comparison, random token ids and a group of processes for DDP / FSDP."""
+
+import os
+import socket
 
 import torch
 
@@ -28,3 +31,24 @@ def grad_check(ours_out, hf_out, pairs, dtype):
 
 def random_ids(B, L, vocab, seed=1):
     return torch.randint(0, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def run_in_processes(worker, world, *args):
+    """worker(rank, world, *args) in ``world`` spawned processes joined in one gloo process group
+    (on a free local port); returns when every one has finished."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_process, args=(world, port, worker, args), nprocs=world, join=True)
+
+
+def _gloo_process(rank, world, port, worker, args):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    worker(rank, world, *args)  # its models are freed on return, before the group goes
+    # Tear down in order, then leave without interpreter teardown: a DDP reducer still holding the
+    # gloo group when Python finalizes destroys its threads unjoined, and the process aborts
+    # ("terminate called without an active exception") now and then.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    os._exit(0)

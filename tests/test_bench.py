@@ -7,7 +7,7 @@ import sys
 import fusedformer.bench as bench
 import pytest
 import torch
-from fusedformer.bench.cases import OPS, attention, feed_forward, layer_norm, linear_act, softmax
+from fusedformer.bench.cases import OPS, attention, feed_forward, layer_norm, linear_act, rms_norm, softmax
 from fusedformer.bench.timing import Timing, cpu_timing
 
 HAS_GPU = torch.cuda.is_available()
@@ -113,6 +113,7 @@ def test_formulas():
     assert softmax.work(dict(M=3, N=5), "fwd", torch.float16) == (None, 2 * 15 * 2)
     assert softmax.work(dict(M=3, N=5), "fwd+bwd", torch.float32) == (None, 5 * 15 * 4)
     assert layer_norm.work(dict(M=3, N=5), "fwd", torch.float32)[1] == 2 * 15 * 4 + 2 * 5 * 4 + 8 * 3
+    assert rms_norm.work(dict(M=3, N=5), "bwd", torch.float16)[1] == 3 * 15 * 2 + 2 * 5 * 2 + 4 * 3
     plain = linear_act.work(dict(M=3, K=5, N=7, activation="gelu"), "fwd", torch.float32)[0]
     assert plain == 2 * 3 * 5 * 7
     assert linear_act.work(dict(M=3, K=5, N=7, activation="swiglu"), "fwd", torch.float32)[0] == 2 * plain

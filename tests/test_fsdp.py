@@ -5,13 +5,12 @@ averages the gradients over ranks; the halves are the same size, so that is the 
 the mean loss)."""
 
 import os
-import socket
 
 import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
-from _models_testing import random_ids
+from _models_testing import random_ids, run_in_processes
 from fusedformer.models import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
@@ -58,11 +57,8 @@ def _train(model, loss_fn, ids, after_backward=lambda loss: loss):
     return losses, grads
 
 
-def _fsdp_worker(rank, world, port, out_dir):
+def _fsdp_worker(rank, world, out_dir):
     from torch.distributed.fsdp import fully_shard
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
     def mean_over_ranks(loss):
         torch.distributed.all_reduce(loss)
@@ -81,17 +77,10 @@ def _fsdp_worker(rank, world, port, out_dir):
         results[name] = (losses, {n: g.full_tensor() for n, g in grads.items()})
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
-    # leave without interpreter teardown, as the DDP test does: gloo's threads abort there now and then
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    os._exit(0)
 
 
 def test_fsdp2_two_processes_match_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_in_processes(_fsdp_worker, 2, str(tmp_path))
     sharded = torch.load(tmp_path / "fsdp.pt")
     ids = random_ids(BATCH, LENGTH, VOCAB)
     for name, (build, loss_fn) in MODELS.items():

@@ -10,7 +10,7 @@ import fusedformer as ff
 import pytest
 import torch
 import torch.nn.functional as F
-from _models_testing import DTYPES, close, grad_check, hf_eval, random_ids
+from _models_testing import DTYPES, close, grad_check, hf_eval, random_ids, run_in_processes
 from _testing import skip_unless_triton
 from fusedformer.models import GPT, Bert, BertConfig, GPTConfig
 from fusedformer.vocabulary import parity_bound
@@ -69,6 +69,21 @@ def test_bert_bad_input_names_the_argument():
         ours(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         ours(torch.ones(1, 17, dtype=torch.long))
+
+
+def test_bert_from_hf_translates_the_activation_and_names_an_unsupported_one():
+    def hf_bert(act):
+        config = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=40, max_position_embeddings=24, hidden_act=act)
+        return hf_eval(transformers.BertModel(config, add_pooling_layer=False), torch.float64)
+
+    hf = hf_bert("gelu_pytorch_tanh")  # Hugging Face's name of the tanh GELU
+    ours = Bert.from_hf(hf).eval()
+    assert ours.config.hidden_act == "gelu_tanh"
+    ids = random_ids(2, 7, 97)
+    close(ours(ids), hf(input_ids=ids).last_hidden_state, torch.float64)
+    with pytest.raises(ValueError, match="hidden_act 'quick_gelu'"):
+        Bert.from_hf(hf_bert("quick_gelu"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,9 +227,7 @@ def _gpt_loss(model, ids):
     return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, out_dir):
     model = torch.nn.parallel.DistributedDataParallel(_tiny_gpt())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ids = random_ids(4, 9, 40)
@@ -224,22 +237,10 @@ def _ddp_worker(rank, world, port, out_dir):
         opt.step()
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
-    # Tear down in order, then leave without interpreter teardown: a DDP reducer still holding the
-    # gloo group when Python finalizes destroys its threads unjoined, and the worker aborts
-    # ("terminate called without an active exception") now and then.
-    torch.distributed.barrier()
-    del model, opt
-    torch.distributed.destroy_process_group()
-    os._exit(0)
 
 
 def test_ddp_two_processes_match_single_process(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_in_processes(_ddp_worker, 2, str(tmp_path))
     model = _tiny_gpt()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ids = random_ids(4, 9, 40)

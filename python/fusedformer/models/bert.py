@@ -6,26 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from fusedformer.models._common import check_ids, hf_dtype, init_weights, load_mapped, padding_mask
+from fusedformer.models._config import EncoderConfig
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
 
-@dataclass
-class BertConfig:
-    """BERT's hyperparameters (Hugging Face BertConfig names)."""
+@dataclass(kw_only=True)
+class BertConfig(EncoderConfig):
+    """BERT's hyperparameters (Hugging Face BertConfig names): EncoderConfig's and these."""
 
     vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    backend: str | None = None
 
 
 class BertLayer(torch.nn.Module):
@@ -115,21 +107,14 @@ class Bert(torch.nn.Module):
         last_hidden_state (and MLM logits, pooler output where the source has them)."""
         hf = getattr(hf_model, "bert", hf_model)
         hc = hf.config
-        if hc.hidden_act not in ("gelu", "relu", "gelu_new", "silu"):
-            raise ValueError(f"Bert.from_hf: unsupported hidden_act {hc.hidden_act!r}")
-        act = "gelu_tanh" if hc.hidden_act == "gelu_new" else hc.hidden_act
         if getattr(hc, "is_decoder", False) or getattr(hc, "add_cross_attention", False):
             raise ValueError("Bert.from_hf: only the encoder configuration is supported (is_decoder / "
                              "add_cross_attention are set)")
         if getattr(hc, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("Bert.from_hf: only absolute position embeddings are supported")
-        config = BertConfig(vocab_size=hc.vocab_size, hidden_size=hc.hidden_size,
-                            num_hidden_layers=hc.num_hidden_layers, num_attention_heads=hc.num_attention_heads,
-                            intermediate_size=hc.intermediate_size, hidden_act=act,
-                            hidden_dropout_prob=hc.hidden_dropout_prob,
-                            attention_probs_dropout_prob=hc.attention_probs_dropout_prob,
-                            max_position_embeddings=hc.max_position_embeddings, type_vocab_size=hc.type_vocab_size,
-                            layer_norm_eps=hc.layer_norm_eps, backend=backend)
+        config = BertConfig.from_hf_config("Bert", hc, backend, vocab_size=hc.vocab_size,
+                                           max_position_embeddings=hc.max_position_embeddings,
+                                           type_vocab_size=hc.type_vocab_size)
         model = cls(config).to(hf_dtype(hf))
         sd = hf.state_dict()
         own = model.state_dict()

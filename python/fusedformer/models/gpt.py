@@ -14,12 +14,13 @@ from fusedformer.models._common import (
     next_token,
     padding_mask,
 )
+from fusedformer.models._config import ModelConfig, hf_activation
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
 
-@dataclass
-class GPTConfig:
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
     """GPT-2's hyperparameters (Hugging Face GPT2Config names)."""
 
     vocab_size: int = 50257
@@ -31,7 +32,6 @@ class GPTConfig:
     activation: str = "gelu_tanh"  # GPT-2's "gelu_new"
     layer_norm_epsilon: float = 1e-5
     dropout: float = 0.1  # embeddings, attention weights and residual branches
-    backend: str | None = None
 
 
 class GPTBlock(torch.nn.Module):
@@ -133,16 +133,13 @@ class GPT(torch.nn.Module):
         head = getattr(hf_model, "lm_head", None)
         if head is not None and not torch.equal(head.weight, hf.wte.weight):
             raise ValueError("GPT.from_hf: the model's lm_head is not tied to its token embedding (wte)")
-        if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"):
-            raise ValueError(f"GPT.from_hf: unsupported activation_function {hc.activation_function!r}")
         if getattr(hc, "add_cross_attention", False):
             raise ValueError("GPT.from_hf: GPT-2 with cross-attention is not supported")
         if not hc.scale_attn_weights or hc.scale_attn_by_inverse_layer_idx or hc.reorder_and_upcast_attn:
             raise ValueError("GPT.from_hf: only GPT-2's default attention scaling 1/sqrt(head_dim) is supported")
-        act = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hc.activation_function,
-                                                                            hc.activation_function)
         config = GPTConfig(vocab_size=hc.vocab_size, n_positions=hc.n_positions, n_embd=hc.n_embd, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_inner=hc.n_inner, activation=act,
+                           n_head=hc.n_head, n_inner=hc.n_inner,
+                           activation=hf_activation("GPT", "activation_function", hc.activation_function),
                            layer_norm_epsilon=hc.layer_norm_epsilon, dropout=hc.resid_pdrop, backend=backend)
         model = cls(config).to(hf_dtype(hf))
         sd = hf.state_dict()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fusedformer.models._common import check_generate_args, check_ids, hf_dtype, load_mapped, next_token, padding_mask
+from fusedformer.models._config import ModelConfig
 from fusedformer.nn import Attention, FeedForward, RelativePositionBias, RMSNorm
 from fusedformer.ops import linear_act
 
@@ -14,8 +15,8 @@ _FF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gated-gelu": "geglu_tanh", "
                    "gated-silu": "swiglu", "silu": "silu", "gelu_new": "gelu_tanh", "gated-gelu_new": "geglu_tanh"}
 
 
-@dataclass
-class T5Config:
+@dataclass(kw_only=True)
+class T5Config(ModelConfig):
     """T5's hyperparameters (Hugging Face T5Config names). ``feed_forward_proj`` 'relu' is T5,
     'gated-gelu' T5 v1.1 / Flan-T5 (tanh-GELU gate)."""
 
@@ -35,7 +36,6 @@ class T5Config:
     scale_decoder_outputs: bool = True  # multiply by d_model^-0.5 before the (tied) LM head
     decoder_start_token_id: int = 0
     pad_token_id: int = 0  # what generate writes after a sequence's eos
-    backend: str | None = None
 
 
 class T5Block(torch.nn.Module):

@@ -6,28 +6,23 @@ import torch
 import torch.nn.functional as F
 
 from fusedformer.models._common import hf_dtype, load_mapped
+from fusedformer.models._config import EncoderConfig
 from fusedformer.nn import Attention, FeedForward, LayerNorm
 from fusedformer.ops import linear_act
 
 
-@dataclass
-class ViTConfig:
-    """ViT's hyperparameters (Hugging Face ViTConfig names); ``num_labels`` 0 means no classifier."""
+@dataclass(kw_only=True)
+class ViTConfig(EncoderConfig):
+    """ViT's hyperparameters (Hugging Face ViTConfig names): EncoderConfig's and these;
+    ``num_labels`` 0 means no classifier."""
 
     image_size: int = 224
     patch_size: int = 16
     num_channels: int = 3
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.0
+    hidden_dropout_prob: float = 0.0  # ViTConfig's default (BertConfig's is 0.1)
     attention_probs_dropout_prob: float = 0.0
-    layer_norm_eps: float = 1e-12
     qkv_bias: bool = True
     num_labels: int = 0
-    backend: str | None = None
 
 
 class ViTLayer(torch.nn.Module):
@@ -136,18 +131,11 @@ class ViT(torch.nn.Module):
         ViTForImageClassification (logits through ``classify``)."""
         hf = getattr(hf_model, "vit", hf_model)
         hc = hf.config
-        if hc.hidden_act not in ("gelu", "relu", "gelu_new", "silu"):
-            raise ValueError(f"ViT.from_hf: unsupported hidden_act {hc.hidden_act!r}")
         head = getattr(hf_model, "classifier", None)
         head = head if isinstance(head, torch.nn.Linear) else None
-        config = ViTConfig(image_size=hc.image_size, patch_size=hc.patch_size, num_channels=hc.num_channels,
-                           hidden_size=hc.hidden_size, num_hidden_layers=hc.num_hidden_layers,
-                           num_attention_heads=hc.num_attention_heads, intermediate_size=hc.intermediate_size,
-                           hidden_act="gelu_tanh" if hc.hidden_act == "gelu_new" else hc.hidden_act,
-                           hidden_dropout_prob=hc.hidden_dropout_prob,
-                           attention_probs_dropout_prob=hc.attention_probs_dropout_prob,
-                           layer_norm_eps=hc.layer_norm_eps, qkv_bias=hc.qkv_bias,
-                           num_labels=head.out_features if head is not None else 0, backend=backend)
+        config = ViTConfig.from_hf_config("ViT", hc, backend, image_size=hc.image_size, patch_size=hc.patch_size,
+                                          num_channels=hc.num_channels, qkv_bias=hc.qkv_bias,
+                                          num_labels=head.out_features if head is not None else 0)
         model = cls(config).to(hf_dtype(hf))
         sd = dict(hf.state_dict())
         m = {"patch_embed.weight": "embeddings.patch_embeddings.projection.weight",

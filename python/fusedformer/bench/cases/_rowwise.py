@@ -1,5 +1,5 @@
 """What the row-wise cases (one op over the last dim of x (M, N), memory-bound) share: the shape
-presets' form, the norms' presets, and the providers each of them compares."""
+presets' form, the norms' presets, bytes and inputs, and the providers each of them compares."""
 
 import torch
 
@@ -59,3 +59,17 @@ def norm_inputs(shape, dtype, device, bias):
     if bias:
         inputs.append(0.1 * torch.randn(N, device=device, dtype=dtype))
     return inputs, {}, list(range(len(inputs)))
+
+
+def norm_work_and_make(centered):
+    """``work`` and ``make`` of a norm case: LayerNorm (``centered``: weight and bias, per-row mean
+    and rstd) or RMSNorm (weight, per-row rstd)."""
+    vectors = 2 if centered else 1  # (N,) parameters, and as many fp32 (M,) row statistics
+
+    def work(shape, pass_, dtype):
+        return None, norm_bytes(shape, pass_, dtype, params=vectors, row_stats=vectors)
+
+    def make(shape, dtype, device):
+        return norm_inputs(shape, dtype, device, bias=centered)
+
+    return work, make

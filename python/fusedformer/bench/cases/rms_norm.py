@@ -11,14 +11,7 @@ from fusedformer.bench.providers import liger_function
 SHAPES = _rowwise.NORM_SHAPES
 PRESET_PROVIDERS = _rowwise.PRESET_PROVIDERS
 EPS = 1e-6
-
-
-def work(shape, pass_, dtype):
-    return None, _rowwise.norm_bytes(shape, pass_, dtype, params=1, row_stats=1)
-
-
-def make(shape, dtype, device):
-    return _rowwise.norm_inputs(shape, dtype, device, bias=False)
+work, make = _rowwise.norm_work_and_make(centered=False)
 
 
 def eager(x, w):
