@@ -348,6 +348,8 @@ CLEAR_ERRORS = [
      TypeError, "alibi_slopes"),
     ("layer_norm residual a list", lambda: ff.layer_norm(_packed, (8,), residual=_packed.tolist()), TypeError,
      "residual"),
+    ("layer_norm eps None", lambda: ff.layer_norm(_packed, (8,), eps=None), TypeError, "eps must be a number"),
+    ("nn.LayerNorm eps None", lambda: ff.nn.LayerNorm(8, eps=None)(_packed), TypeError, "eps must be a number"),
 ]
 
 

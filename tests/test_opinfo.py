@@ -92,6 +92,8 @@ CASES = {
     "softmax": Case(("softmax", ""), ff.softmax, torch.softmax, "softmax"),
     "softmax_with_dtype": Case(("softmax", "with_dtype"), ff.softmax, torch.softmax, "softmax"),
     "layer_norm": Case(("nn.functional.layer_norm", ""), ff.layer_norm, F.layer_norm, "layer_norm"),
+    # native_layer_norm's samples also leave out the weight, the bias or both (F.layer_norm's arguments)
+    "layer_norm_native_samples": Case(("native_layer_norm", ""), ff.layer_norm, F.layer_norm, "layer_norm"),
     "rms_norm": Case(("nn.functional.rms_norm", ""), ff.rms_norm, F.rms_norm, "rms_norm"),
     "linear": Case(("nn.functional.linear", ""), *_linear_then("identity"), "linear_act"),
     **{f"linear_{a}": Case(("nn.functional.linear", ""), *_linear_then(a), "linear_act")

@@ -10,7 +10,7 @@ import fusedformer.nn as ffnn
 import pytest
 import torch
 from fusedformer.patch import PatchVerificationError
-from test_patch import RMSLike  # a user-written RMSNorm the patch must recognize
+from test_patch import MLP, RMSLike  # a user-written MLP and RMSNorm the patch must recognize
 
 tf = pytest.importorskip("transformers")
 
@@ -105,10 +105,11 @@ class Wrapped(torch.nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("inner", ["LayerNorm", "RMSLike", "EncoderLayer"])
+@pytest.mark.parametrize("inner", ["LayerNorm", "RMSLike", "MLP", "EncoderLayer"])
 def test_instance_forward_wrapper_is_left_and_survives(inner):
     d = 8
     module = {"LayerNorm": lambda: torch.nn.LayerNorm(d), "RMSLike": lambda: RMSLike(d),
+              "MLP": lambda: MLP(d, hidden_dropout=False).eval(),
               "EncoderLayer": lambda: torch.nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True)}[inner]()
     model, cls = Wrapped(module), type(module)
     wrapper = module.forward

@@ -1,13 +1,14 @@
 """ff.patch(verify=True) swept over transformers model classes built from tiny configs (nothing
 downloaded): encoders, decoders, encoder-decoders and vision models with their causal LM, masked
-LM, classification and multiple-choice heads, loaded in float32 and bfloat16. Each one is patched
-with outputs equal to the unpatched model's (bfloat16: within 2x of the unpatched model's own
-error against its float32 twin) and an identical greedy ``generate``, or refused with a clear
-ValueError naming ``example_inputs``; never a crash from inside the library. Unpatch restores
-every module's class and attributes.
+LM, classification and multiple-choice heads, loaded in float32, bfloat16 and float16, patched for the reference backend and for ``auto`` (the
+torch backend on a CPU). Each one is patched with outputs equal to the unpatched model's (low
+precision: within 2x of the unpatched model's own error against its float32 twin) and, in
+float32, an identical greedy ``generate`` (in low precision the fused ops' float32 math may round
+a near tie the other way: GPT-J in bfloat16 picks another third token), or refused with a clear ValueError naming ``example_inputs``;
+never a crash from inside the library. Unpatch restores every module's class and attributes.
 
-By default one head per family in float32 and a few bfloat16 loads run (about 30 s);
-``FUSEDFORMER_FULL_SWEEP=1`` runs every case."""
+By default one head per family in float32 on the reference backend, a few bfloat16 and float16
+loads and a few ``auto`` patches run (about 30 s); ``FUSEDFORMER_FULL_SWEEP=1`` runs every case."""
 
 import contextlib
 import copy
@@ -30,19 +31,21 @@ VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_laye
           "intermediate_size": 37}
 # family -> (config overrides, head classes; the first is the one CI runs)
 FAMILIES = {
-    "Bert": ({}, ["BertForMaskedLM", "BertForSequenceClassification", "BertForMultipleChoice"]),
+    "Bert": ({}, ["BertForMaskedLM", "BertForSequenceClassification", "BertForMultipleChoice",
+                  "BertForTokenClassification", "BertForQuestionAnswering", "BertModel"]),
     "Roberta": ({}, ["RobertaForMaskedLM", "RobertaForCausalLM", "RobertaForMultipleChoice"]),
     "DistilBert": ({}, ["DistilBertForMaskedLM", "DistilBertForSequenceClassification",
                         "DistilBertForMultipleChoice"]),
     "Albert": ({}, ["AlbertForMaskedLM", "AlbertForMultipleChoice"]),
     "Electra": ({}, ["ElectraForMaskedLM", "ElectraForSequenceClassification"]),
-    "GPT2": ({}, ["GPT2LMHeadModel", "GPT2ForSequenceClassification"]),
+    "GPT2": ({}, ["GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2DoubleHeadsModel",
+                  "GPT2ForTokenClassification"]),
     "GPTNeo": ({"num_layers": 2, "attention_types": [[["global", "local"], 1]], "window_size": 4},
                ["GPTNeoForCausalLM"]),
     "GPTJ": ({"rotary_dim": 4}, ["GPTJForCausalLM"]),
     "OPT": ({"ffn_dim": 37, "word_embed_proj_dim": 32}, ["OPTForCausalLM", "OPTForSequenceClassification"]),
     "Bloom": ({}, ["BloomForCausalLM"]),
-    "Llama": ({}, ["LlamaForCausalLM", "LlamaForSequenceClassification"]),
+    "Llama": ({}, ["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForQuestionAnswering"]),
     "Mistral": ({"sliding_window": 4}, ["MistralForCausalLM"]),
     "Qwen2": ({}, ["Qwen2ForCausalLM"]),
     "Phi": ({}, ["PhiForCausalLM"]),
@@ -60,13 +63,15 @@ FAMILIES = {
     "MobileBert": ({"embedding_size": 32, "intra_bottleneck_size": 32, "true_hidden_size": 32},
                    ["MobileBertForMaskedLM"]),
     "T5": ({"num_decoder_layers": 2, "decoder_start_token_id": 0},
-           ["T5ForConditionalGeneration", "T5ForSequenceClassification"]),
+           ["T5ForConditionalGeneration", "T5ForSequenceClassification", "T5ForQuestionAnswering",
+            "T5EncoderModel"]),
     "MT5": ({"num_decoder_layers": 2, "decoder_start_token_id": 0}, ["MT5ForConditionalGeneration"]),
-    "Bart": ({}, ["BartForConditionalGeneration", "BartForSequenceClassification", "BartForCausalLM"]),
+    "Bart": ({}, ["BartForConditionalGeneration", "BartForSequenceClassification", "BartForCausalLM",
+                  "BartForQuestionAnswering"]),
     "MBart": ({}, ["MBartForConditionalGeneration"]),
     "Pegasus": ({}, ["PegasusForConditionalGeneration"]),
     "Whisper": ({}, ["WhisperForConditionalGeneration"]),  # audio features: refused, asks for example_inputs
-    "ViT": ({}, ["ViTForImageClassification"]),
+    "ViT": ({}, ["ViTForImageClassification", "ViTModel"]),
     "DeiT": ({}, ["DeiTForImageClassification"]),
     "Dinov2": ({}, ["Dinov2ForImageClassification"]),
     "Swin": ({"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2], "window_size": 2, "patch_size": 4},
@@ -75,16 +80,25 @@ FAMILIES = {
                               "intermediate_size": 37, "max_position_embeddings": 16, "eos_token_id": 2},
               "vision_config": VISION, "projection_dim": 16}, ["CLIPModel"]),
 }
-BFLOAT16_IN_CI = ("Llama", "T5", "Bert", "ViT")
+# the families whose first head CI runs beyond float32 on the reference backend
+IN_CI = {(torch.bfloat16, "reference"): ("Llama", "T5", "Bert", "ViT"),
+         (torch.float16, "reference"): ("GPT2", "Bart", "Qwen2"),
+         (torch.float32, "auto"): ("Llama", "T5", "Bert", "ViT", "Gemma2")}
 FULL = os.environ.get("FUSEDFORMER_FULL_SWEEP") == "1"
-CASES = [pytest.param(family, head, dtype, id=f"{head}-{str(dtype)[6:]}",
-                      marks=() if FULL or i == 0 and (dtype == torch.float32 or family in BFLOAT16_IN_CI) else
+
+
+def _in_ci(family, first_head, dtype, backend):
+    return first_head and (dtype == torch.float32 and backend == "reference" or family in IN_CI.get((dtype, backend), ()))
+
+
+CASES = [pytest.param(family, head, dtype, backend, id=f"{head}-{str(dtype)[6:]}-{backend}",
+                      marks=() if FULL or _in_ci(family, i == 0, dtype, backend) else
                       pytest.mark.skip(reason="the full sweep: FUSEDFORMER_FULL_SWEEP=1"))
          for family, (_, heads) in FAMILIES.items() for i, head in enumerate(heads)
-         for dtype in (torch.float32, torch.bfloat16)]
+         for dtype in (torch.float32, torch.bfloat16, torch.float16) for backend in ("reference", "auto")]
 
 
-def tiny_config(family):
+def tiny_config(family, head=""):
     overrides, _ = FAMILIES[family]
     cfg = getattr(tf, family + "Config")()
     for key, value in {**SMALL, **overrides}.items():
@@ -98,7 +112,7 @@ def tiny_config(family):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value >= cfg.vocab_size:  # GPT-2's 50256 in a 99-token vocabulary
             setattr(cfg, key, 2)
-    cfg.num_labels = 3
+    cfg.num_labels = 2 if head.endswith("QuestionAnswering") else 3  # span heads: a start and an end
     return cfg
 
 
@@ -120,15 +134,15 @@ def _accepted_batch(model):
     return None
 
 
-@pytest.mark.parametrize("family,head,dtype", CASES)
-def test_patch_sweep(family, head, dtype):
+@pytest.mark.parametrize("family,head,dtype,backend", CASES)
+def test_patch_sweep(family, head, dtype, backend):
     torch.manual_seed(0)
-    twin32 = getattr(tf, head)(tiny_config(family)).eval()
+    twin32 = getattr(tf, head)(tiny_config(family, head)).eval()
     model = copy.deepcopy(twin32).to(dtype)
     ref = copy.deepcopy(model)
     snap = [(m, type(m), dict(m.__dict__)) for m in model.modules()]
     try:
-        _, report = ff.patch(model, backend="reference", return_report=True)
+        _, report = ff.patch(model, backend=None if backend == "auto" else backend, return_report=True)
     except ValueError as e:  # a clean refusal: it says what to pass
         assert "example_inputs" in str(e), e
         return

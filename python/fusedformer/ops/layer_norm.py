@@ -112,6 +112,7 @@ def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: t
 
     Backends: reference and torch any float dtype; triton float32/float16/bfloat16 (residual of any
     of them); cuda float32/float16/bfloat16 with the residual in x's dtype."""
+    check_number(OP, "eps", eps)  # no default epsilon here (rms_norm's None): None is refused, as torch
     n_dims = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n_dims)
     r2 = as_rows(residual, n_dims) if residual is not None else None
