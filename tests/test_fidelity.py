@@ -350,6 +350,10 @@ CLEAR_ERRORS = [
      "residual"),
     ("layer_norm eps None", lambda: ff.layer_norm(_packed, (8,), eps=None), TypeError, "eps must be a number"),
     ("nn.LayerNorm eps None", lambda: ff.nn.LayerNorm(8, eps=None)(_packed), TypeError, "eps must be a number"),
+    ("nn.MultiheadAttention key width", lambda: ff.nn.MultiheadAttention(8, 2, kdim=6, vdim=6)(
+        _packed, torch.randn(7, 2, 5), torch.randn(7, 2, 6)), ValueError, "key has 5 features, expected kdim=6"),
+    ("nn.MultiheadAttention value width", lambda: ff.nn.MultiheadAttention(8, 2, kdim=6, vdim=6)(
+        _packed, torch.randn(7, 2, 6), torch.randn(7, 2, 8)), ValueError, "value has 8 features, expected vdim=6"),
 ]
 
 

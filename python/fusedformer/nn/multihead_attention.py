@@ -119,6 +119,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         H, D = self.num_heads, self.head_dim
         if E != self.embed_dim:
             raise ValueError(f"MultiheadAttention: query has {E} features, expected embed_dim={self.embed_dim}")
+        for name, tensor, width in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if tensor.shape[-1] != width:
+                raise ValueError(f"MultiheadAttention: {name} has {tensor.shape[-1]} features, expected "
+                                 f"{name[0]}dim={width}")
         if key.shape[:2] != value.shape[:2] or key.shape[0] != N:
             raise ValueError(f"MultiheadAttention: key {tuple(key.shape)} and value {tuple(value.shape)} must share "
                              f"batch and length with a batch of {N} (batch-first view)")
