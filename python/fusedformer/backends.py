@@ -79,7 +79,7 @@ def requested_backend(backend=None):
         return backend
     if _context_stack:
         return _context_stack[-1]
-    env = os.environ.get("FUSEDFORMER_BACKEND")
+    env = _environment_variable(_BACKEND_VARIABLE)
     if env:
         _check_name(env, "FUSEDFORMER_BACKEND")
         return env
@@ -162,10 +162,57 @@ def unsupported_reason(name, family, device, args=None):
     return impl.unsupported(*args) if args is not None else None
 
 
+# select()'s decisions, by (family, requested name, device, _features(args)): working one out asks
+# every backend in turn (availability, table, unsupported()), about 20k instructions per call; a
+# decision already taken is one dict lookup. The requested name is part of the key, so a
+# backend= argument, use_backend(...) or FUSEDFORMER_BACKEND of another value takes its own entry.
+# Like availability, entries assume the backends themselves do not change within a process
+# (tests that patch them call clear_selection_cache()). Scalar arguments that vary call by call
+# (varlen's max_seqlen) make new keys: the cache starts over when it reaches _SELECTIONS_MAX.
+_selections = {}
+_SELECTIONS_MAX = 4096
+
+# os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
+# of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
+# always current) answers with one lookup.
+_BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
+
+
+def _environment_variable(encoded_name):
+    value = os.environ._data.get(encoded_name)
+    return os.environ.decodevalue(value) if value is not None else None
+
+
+def clear_selection_cache():
+    """Forget select()'s decisions (for code that patches backends or their availability)."""
+    _selections.clear()
+
+
+def _features(args):
+    """What a backend's ``unsupported()`` may judge forward ``args`` on, the rest of the selection
+    key: each tensor's dtype, number of dims, last dim and requires_grad, and every other
+    argument's value. A backend judging on more (another dim, strides, alignment) must add it here."""
+    return tuple([(a.dtype, a.ndim, a.shape[-1] if a.ndim else 1, a.requires_grad)
+                  if isinstance(a, torch.Tensor) else a for a in args])
+
+
 def select(family, device, args, backend=None):
-    """The name of the backend that runs ``family`` on forward ``args`` (see module docstring)."""
+    """The name of the backend that runs ``family`` on forward ``args`` (see module docstring);
+    cached per (family, requested backend, device, _features(args)) outside torch.compile."""
     requested = requested_backend(backend)
-    device = torch.device(device)
+    if torch.compiler.is_compiling():  # traced once per graph; no side effects on the cache
+        return _select(family, torch.device(device), args, requested)
+    key = (family, requested, device, _features(args))
+    name = _selections.get(key)
+    if name is None:
+        name = _select(family, torch.device(device), args, requested)
+        if len(_selections) >= _SELECTIONS_MAX:
+            _selections.clear()
+        _selections[key] = name
+    return name
+
+
+def _select(family, device, args, requested):
     if requested != "auto":
         reason = unsupported_reason(requested, family, device, args)
         if reason is not None:

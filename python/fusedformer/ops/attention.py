@@ -11,7 +11,7 @@ import torch
 from fusedformer import backends
 from fusedformer._backends.tables import ATTENTION
 from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
-from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.vocabulary import compute_dtype
 
 OP = ATTENTION.name
@@ -37,7 +37,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         return _empty_attention(q, v)
     out, lse = ATTENTION.implementation(backend).attention_forward(
         q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
-    return out.contiguous(), lse.contiguous()
+    return out, lse
 
 
 @attention_fwd.register_fake
@@ -59,8 +59,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dq, dk, dv, dbias = ATTENTION.implementation(backend).attention_backward(
         grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
         (window_left, window_right), alibi_slopes, bias_requires_grad)
-    dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
 @attention_bwd.register_fake
@@ -114,14 +113,14 @@ def _mask_as_4d(mask, batch_shape, H, Lq, Lk):
         if have not in (1, want):
             raise ValueError(f"attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to the "
                              f"scores' shape {full} (batch..., heads, Lq, Lk)")
-    mask = mask.reshape(shape)
+    mask = reshaped(mask, shape)
     nb = len(batch_shape)
     batch = shape[:nb]
     if all(b == 1 for b in batch):
-        return mask.reshape(1, *shape[nb:])
+        return reshaped(mask, (1, *shape[nb:]))
     if tuple(batch) != tuple(batch_shape):
         mask = mask.expand(*batch_shape, *shape[nb:])
-    return mask.reshape(-1, *shape[nb:])
+    return mask if nb == 1 else mask.reshape(-1, *shape[nb:])
 
 
 def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes):
@@ -199,4 +198,4 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
     out, _ = _attention_fwd(q, k, v, bias, is_causal, scale, dropout_p, seed, wl, wr, slopes, name)
-    return out.view(out_shape)
+    return reshaped(out, out_shape)

@@ -42,7 +42,7 @@ def feed_forward_fwd(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
         hidden, preact = impl.linear_act_forward(x, w1, b1, activation)
         saved_hidden = hidden
     y = impl.linear_act_inference(hidden, w2, b2, "identity")
-    return y.contiguous(), saved_hidden.contiguous(), preact.contiguous()
+    return y, saved_hidden, preact
 
 
 @feed_forward_fwd.register_fake
@@ -70,7 +70,7 @@ def feed_forward_bwd(grad_y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1
     db2 = grad_y.sum(0, dtype=acc).to(b2.dtype) if b2 is not None else x.new_empty(0)
     if db1 is None:
         db1 = x.new_empty(0)
-    return dx.contiguous(), dw1.contiguous(), db1.contiguous(), dw2.contiguous(), db2.contiguous()
+    return dx, dw1, db1, dw2, db2
 
 
 @feed_forward_bwd.register_fake

@@ -11,7 +11,7 @@ from fusedformer.ops._checks import (
     check_shape,
     normalized_size,
 )
-from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.vocabulary import compute_dtype
 
 OP = LAYER_NORM.name
@@ -28,8 +28,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return x.new_empty(x.shape), res, x.new_empty(M, dtype=compute_dtype(x)), x.new_empty(
             M, dtype=compute_dtype(x))
     y, res, mean, rstd = LAYER_NORM.implementation(backend).layer_norm_forward(x, weight, bias, eps, residual)
-    res = res.contiguous() if res is not None else x.new_empty(0)
-    return y.contiguous(), res, mean.contiguous(), rstd.contiguous()
+    return y, res if res is not None else x.new_empty(0), mean, rstd
 
 
 @layer_norm_fwd.register_fake
@@ -52,8 +51,7 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
         return dx, dw, db
     dx, dw, db = LAYER_NORM.implementation(backend).layer_norm_backward(
         grad_y, x, weight, bias, mean, rstd, grad_residual_out)
-    return (dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0),
-            db.contiguous() if db is not None else x.new_empty(0))
+    return dx, dw if dw is not None else x.new_empty(0), db if db is not None else x.new_empty(0)
 
 
 @layer_norm_bwd.register_fake
@@ -101,7 +99,7 @@ def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
 
 def as_rows(t, n):
     """(..., *normalized_shape) -> (M, N): a view when the layout allows (unit stride in the row)."""
-    rows = t.reshape(-1, n)
+    rows = t if t.ndim == 2 and t.shape[1] == n else t.reshape(-1, n)
     return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()
 
 
@@ -111,10 +109,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
     n = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
+    w = reshaped(weight, (n,)) if weight is not None else None
+    b = reshaped(bias, (n,)) if bias is not None else None
     name = backends.select(OP, x.device, (x2, w, b, float(eps), r2), backend)
     y, res, _, _ = _layer_norm_fwd(x2, w, b, float(eps), r2, name)
     if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), res.view(x.shape)
+        return reshaped(y, x.shape)
+    return reshaped(y, x.shape), reshaped(res, x.shape)

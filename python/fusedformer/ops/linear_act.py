@@ -28,7 +28,7 @@ def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """x (M, K) -> (y (M, N or N/2), preact (M, N))."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
     y, preact = impl.linear_act_forward(x, weight, bias, activation)
-    return y.contiguous(), preact.contiguous()
+    return y, preact
 
 
 @linear_act_fwd.register_fake
@@ -43,7 +43,7 @@ def linear_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """-> (dx, dweight, dbias or an empty tensor)."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
     dx, dw, db = impl.linear_act_backward(grad_y, x, weight, bias, preact, activation)
-    return dx.contiguous(), dw.contiguous(), db.contiguous() if db is not None else x.new_empty(0)
+    return dx, dw, db if db is not None else x.new_empty(0)
 
 
 @linear_act_bwd.register_fake
@@ -98,7 +98,7 @@ def linear_act_infer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """x (M, K) -> y alone, for calls that need no gradient: a backend defining the optional
     ``linear_act_inference`` skips writing the (M, N) preact."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
-    return impl.linear_act_inference(x, weight, bias, activation).contiguous()
+    return impl.linear_act_inference(x, weight, bias, activation)
 
 
 @linear_act_infer.register_fake
@@ -123,6 +123,7 @@ def linear_act(x, weight, bias=None, activation="gelu", *, backend=None):
     gelu (erf), gelu_tanh, silu, identity, and gated swiglu / geglu, for which weight stacks
     [gate; up] (N = 2F) and the result act(gate) * up is (..., F)."""
     validate_linear(OP, x, weight, bias, activation)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = linear_act_rows(x2, weight, bias, activation, backend)
+    if x.ndim == 2:
+        return linear_act_rows(x, weight, bias, activation, backend)
+    y = linear_act_rows(x.reshape(-1, x.shape[-1]), weight, bias, activation, backend)
     return y.view(*x.shape[:-1], y.shape[-1])

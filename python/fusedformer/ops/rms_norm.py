@@ -4,7 +4,7 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import RMS_NORM
-from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.ops.layer_norm import as_rows, validate_norm
 from fusedformer.vocabulary import compute_dtype
 
@@ -19,8 +19,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
         return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=compute_dtype(x))
     y, res, rstd = RMS_NORM.implementation(backend).rms_norm_forward(x, weight, eps, residual)
-    res = res.contiguous() if res is not None else x.new_empty(0)
-    return y.contiguous(), res, rstd.contiguous()
+    return y, res if res is not None else x.new_empty(0), rstd
 
 
 @rms_norm_fwd.register_fake
@@ -36,7 +35,7 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | N
     if x.numel() == 0:
         return x.new_empty(x.shape), torch.zeros_like(weight) if weight is not None else x.new_empty(0)
     dx, dw = RMS_NORM.implementation(backend).rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out)
-    return dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0)
+    return dx, dw if dw is not None else x.new_empty(0)
 
 
 @rms_norm_bwd.register_fake
@@ -71,9 +70,9 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backe
     eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None else None
+    w = reshaped(weight, (n,)) if weight is not None else None
     name = backends.select(OP, x.device, (x2, w, eps, r2), backend)
     y, res, _ = _rms_norm_fwd(x2, w, eps, r2, name)
     if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), res.view(x.shape)
+        return reshaped(y, x.shape)
+    return reshaped(y, x.shape), reshaped(res, x.shape)
