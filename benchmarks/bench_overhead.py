@@ -6,8 +6,9 @@ Parts (``--part``, repeatable; default ops, models, memory):
   with and without grad (with grad: forward + autograd.grad). Every repetition times each
   candidate for ``--calls`` calls, candidates in a fresh random order per repetition
   (interleaved); the row gives the median over ``--reps`` repetitions and the 25-75% spread.
-  fusedformer runs once per ``--backends`` entry (forced with ff.use_backend), so the reference
-  (the old CPU ``auto``) and torch (the new one) appear in the same run.
+  Grad mode and the backend are set once around a repetition's calls (torch.no_grad(),
+  ff.use_backend per ``--backends`` entry), not per call: the figure is the op call alone, so
+  the reference (the old CPU ``auto``) and torch (the new one) appear in the same run.
 - ``callgrind``: the ``ops`` candidates again, as instructions per call under valgrind's callgrind
   (repeatable where wall time on a shared machine is not): the script re-runs itself under
   valgrind with collection off, toggling it on around each candidate's calls.
@@ -22,14 +23,20 @@ Parts (``--part``, repeatable; default ops, models, memory):
   follows tensor memory.
 
 On a CPU everything runs on one thread (torch.set_num_threads(1)); pin the process too for less
-noise: ``taskset -c 1 python benchmarks/bench_overhead.py``. On a GPU ``ops`` reports host time per
-call (the launch loop is timed, the synchronize is outside the clock).
+noise: ``taskset -c 1 python benchmarks/bench_overhead.py``. On a GPU ``ops`` reports two figures
+per call from the same repetitions: host time and device time. Before each repetition a
+``torch.cuda._sleep`` kernel, calibrated to outlast the repetition's host loop, holds the GPU, so
+no launch waits for it: the CPU clock around the loop measures the host's work alone (a hidden
+synchronize would show as the whole sleep), and CUDA events recorded after the sleep and after
+the loop time the queued kernels back to back, without the host's gaps. Host time above device
+time means the op is host-bound at that shape: what decides decode-shape speed.
 
     python benchmarks/bench_overhead.py --out benchmarks/results     # writes <device>-<date>-overhead.json/.md
     python benchmarks/bench_overhead.py --part ops --backends torch --reps 5
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -79,7 +86,8 @@ def op_cases(device):
 
 
 def _runner(fn, inputs, grad, backend):
-    """A no-argument callable: one call of ``fn`` (forward, or forward + autograd.grad)."""
+    """``run(n)``: n calls of ``fn`` (forward, or forward + autograd.grad), with grad mode and
+    the backend set once around them."""
     if grad:
         inputs = [t.detach().requires_grad_() for t in inputs]
         grad_out = torch.ones_like(fn(*inputs))
@@ -88,9 +96,18 @@ def _runner(fn, inputs, grad, backend):
             torch.autograd.grad(fn(*inputs), inputs, grad_out)
     else:
         def call():
-            with torch.no_grad():
-                fn(*inputs)
-    return call if backend is None else _on_backend(call, backend)
+            fn(*inputs)
+    grad_mode = contextlib.nullcontext if grad else torch.no_grad
+
+    def run(n):
+        with grad_mode(), _backend(backend):
+            for _ in range(n):
+                call()
+    return run
+
+
+def _backend(name):
+    return ff.use_backend(name) if name is not None else contextlib.nullcontext()
 
 
 def candidates(device, backends, ops=None):
@@ -112,28 +129,77 @@ def _sync(device):
 
 
 def interleaved(fns, reps, calls, device, seed=0):
-    """{key: [us per call, one per repetition]}: each repetition runs every fn ``calls`` times, the
-    fns in a fresh random order."""
-    for fn in fns.values():  # warm-up: first-call costs (allocator, caches) stay out of the samples
-        for _ in range(3):
-            fn()
+    """({key: [host us per call, one per repetition]}, {key: [device us per call]} on a GPU, else
+    None): each repetition runs every ``fn(calls)``, the fns in a fresh random order."""
+    clock = _GpuClock(fns, calls) if torch.device(device).type == "cuda" else None
+    for fn in fns.values():  # warm-up: first-call costs (allocator, caches, JIT) stay out
+        fn(3)
     _sync(device)
-    samples = {key: [] for key in fns}
+    host = {key: [] for key in fns}
+    on_device = {key: [] for key in fns} if clock else None
     order = list(fns)
     rng = random.Random(seed)
     for _ in range(reps):
         rng.shuffle(order)
         for key in order:
-            fn = fns[key]
+            if clock:
+                host_s, device_s = clock.time(key, fns[key])
+                on_device[key].append(device_s / calls * 1e6 if device_s is not None else float("nan"))
+            else:
+                t0 = time.perf_counter()
+                fns[key](calls)
+                host_s = time.perf_counter() - t0
+            host[key].append(host_s / calls * 1e6)
+    return host, on_device
+
+
+class _GpuClock:
+    """Host and device time of ``fn(calls)`` on a GPU (see the module docstring): a sleep kernel
+    holds the GPU for three times the loop's host time (measured once per candidate beforehand),
+    so the host never waits on it; the device time is None when the loop outlasted the sleep
+    anyway (the kernels then waited for the host, and the events would time the host)."""
+
+    def __init__(self, fns, calls):
+        self.calls = calls
+        self.cycles_per_s = self._calibrate()
+        self.host_estimate = {}
+        for key, fn in fns.items():
+            fn(3)
+            torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[key].append((time.perf_counter() - t0) / calls * 1e6)
-            _sync(device)
-    return samples
+            fn(calls)
+            self.host_estimate[key] = time.perf_counter() - t0
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def _calibrate():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)  # the first launch loads the kernel
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / (start.elapsed_time(end) / 1e3)
+
+    def time(self, key, fn):
+        sleep_s = max(3 * self.host_estimate[key], 1e-3)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(sleep_s * self.cycles_per_s))
+        start.record()
+        t0 = time.perf_counter()
+        fn(self.calls)
+        host_s = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        return host_s, start.elapsed_time(end) / 1e3 if host_s < sleep_s else None
 
 
 def _summary(values):
+    values = [v for v in values if v == v]  # NaN: a GPU repetition without a valid device time
+    if not values:
+        return {"median": None, "p25": None, "p75": None, "n": 0}
     q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
     return {"median": median, "p25": q1, "p75": q3, "n": len(values)}
 
@@ -151,7 +217,12 @@ def ratio_rows(samples, unit):
 
 def run_ops(args):
     fns = candidates(args.device, args.backends, args.ops)
-    return ratio_rows(interleaved(fns, args.reps, args.calls, args.device), "us_per_call")
+    host, on_device = interleaved(fns, args.reps, args.calls, args.device)
+    rows = ratio_rows(host, "us_per_call")
+    if on_device is not None:
+        for row in rows:
+            row["device_us_per_call"] = _summary(on_device[(row["op"], row["grad"], row["provider"])])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,12 +235,10 @@ def callgrind_child(args):
     fns = candidates("cpu", args.backends, args.ops)
     keys = list(fns)
     for fn in fns.values():
-        for _ in range(3):
-            fn()
+        fn(3)
     for key in keys:
         torch._C._valgrind_toggle()
-        for _ in range(args.calls):
-            fns[key]()
+        fns[key](args.calls)
         torch._C._valgrind_toggle_and_dump_stats()
     pathlib.Path(args.callgrind_keys).write_text(json.dumps([list(k) for k in keys]))
 
@@ -219,6 +288,7 @@ def hf_models(layers):
 
 
 def _model_step(model, batch, train, backend):
+    """``run(n)``: n forward passes (eval, no grad) or training steps."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
     def step():
@@ -232,14 +302,11 @@ def _model_step(model, batch, train, backend):
             with torch.no_grad():
                 model(**batch)
 
-    return step if backend is None else _on_backend(step, backend)
-
-
-def _on_backend(fn, backend):
-    def call():
-        with ff.use_backend(backend):
-            fn()
-    return call
+    def run(n):
+        with _backend(backend):
+            for _ in range(n):
+                step()
+    return run
 
 
 def run_models(args):
@@ -253,7 +320,7 @@ def run_models(args):
             fns[(name, train, "torch")] = _model_step(model, batch, train, None)
             for backend in args.backends:
                 fns[(name, train, f"ff-{backend}")] = _model_step(patched, batch, train, backend)
-    samples = interleaved(fns, args.model_reps, 1, "cpu")
+    samples, _ = interleaved(fns, args.model_reps, 1, "cpu")
     rows = ratio_rows({k: [t / 1e3 for t in v] for k, v in samples.items()}, "ms_per_step")
     for r in rows:
         r["model"], r["pass"] = r.pop("op"), "train" if r.pop("grad") else "forward"
@@ -318,13 +385,20 @@ def markdown(doc):
                   "|---|---|---|---|---|---|---|"]
         for key in keys:
             t, c = wall.get(key), cg.get(key)
-            us = f"{t['us_per_call']['median']:.1f} ({t['us_per_call']['p25']:.1f}-{t['us_per_call']['p75']:.1f}) | " \
-                 f"{t['ratio_to_torch']:.2f}" if t else "- | -"
+            us = f"{_span(t['us_per_call'])} | {t['ratio_to_torch']:.2f}" if t else "- | -"
             ins = f"{c['instructions_per_call']['median']:,.0f} | {c['ratio_to_torch']:.2f}" if c else "- | -"
             lines.append(f"| {key[0]} | {'yes' if key[1] else 'no'} | {key[2]} | {us} | {ins} |")
         lines += ["", "Median over ops of the x-torch ratio, no grad: " + "; ".join(
             f"{measure} {provider} {ratio:.2f}" for measure, by_provider in doc["summary"].items()
             for provider, ratio in by_provider.items()), ""]
+    if any("device_us_per_call" in r for r in doc.get("ops", [])):
+        lines += ["Per call on the GPU: host time (the CPU's work, the GPU held busy) beside device time (the "
+                  "queued kernels back to back); host above device: host-bound.", "",
+                  "| op | grad | provider | host us/call | device us/call |", "|---|---|---|---|---|"]
+        for r in doc["ops"]:
+            lines.append(f"| {r['op']} | {'yes' if r['grad'] else 'no'} | {r['provider']} | "
+                         f"{_span(r['us_per_call'])} | {_span(r['device_us_per_call'])} |")
+        lines.append("")
     if doc.get("models"):
         lines += ["| model | pass | provider | ms/step (median, p25-p75) | x unpatched |", "|---|---|---|---|---|"]
         for r in doc["models"]:
@@ -340,6 +414,12 @@ def markdown(doc):
     return "\n".join(lines) + "\n"
 
 
+def _span(summary):
+    if summary["median"] is None:
+        return "- (the loop outlasted the sleep)"
+    return f"{summary['median']:.1f} ({summary['p25']:.1f}-{summary['p75']:.1f})"
+
+
 def _median_ratios(rows, provider):
     return statistics.median(r["ratio_to_torch"] for r in rows if r["provider"] == provider and not r["grad"])
 
@@ -351,7 +431,8 @@ def main(argv=None):
     p.add_argument("--ops", nargs="+", help="a subset of the ops")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--calls", type=int, help="calls per repetition (default 200; 50 on a GPU, whose launch "
+                   "queue must hold a repetition's kernels behind the sleep)")
     p.add_argument("--model-reps", type=int, default=7)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
@@ -362,6 +443,8 @@ def main(argv=None):
     p.add_argument("--callgrind-keys", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.calls is None:
+        args.calls = 50 if torch.device(args.device).type == "cuda" else 200
     torch.set_num_threads(1)
     if args.memory_child:
         return memory_child(args.memory_child, args.lengths[0])
