@@ -7,6 +7,7 @@ import math
 import os
 import re
 
+from fusedformer.backends import BACKENDS
 from fusedformer.bench.providers import PROVIDERS
 
 # "check": the GPU check's one file (benchmarks/gpu_check.py), bench rows in "rows" and parity rows
@@ -17,7 +18,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 # the end-to-end model benchmarks (benchmarks/bench_e2e.py) beside the ops
 E2E_OPS = ("e2e-gpt2-train", "e2e-bert-infer")
 OP_NAMES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "feed_forward", *E2E_OPS)
-BACKEND_NAMES = ("reference", "triton", "cuda")
+BACKEND_NAMES = BACKENDS  # parity rows name the backend they ran on
 
 
 def _is_num(x):
