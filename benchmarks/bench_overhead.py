@@ -33,6 +33,7 @@ time means the op is host-bound at that shape: what decides decode-shape speed.
 
     python benchmarks/bench_overhead.py --out benchmarks/results     # writes <device>-<date>-overhead.json/.md
     python benchmarks/bench_overhead.py --part ops --backends torch --reps 5
+    python benchmarks/bench_overhead.py --readme      # README's CPU table from the newest cpu-*-overhead.json
 """
 
 import argparse
@@ -43,7 +44,6 @@ import json
 import os
 import pathlib
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +52,8 @@ import time
 import fusedformer as ff
 import torch
 import torch.nn.functional as F
+from gpu_clock import GpuClock  # beside this file
+from overhead_report import markdown, median_ratios, ratio_rows, summary, write_readme
 
 PARTS = ("ops", "callgrind", "models", "memory")
 
@@ -131,7 +133,7 @@ def _sync(device):
 def interleaved(fns, reps, calls, device, seed=0):
     """({key: [host us per call, one per repetition]}, {key: [device us per call]} on a GPU, else
     None): each repetition runs every ``fn(calls)``, the fns in a fresh random order."""
-    clock = _GpuClock(fns, calls) if torch.device(device).type == "cuda" else None
+    clock = GpuClock(fns, calls) if torch.device(device).type == "cuda" else None
     for fn in fns.values():  # warm-up: first-call costs (allocator, caches, JIT) stay out
         fn(3)
     _sync(device)
@@ -153,75 +155,13 @@ def interleaved(fns, reps, calls, device, seed=0):
     return host, on_device
 
 
-class _GpuClock:
-    """Host and device time of ``fn(calls)`` on a GPU (see the module docstring): a sleep kernel
-    holds the GPU for three times the loop's host time (measured once per candidate beforehand),
-    so the host never waits on it; the device time is None when the loop outlasted the sleep
-    anyway (the kernels then waited for the host, and the events would time the host)."""
-
-    def __init__(self, fns, calls):
-        self.calls = calls
-        self.cycles_per_s = self._calibrate()
-        self.host_estimate = {}
-        for key, fn in fns.items():
-            fn(3)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn(calls)
-            self.host_estimate[key] = time.perf_counter() - t0
-            torch.cuda.synchronize()
-
-    @staticmethod
-    def _calibrate():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        cycles = 10_000_000
-        torch.cuda._sleep(cycles)  # the first launch loads the kernel
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        return cycles / (start.elapsed_time(end) / 1e3)
-
-    def time(self, key, fn):
-        sleep_s = max(3 * self.host_estimate[key], 1e-3)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(sleep_s * self.cycles_per_s))
-        start.record()
-        t0 = time.perf_counter()
-        fn(self.calls)
-        host_s = time.perf_counter() - t0
-        end.record()
-        end.synchronize()
-        return host_s, start.elapsed_time(end) / 1e3 if host_s < sleep_s else None
-
-
-def _summary(values):
-    values = [v for v in values if v == v]  # NaN: a GPU repetition without a valid device time
-    if not values:
-        return {"median": None, "p25": None, "p75": None, "n": 0}
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return {"median": median, "p25": q1, "p75": q3, "n": len(values)}
-
-
-def ratio_rows(samples, unit):
-    """One row per (op, grad, provider) with the median and its ratio to the torch row's."""
-    rows = []
-    for (op, grad, provider), values in samples.items():
-        s = _summary(values) if isinstance(values, list) else {"median": values}
-        base = samples[(op, grad, "torch")]
-        base = _summary(base)["median"] if isinstance(base, list) else base
-        rows.append({"op": op, "grad": grad, "provider": provider, unit: s, "ratio_to_torch": s["median"] / base})
-    return rows
-
-
 def run_ops(args):
     fns = candidates(args.device, args.backends, args.ops)
     host, on_device = interleaved(fns, args.reps, args.calls, args.device)
     rows = ratio_rows(host, "us_per_call")
     if on_device is not None:
         for row in rows:
-            row["device_us_per_call"] = _summary(on_device[(row["op"], row["grad"], row["provider"])])
+            row["device_us_per_call"] = summary(on_device[(row["op"], row["grad"], row["provider"])])
     return rows
 
 
@@ -370,60 +310,6 @@ def run_memory(args):
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------------------------
-
-
-def markdown(doc):
-    lines = [f"# Host overhead, {doc['device']}, {doc['date']}", "", doc["method"], ""]
-    wall = {(r["op"], r["grad"], r["provider"]): r for r in doc.get("ops", [])}
-    cg = {(r["op"], r["grad"], r["provider"]): r for r in doc.get("callgrind", [])}
-    keys = [k for k in dict.fromkeys([*wall, *cg]) if k[2] != "torch"]
-    if keys:
-        lines += ["| op | grad | provider | us/call (median, p25-p75) | x torch | instructions/call | x torch |",
-                  "|---|---|---|---|---|---|---|"]
-        for key in keys:
-            t, c = wall.get(key), cg.get(key)
-            us = f"{_span(t['us_per_call'])} | {t['ratio_to_torch']:.2f}" if t else "- | -"
-            ins = f"{c['instructions_per_call']['median']:,.0f} | {c['ratio_to_torch']:.2f}" if c else "- | -"
-            lines.append(f"| {key[0]} | {'yes' if key[1] else 'no'} | {key[2]} | {us} | {ins} |")
-        lines += ["", "Median over ops of the x-torch ratio, no grad: " + "; ".join(
-            f"{measure} {provider} {ratio:.2f}" for measure, by_provider in doc["summary"].items()
-            for provider, ratio in by_provider.items()), ""]
-    if any("device_us_per_call" in r for r in doc.get("ops", [])):
-        lines += ["Per call on the GPU: host time (the CPU's work, the GPU held busy) beside device time (the "
-                  "queued kernels back to back); host above device: host-bound.", "",
-                  "| op | grad | provider | host us/call | device us/call |", "|---|---|---|---|---|"]
-        for r in doc["ops"]:
-            lines.append(f"| {r['op']} | {'yes' if r['grad'] else 'no'} | {r['provider']} | "
-                         f"{_span(r['us_per_call'])} | {_span(r['device_us_per_call'])} |")
-        lines.append("")
-    if doc.get("models"):
-        lines += ["| model | pass | provider | ms/step (median, p25-p75) | x unpatched |", "|---|---|---|---|---|"]
-        for r in doc["models"]:
-            t = r["ms_per_step"]
-            lines.append(f"| {r['model']} | {r['pass']} | {r['provider']} | {t['median']:.1f} ({t['p25']:.1f}-"
-                         f"{t['p75']:.1f}) | {r['ratio_to_torch']:.2f} |")
-        lines.append("")
-    if doc.get("memory"):
-        lines += ["| attention fwd+bwd, B=1 H=8 D=64 | provider | peak MB above baseline | x torch |",
-                  "|---|---|---|---|"]
-        for r in doc["memory"]:
-            lines.append(f"| L={r['L']} | {r['provider']} | {r['peak_mb']:.1f} | {r['ratio_to_torch']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _span(summary):
-    if summary["median"] is None:
-        return "- (the loop outlasted the sleep)"
-    return f"{summary['median']:.1f} ({summary['p25']:.1f}-{summary['p75']:.1f})"
-
-
-def _median_ratios(rows, provider):
-    return statistics.median(r["ratio_to_torch"] for r in rows if r["provider"] == provider and not r["grad"])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", action="append", choices=PARTS, help="repeatable; default: ops, models, memory")
@@ -439,10 +325,15 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048])
     p.add_argument("--out", help="directory for <device>-<date>-overhead.json and .md")
+    p.add_argument("--readme", action="store_true", help="only regenerate README.md's CPU table from the newest "
+                   "(or --results) cpu-*-overhead.json")
+    p.add_argument("--results", help="with --readme: the results file")
     p.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--callgrind-keys", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.readme:
+        return write_readme(args.results)
     if args.calls is None:
         args.calls = 50 if torch.device(args.device).type == "cuda" else 200
     torch.set_num_threads(1)
@@ -464,7 +355,7 @@ def main(argv=None):
         doc[part] = runs[part](args)
         print(f"{part}: done", file=sys.stderr)
     # the target's figure: median over ops of each provider's ratio to torch, tiny tensors, no grad
-    doc["summary"] = {measure: {f"ff-{b}": _median_ratios(doc[part], f"ff-{b}") for b in args.backends}
+    doc["summary"] = {measure: {f"ff-{b}": median_ratios(doc[part], f"ff-{b}") for b in args.backends}
                       for measure, part in (("wall", "ops"), ("instructions", "callgrind")) if part in doc}
     text = markdown(doc)
     print(text)
