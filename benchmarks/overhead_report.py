@@ -77,7 +77,8 @@ def readme_table(doc, name):
     providers = [p for p in dict.fromkeys(r["provider"] for r in doc.get("callgrind", doc["ops"])) if p != "torch"]
     lines = [f"From `benchmarks/results/{name}` ({doc['method']}), written by `python "
              "benchmarks/bench_overhead.py --readme`. Per call, tiny tensors, no grad, x the torch op it "
-             "replaces (instructions under callgrind; wall time beside it):", "",
+             "replaces: instructions under callgrind (repeatable), wall time beside it (on a shared machine "
+             "noisy: the results file has each figure's p25-p75 span):", "",
              "| op | " + " | ".join(f"{p} instructions | {p} wall" for p in providers) + " |",
              "|---|" + "---|---|" * len(providers)]
     by_key = {part: {(r["op"], r["grad"], r["provider"]): r for r in doc.get(part, [])} for part in ("callgrind", "ops")}
