@@ -1,35 +1,72 @@
 """fusedformer's build.
 
-The Python package always installs. When nvcc is found, csrc/ is compiled into
-``fusedformer._C`` with nvcc + pybind11 through a generated ninja file. ``_C`` links the CUDA
-runtime statically and nothing of libtorch: launchers take raw pointers, sizes, strides and a
-stream handle, so one build serves every torch version.
+The Python package always installs. ``FUSEDFORMER_BUILD_CUDA`` decides whether csrc/ is compiled
+into ``fusedformer._C`` (nvcc + pybind11 through a generated ninja file):
+
+  auto (default)  build when nvcc is found, and say which way it went. A failed build installs
+                  without _C, prints a banner and records why in fusedformer/_build.json, which
+                  ``fusedformer info`` and the cuda backend's unavailability reason report (pip -q
+                  hides the banner, not the record).
+  1               build or fail the install.
+  0               no CUDA build: a pure-Python wheel.
+
+``_C`` links the CUDA runtime statically and nothing of libtorch: launchers take raw pointers,
+sizes, strides and a stream handle, so one build serves every torch version.
 
 Environment:
-  FUSEDFORMER_BUILD_CUDA   0 skips the CUDA build; 1 makes a failed build fatal (default: auto,
-                           build when nvcc is found, warn and go on without _C if it fails)
+  FUSEDFORMER_BUILD_CUDA   auto | 0 | 1, as above
   FUSEDFORMER_CUDA_ARCHS   semicolon/comma separated, e.g. "80;90a" (default "80;90a"); PTX of
                            the newest is added for later GPUs (cuda_targets())
   MAX_JOBS                 parallel compile jobs (default: CPU count)
   CUDA_HOME / CUDA_PATH    where to look for bin/nvcc before PATH
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
+BUILD_MODES = ("auto", "0", "1")
+# what a build leaves beside fusedformer/_C: how it went (fusedformer._build_info reads it)
+BUILD_RECORD = "_build.json"
 
 
 def _log(msg):
     print(f"fusedformer: {msg}", file=sys.stderr, flush=True)
+
+
+def version():
+    """The version written in python/fusedformer/_version.py (the only place it is written)."""
+    text = (ROOT / "python" / "fusedformer" / "_version.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def license_metadata():
+    """The SPDX license expression where setuptools takes one (>= 77: ``license = "..."``
+    metadata, without the deprecation warning of the table form), else the old free-text field:
+    the build also runs with --no-build-isolation under older setuptools (a venv's seeded one)."""
+    major = int(setuptools.__version__.split(".")[0])
+    if major >= 77:
+        return {"license_expression": "Apache-2.0", "license_files": ["LICENSE"]}
+    return {"license": "Apache-2.0"}
+
+
+def build_mode():
+    mode = os.environ.get("FUSEDFORMER_BUILD_CUDA", "auto").strip().lower() or "auto"
+    if mode not in BUILD_MODES:
+        raise SystemExit(f"fusedformer: FUSEDFORMER_BUILD_CUDA={mode!r}: expected one of {', '.join(BUILD_MODES)}")
+    return mode
 
 
 def find_nvcc():
@@ -63,23 +100,55 @@ class CudaExtension(Extension):
     """An extension built by nvcc through ninja rather than by setuptools' compiler."""
 
 
+def _banner(msg):
+    line = "!" * 78
+    _log(f"\n{line}\n{msg}\n{line}")
+
+
 class BuildExt(build_ext):
+    """Builds the CUDA extension with nvcc, times it, and records the outcome beside it."""
+
+    def run(self):
+        self.record = None
+        super().run()
+        if self.record is not None:
+            self._write_record()
+
     def build_extensions(self):
         failed = []
         for ext in self.extensions:
             if not isinstance(ext, CudaExtension):
                 self.build_extension(ext)
                 continue
+            t0 = time.monotonic()
             try:
-                self._build_cuda(ext)
-            except Exception as exc:  # a broken toolchain must not break `pip install`
-                if os.environ.get("FUSEDFORMER_BUILD_CUDA") == "1":
+                targets = self._build_cuda(ext)
+            except Exception as exc:  # in auto mode a broken toolchain must not break `pip install`
+                if build_mode() == "1":
                     raise
-                _log(f"CUDA build failed ({exc}); installing without fusedformer._C "
-                     "(set FUSEDFORMER_BUILD_CUDA=1 to make this fatal)")
+                self.record = {"cuda_build": "failed", "error": f"{exc.__class__.__name__}: {exc}"[:2000]}
+                _banner(f"the CUDA build FAILED ({exc}); fusedformer is installed WITHOUT fusedformer._C, so "
+                        "the cuda backend is unavailable (`fusedformer info` says why). Set "
+                        "FUSEDFORMER_BUILD_CUDA=1 to make this an error, or 0 to skip the build.")
                 failed.append(ext)
+                continue
+            seconds = time.monotonic() - t0
+            self.record = {"cuda_build": "built", "targets": targets, "seconds": round(seconds, 1)}
+            _log(f"built fusedformer._C in {seconds:.0f} s")
         # what failed is not installed: setuptools must not look for its output
         self.extensions = [ext for ext in self.extensions if ext not in failed]
+
+    def _write_record(self):
+        """The outcome beside _C in the build tree (what a wheel ships) and, when building in
+        place (editable installs), beside the in-place _C."""
+        record = {**self.record, "mode": build_mode(), "nvcc": find_nvcc(), "fusedformer": version()}
+        text = json.dumps(record, indent=1) + "\n"
+        dirs = {Path(self.build_lib) / "fusedformer"}
+        if self.inplace:
+            dirs.add(Path(self.get_finalized_command("build_py").get_package_dir("fusedformer")))
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / BUILD_RECORD).write_text(text)
 
     def _build_cuda(self, ext):
         import pybind11
@@ -132,24 +201,31 @@ class BuildExt(build_ext):
             import ninja as ninja_pkg
 
             ninja_bin = str(Path(ninja_pkg.BIN_DIR) / "ninja")
-        _log(f"building fusedformer._C with {nvcc} ({', '.join(targets)}), {jobs} jobs")
+        _log(f"building fusedformer._C with {nvcc} ({', '.join(targets)}), {jobs} jobs "
+             "(1-4 minutes on 2 cores)")
         subprocess.run([ninja_bin, "-C", str(build), "-j", jobs], check=True)
+        return targets
 
 
 def cuda_extensions():
-    mode = os.environ.get("FUSEDFORMER_BUILD_CUDA", "auto")
+    """The CUDA extension to build, or none, as FUSEDFORMER_BUILD_CUDA and the machine say (and
+    the log says which, and why)."""
+    mode = build_mode()
     if mode == "0":
-        _log("FUSEDFORMER_BUILD_CUDA=0: skipping the CUDA extension (fusedformer._C)")
+        _log("FUSEDFORMER_BUILD_CUDA=0: no CUDA build, a pure-Python install (no fusedformer._C)")
         return []
-    if find_nvcc() is None:
-        _log("nvcc not found: skipping the CUDA extension (fusedformer._C); "
-             "the reference and triton backends still work")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        if mode == "1":
+            raise SystemExit("fusedformer: FUSEDFORMER_BUILD_CUDA=1 but nvcc was not found (CUDA_HOME, CUDA_PATH, "
+                             "PATH, /usr/local/cuda)")
+        _log("nvcc not found: no CUDA build (no fusedformer._C); the reference and triton backends still work")
         return []
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
     sources += sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
     if not sources:
-        _log("csrc/ has no sources: nothing to build for fusedformer._C")
-        return []
+        raise SystemExit(f"fusedformer: nvcc found but {CSRC} has no sources (an incomplete source tree?)")
+    _log(f"nvcc found at {nvcc}: building fusedformer._C (FUSEDFORMER_BUILD_CUDA={mode})")
     return [CudaExtension("fusedformer._C", sources=sources)]
 
 
@@ -157,9 +233,11 @@ def cuda_extensions():
 # for find_nvcc without building anything
 if __name__ == "__main__":
     setup(
+        version=version(),
+        **license_metadata(),
         package_dir={"": "python", "fusedformer.kernels": "kernels"},
         packages=find_packages("python") + ["fusedformer.kernels"],
-        package_data={"fusedformer": ["data/*.txt"]},
+        package_data={"fusedformer": ["data/*.txt", "py.typed"]},
         ext_modules=cuda_extensions(),
         cmdclass={"build_ext": BuildExt},
         zip_safe=False,

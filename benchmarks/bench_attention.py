@@ -8,7 +8,7 @@ when causal; the backward counts 2.5x the forward (five matmuls instead of two, 
 FlashAttention counts), so fwd+bwd is 3.5x. Shapes keep B * L = 16k tokens and H * D = 2048
 (a 2k-wide model), seq 512..16k, head dims 64 and 128, causal and not, plus a key-padding mask
 case and a float per-head bias case. Times are CUDA-event medians (triton.testing.do_bench);
-every row is also written, in DESIGN.md's results format, to
+every row is also written, in the results format (docs/results-format.md), to
 benchmarks/results/attention-<gpu>-<date>.json when the session ends.
 """
 

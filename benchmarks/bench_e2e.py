@@ -9,7 +9,7 @@ Providers (the ``compiled`` field of ``shape`` says whether torch.compile wraps 
   fusedformer-cuda     ff.patch(model, backend='cuda'), eager and compiled
   fusedformer-reference  (only with --device cpu: a smoke run of this script, not a benchmark)
 
-Rows follow the results format of DESIGN.md, plus ``tokens_per_s`` and ``peak_mem_gb``. ``tflops``
+Rows follow the results format (docs/results-format.md), plus ``tokens_per_s`` and ``peak_mem_gb``. ``tflops``
 counts the model's matmul FLOPs (2 per weight per token forward, x3 with backward, plus attention
 QK^T and PV); ``frac_of_ceiling`` divides it by the bf16 matmul ceiling measured in the same run.
 

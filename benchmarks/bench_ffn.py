@@ -11,8 +11,8 @@ N1 = w1's rows, F = d_ff: linear_act fwd 2*T*D*N1, feed_forward fwd 2*T*D*N1 + 2
 2x fwd (dX and dW GEMMs). feed_forward(recompute=True) is charged the same model FLOPs: its extra
 x @ w1^T GEMM in the backward is the price of not storing the T x N1 preact and T x F hidden.
 Times are CUDA-event medians (triton.testing.do_bench); "bwd" times the backward alone on a
-retained graph, "fwd+bwd" a whole training step of the op. Every row is written in DESIGN.md's results format to
-benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
+retained graph, "fwd+bwd" a whole training step of the op. Every row is written in the results
+format (docs/results-format.md) to benchmarks/results/ffn-<gpu>-<date>.json (+ .md) when the session ends.
 Targets on H100 bf16: fused forward >= 1.1x torch eager and >= 0.95x the bare matmul.
 """
 
@@ -144,20 +144,21 @@ def _bench(benchmark, op, provider, T, D, activation, pass_, recompute=False):
     benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("D", D_MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+def _over_the_grid(test):
+    """``test`` parametrized over every provider, d_model, token count, activation and pass (the
+    marks stacked as decorators would be, so the test ids read provider-D-T-activation-pass)."""
+    for name, values in (("provider", PROVIDERS), ("D", D_MODELS), ("T", TOKENS), ("activation", ACTS),
+                         ("pass_", PASSES)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@_over_the_grid
 def test_linear_act(benchmark, provider, D, T, activation, pass_):
     _bench(benchmark, "linear_act", provider, T, D, activation, pass_)
 
 
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("activation", ACTS)
-@pytest.mark.parametrize("T", TOKENS)
-@pytest.mark.parametrize("D", D_MODELS)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@_over_the_grid
 def test_feed_forward(benchmark, provider, D, T, activation, pass_):
     _bench(benchmark, "feed_forward", provider, T, D, activation, pass_)
 

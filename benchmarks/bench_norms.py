@@ -5,8 +5,8 @@ Triton kernels beside torch eager, torch.compile and Liger-Kernel (when importab
     pytest benchmarks/bench_norms.py --benchmark-json=bench_norms.json
 
 Timing: triton.testing.do_bench (CUDA events, median, after warm-up) on fresh inputs per shape;
-the same number goes into the row stored in pytest-benchmark's extra_info (DESIGN.md's results
-row fields: op, provider, dtype, pass, shape, ms, gbps, frac_of_ceiling). pytest-benchmark's own
+the same number goes into the row stored in pytest-benchmark's extra_info (the row fields of
+docs/results-format.md: op, provider, dtype, pass, shape, ms, gbps, frac_of_ceiling). pytest-benchmark's own
 wall-clock stats come from a synchronized closure and include the CPU launch cost.
 
 Bytes counted (the algorithmic minimum, the same for every provider), e = element size:

@@ -59,7 +59,8 @@ class Step:
 
 STEPS = (Step("probe", 0.04, 15, False), Step("build", 0.20, 20, False), Step("parity", 0.16, 10, False),
          Step("tests-gpu", 0.14, 10, False), Step("bench-headline", 0.28, 20, True), Step("bench-e2e", 0.08, 15, True),
-         Step("bench-overhead", 0.04, 15, True), Step("tests-rest", 0.05, 10, True), Step("bench-sweep", 0.05, 10, True))
+         Step("bench-overhead", 0.04, 15, True), Step("tests-rest", 0.05, 10, True),
+         Step("bench-sweep", 0.05, 10, True))
 STEP_NAMES = tuple(s.name for s in STEPS)
 # files first in their test step: the CUDA kernels have never run anywhere, the triton ones only
 # interpreted; the model-level tests follow
@@ -211,8 +212,7 @@ class Check:
             return [[py, "-m", "pip", "install", "--disable-pip-version-check", "--no-build-isolation", "--no-deps",
                      "-e", ROOT], [py, "-m", "fusedformer", "info"], [py, "-c", "import fusedformer._C"]], (0,)
         if name == "parity":
-            shims = [] if self.probe.get("gpu") else ["--shims", ROOT / "tests" / "conftest.py"]
-            return [[*worker, "parity", *ops, *shims]], (0,)
+            return [[*worker, "parity", *ops]], (0,)
         if name in BENCH_STEPS:
             return [[*worker, "bench", "--preset", BENCH_STEPS[name], *ops]], (0,)
         if name == "bench-e2e":

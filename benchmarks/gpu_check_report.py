@@ -7,10 +7,24 @@ results, from which junit.xml is written. Standard library only: it must work wh
 fusedformer imports.
 """
 
+import importlib.util
 import json
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+
+def _load_files_module():
+    """fusedformer/_files.py (standard library only) loaded by path, not through the package:
+    the check writes its files atomically even when fusedformer does not import."""
+    path = Path(__file__).resolve().parents[1] / "python" / "fusedformer" / "_files.py"
+    spec = importlib.util.spec_from_file_location("fusedformer_files", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_atomic = _load_files_module().write_atomic
 
 TESTLOG_ENV = "GPU_CHECK_TESTLOG"
 TEST_STEPS = ("tests-gpu", "tests-rest")
@@ -166,6 +180,6 @@ def summary(check, doc, suites, elapsed):
 def write_files(check, out, date, elapsed):
     doc = results(check, date)
     suites = test_suites(check)
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
-    (out / "junit.xml").write_text(junit(suites))
-    (out / "summary.md").write_text(summary(check, doc, suites, elapsed))
+    write_atomic(out / "results.json", json.dumps(doc, indent=1))
+    write_atomic(out / "junit.xml", junit(suites))
+    write_atomic(out / "summary.md", summary(check, doc, suites, elapsed))

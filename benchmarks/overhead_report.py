@@ -81,7 +81,8 @@ def readme_table(doc, name):
              "noisy: the results file has each figure's p25-p75 span):", "",
              "| op | " + " | ".join(f"{p} instructions | {p} wall" for p in providers) + " |",
              "|---|" + "---|---|" * len(providers)]
-    by_key = {part: {(r["op"], r["grad"], r["provider"]): r for r in doc.get(part, [])} for part in ("callgrind", "ops")}
+    by_key = {part: {(r["op"], r["grad"], r["provider"]): r for r in doc.get(part, [])}
+              for part in ("callgrind", "ops")}
     for op in dict.fromkeys(r["op"] for r in doc["ops"]):
         cells = [f"{by_key[part][(op, False, p)]['ratio_to_torch']:.2f}" if (op, False, p) in by_key[part] else "-"
                  for p in providers for part in ("callgrind", "ops")]

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from gpu_check_report import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
@@ -101,7 +103,7 @@ def update_readme(readme, text):
     if content.count(START) != 1 or content.count(END) != 1 or content.index(START) > content.index(END):
         raise ValueError(f"{readme}: needs exactly one {START} ... {END} pair")
     head, rest = content.split(START)
-    Path(readme).write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    write_atomic(readme, f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
 
 
 def add(path, results_dir=RESULTS_DIR):
@@ -117,7 +119,7 @@ def add(path, results_dir=RESULTS_DIR):
     while target.exists():
         n += 1
         target = Path(results_dir) / f"{stem}-{n}.json"
-    target.write_text(json.dumps(doc, indent=1) + "\n")
+    write_atomic(target, json.dumps(doc, indent=1) + "\n")
     return target
 
 

@@ -144,6 +144,65 @@ __device__ __forceinline__ Bias bias_at(const Bias& b, int64_t bi, int64_t hi) {
   return r;
 }
 
+// Where batch b, head h starts in q, k and v; k and v: the head's key/value head (GQA).
+template <typename T>
+struct HeadPtrs {
+  const T *q, *k, *v;
+};
+template <typename T>
+__device__ __forceinline__ HeadPtrs<T> head_ptrs(const Params& p, int64_t b, int64_t h) {
+  const int64_t kvh = h / (p.H / p.Hkv);
+  return {static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh,
+          static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh};
+}
+
+// acc = A B^T for this warp: A its 16 rows of sA, B the first 8 * NT rows of sB, both (rows, D)
+// tiles in shared memory with pitch D + 8; acc[nt] holds n-tile nt (columns 8nt..8nt+7).
+template <typename T, int D, int NT>
+__device__ __forceinline__ void warp_abt(float (&acc)[NT][4], const T* sA, const T* sB, int warp, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, sA + (warp * 16 + lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+      uint32_t b[4];  // B fragments of n-tiles 2*nt2 and 2*nt2 + 1
+      ldsm_x4(b, sB + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * (D + 8) + kk * 16 + ((lane / 8) % 2) * 8);
+      mma16816<T>(acc[2 * nt2], a, b);
+      mma16816<T>(acc[2 * nt2 + 1], a, b + 2);
+    }
+  }
+}
+
+// acc += A B over k-step kt for this warp: A's fragment a (16 x 16), B rows 16kt..16kt+15 of the
+// (rows, D) shared tile sB (pitch D + 8), read through a transposing ldmatrix.
+template <typename T, int D>
+__device__ __forceinline__ void mma_k_step(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* sB, int kt,
+                                           int lane) {
+#pragma unroll
+  for (int dt2 = 0; dt2 < D / 16; ++dt2) {
+    uint32_t f[4];
+    ldsm_x4_t(f, sB + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
+    mma16816<T>(acc[2 * dt2], a, f);
+    mma16816<T>(acc[2 * dt2 + 1], a, f + 2);
+  }
+}
+
+// acc += P B for this warp: P (16, 8 * NT) held in accumulators pm, B the first 8 * NT rows of sB.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void warp_pb(float (&acc)[D / 8][4], const float (&pm)[NT][4], const T* sB, int lane) {
+#pragma unroll
+  for (int kt = 0; kt < NT / 2; ++kt) {
+    // the accumulators of n-tiles 2kt, 2kt+1 are exactly the A fragment of k-step kt
+    const uint32_t pa[4] = {pack2<T>(pm[2 * kt][0], pm[2 * kt][1]), pack2<T>(pm[2 * kt][2], pm[2 * kt][3]),
+                            pack2<T>(pm[2 * kt + 1][0], pm[2 * kt + 1][1]),
+                            pack2<T>(pm[2 * kt + 1][2], pm[2 * kt + 1][3])};
+    mma_k_step<T, D>(acc, pa, sB, kt, lane);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -152,12 +211,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
   T* sV = sK + kBN * (D + 8);              // (kBN, D + 8)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
-  const int64_t group = p.H / p.Hkv;
   for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
     for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + (h / group) * p.k_sh;
-      const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + (h / group) * p.v_sh;
+      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
       const Bias bias = bias_at(p.bias, b, h);
       __syncthreads();  // the previous (b, h) is done with shared memory
       load_tile<T, D>(sQ, qb, m0, p.Lq, p.q_sl);
@@ -228,20 +284,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
         }
         cp_async_wait<0>();
         __syncthreads();
-#pragma unroll
-        for (int kt = 0; kt < kBN / 16; ++kt) {
-          // the accumulators of n-tiles 2kt, 2kt+1 are exactly the A fragment of keys 16kt..16kt+15
-          const uint32_t pa[4] = {pack2<T>(s[2 * kt][0], s[2 * kt][1]), pack2<T>(s[2 * kt][2], s[2 * kt][3]),
-                                  pack2<T>(s[2 * kt + 1][0], s[2 * kt + 1][1]),
-                                  pack2<T>(s[2 * kt + 1][2], s[2 * kt + 1][3])};
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t vf[4];
-            ldsm_x4_t(vf, sV + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-            mma16816<T>(o[2 * dt2], pa, vf);
-            mma16816<T>(o[2 * dt2 + 1], pa, vf + 2);
-          }
-        }
+        warp_pb<T, D>(o, s, sV, lane);  // O += P V
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -287,12 +330,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
   float* sDelta = sLse + kBM;                                     // (kBM,)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tig = lane & 3;
   const int64_t n0 = int64_t(blockIdx.x) * kBN;
-  const int64_t group = p.H / p.Hkv;
   for (int64_t b = blockIdx.z; b < p.B; b += gridDim.z) {
     for (int64_t h = blockIdx.y; h < p.H; h += gridDim.y) {
-      const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-      const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + (h / group) * p.k_sh;
-      const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + (h / group) * p.v_sh;
+      const auto [qb, kb, vb] = head_ptrs<T>(p, b, h);
       const int64_t bh = b * p.H + h;
       const T* dob = static_cast<const T*>(p.dout) + bh * p.Lq * D;
       const Bias bias = bias_at(p.bias, b, h);
@@ -321,20 +361,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
         __syncthreads();
         // S^T = K Q^T: rows are this warp's keys, columns the block's 64 queries
         float st[kBM / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < kBM / 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t ka[4];
-          ldsm_x4(ka, sK + (warp * 16 + lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int nt2 = 0; nt2 < kBM / 16; ++nt2) {
-            uint32_t qf[4];
-            ldsm_x4(qf, sQ + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * (D + 8) + kk * 16 + ((lane / 8) % 2) * 8);
-            mma16816<T>(st[2 * nt2], ka, qf);
-            mma16816<T>(st[2 * nt2 + 1], ka, qf + 2);
-          }
-        }
+        warp_abt<T, D>(st, sK, sQ, warp, lane);
 #pragma unroll
         for (int nt = 0; nt < kBM / 8; ++nt) {  // P^T = exp2(S^T - lse)
 #pragma unroll
@@ -344,36 +371,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
             st[nt][e] = exp2f(score2(p, bias, st[nt][e], m0 + il, j) - sLse[il]);
           }
         }
-        // dV += P^T dO
-#pragma unroll
-        for (int kt = 0; kt < kBM / 16; ++kt) {
-          const uint32_t pa[4] = {pack2<T>(st[2 * kt][0], st[2 * kt][1]), pack2<T>(st[2 * kt][2], st[2 * kt][3]),
-                                  pack2<T>(st[2 * kt + 1][0], st[2 * kt + 1][1]),
-                                  pack2<T>(st[2 * kt + 1][2], st[2 * kt + 1][3])};
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t f[4];
-            ldsm_x4_t(f, sdO + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-            mma16816<T>(dv[2 * dt2], pa, f);
-            mma16816<T>(dv[2 * dt2 + 1], pa, f + 2);
-          }
-        }
-        // dP^T = V dO^T
+        warp_pb<T, D>(dv, st, sdO, lane);  // dV += P^T dO
         float dpt[kBM / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < kBM / 8; ++nt) dpt[nt][0] = dpt[nt][1] = dpt[nt][2] = dpt[nt][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t va[4];
-          ldsm_x4(va, sV + (warp * 16 + lane % 16) * (D + 8) + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-          for (int nt2 = 0; nt2 < kBM / 16; ++nt2) {
-            uint32_t f[4];
-            ldsm_x4(f, sdO + (nt2 * 16 + lane % 8 + (lane / 16) * 8) * (D + 8) + kk * 16 + ((lane / 8) % 2) * 8);
-            mma16816<T>(dpt[2 * nt2], va, f);
-            mma16816<T>(dpt[2 * nt2 + 1], va, f + 2);
-          }
-        }
+        warp_abt<T, D>(dpt, sV, sdO, warp, lane);  // dP^T = V dO^T
         // dS^T = P^T * (dP^T - delta), kept in registers for dK and in shared memory for dQ
 #pragma unroll
         for (int nt = 0; nt < kBM / 8; ++nt) {
@@ -385,20 +385,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
                 pack2<T>(dpt[nt][2 * r], dpt[nt][2 * r + 1]);
           }
         }
-        // dK += dS^T Q
-#pragma unroll
-        for (int kt = 0; kt < kBM / 16; ++kt) {
-          const uint32_t pa[4] = {pack2<T>(dpt[2 * kt][0], dpt[2 * kt][1]), pack2<T>(dpt[2 * kt][2], dpt[2 * kt][3]),
-                                  pack2<T>(dpt[2 * kt + 1][0], dpt[2 * kt + 1][1]),
-                                  pack2<T>(dpt[2 * kt + 1][2], dpt[2 * kt + 1][3])};
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t f[4];
-            ldsm_x4_t(f, sQ + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-            mma16816<T>(dk[2 * dt2], pa, f);
-            mma16816<T>(dk[2 * dt2 + 1], pa, f + 2);
-          }
-        }
+        warp_pb<T, D>(dk, dpt, sQ, lane);  // dK += dS^T Q
         __syncthreads();  // every warp's dS^T is in shared memory
         // dQ (this warp's 16 queries) = dS K, read dS through a transposing ldmatrix of dS^T
         float dq[D / 8][4];
@@ -408,13 +395,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const Params p) {
         for (int kt = 0; kt < kBN / 16; ++kt) {
           uint32_t a[4];
           ldsm_x4_t(a, sdS + (kt * 16 + lane % 8 + (lane / 16) * 8) * (kBM + 8) + warp * 16 + ((lane / 8) % 2) * 8);
-#pragma unroll
-          for (int dt2 = 0; dt2 < D / 16; ++dt2) {
-            uint32_t f[4];
-            ldsm_x4_t(f, sK + (kt * 16 + lane % 8 + ((lane / 8) % 2) * 8) * (D + 8) + dt2 * 16 + (lane / 16) * 8);
-            mma16816<T>(dq[2 * dt2], a, f);
-            mma16816<T>(dq[2 * dt2 + 1], a, f + 2);
-          }
+          mma_k_step<T, D>(dq, a, sK, kt, lane);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

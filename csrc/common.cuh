@@ -103,6 +103,25 @@ __device__ __forceinline__ void store_f(T* p, const float (&in)[W]) {
   }
 }
 
+// The row cache: a row's fp32 values kept in dynamic shared memory when they fit (see
+// row_cache_smem), at the same index j as in the row, so a second pass need not reread global memory.
+template <int W>
+__device__ __forceinline__ void cache_store(float* cache, int64_t j, const float (&in)[W]) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) cache[j + k] = in[k];
+}
+
+// Elements [j, j + W) of a row again: from its cached copy when `cached`, else from global memory.
+template <int W, typename T>
+__device__ __forceinline__ void reload_f(const T* row, const float* cache, bool cached, int64_t j, float (&out)[W]) {
+  if (cached) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = cache[j + k];
+  } else {
+    load_f<W>(row + j, out);
+  }
+}
+
 template <int N> using Width = std::integral_constant<int, N>;
 
 // Visit a row of n elements in chunks: f(j, Width<W>{}) handles elements [j, j + W). With VEC

@@ -14,6 +14,19 @@ enum Act : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kIdentity = 4, 
 
 constexpr int kThreads = 256;  // every launch's block size
 
+// Run body(row, j, Width<W>{}) over this thread's columns [j0, j0 + V) of every row it owns
+// (rows grid-strided along y): one chunk of V, or element by element in a row's last partial vector.
+template <int V, typename F>
+__device__ __forceinline__ void for_own_columns(int64_t M, int64_t Ny, int64_t j0, F&& body) {
+  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
+    if (j0 + V <= Ny) {
+      body(row, j0, Width<V>{});
+    } else {
+      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});
+    }
+  }
+}
+
 constexpr float kInvSqrt2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
@@ -28,20 +41,22 @@ __device__ __forceinline__ float act_fwd(float h, int act) {
   }
 }
 
-__device__ __forceinline__ float act_grad(float h, int act) {
+// dL/dh = dy * act'(h); relu's is a select, as torch's threshold_backward: 0 where h <= 0 even
+// for a NaN dy, dy elsewhere (a NaN h included)
+__device__ __forceinline__ float act_grad(float dy, float h, int act) {
   switch (act) {
-    case kRelu: return isnan(h) ? h : (h > 0.f ? 1.f : 0.f);
+    case kRelu: return h <= 0.f ? 0.f : dy;
     case kGelu: case kGeglu:
-      return 0.5f * (1.f + erff(h * kInvSqrt2)) + h * expf(-0.5f * h * h) * kInvSqrt2Pi;
+      return dy * (0.5f * (1.f + erff(h * kInvSqrt2)) + h * expf(-0.5f * h * h) * kInvSqrt2Pi);
     case kGeluTanh: {
       const float t = tanhf(kSqrt2OverPi * (h + 0.044715f * h * h * h));
-      return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * h * h);
+      return dy * (0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * kSqrt2OverPi * (1.f + 3.f * 0.044715f * h * h));
     }
     case kSilu: case kSwiglu: {
       const float s = 1.f / (1.f + expf(-h));
-      return s * (1.f + h * (1.f - s));
+      return dy * (s * (1.f + h * (1.f - s)));
     }
-    default: return 1.f;
+    default: return dy;
   }
 }
 
@@ -76,13 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1) bias_act_fwd_kernel(T* __restrict
     }
     store_f<W>(y + row * sy + j, out);
   };
-  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
-    if (j0 + V <= Ny) {
-      body(row, j0, Width<V>{});
-    } else {
-      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});  // the row's last partial vector
-    }
-  }
+  for_own_columns<V>(M, Ny, j0, body);
 }
 
 // dh = dy * act'(h); gated: dgate = dy * up * act'(gate), dup = dy * act(gate).
@@ -104,24 +113,39 @@ __global__ void __launch_bounds__(kThreads, 1) bias_act_bwd_kernel(const T* __re
       load_f<W>(h + row * sh + Ny + j, u);
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        dg[k] = g[k] * u[k] * act_grad(a[k], act);
+        dg[k] = act_grad(g[k] * u[k], a[k], act);
         du[k] = g[k] * act_fwd(a[k], act);
       }
       store_f<W>(dh + row * sdh + j, dg);
       store_f<W>(dh + row * sdh + Ny + j, du);
     } else {
 #pragma unroll
-      for (int k = 0; k < W; ++k) a[k] = g[k] * act_grad(a[k], act);
+      for (int k = 0; k < W; ++k) a[k] = act_grad(g[k], a[k], act);
       store_f<W>(dh + row * sdh + j, a);
     }
   };
-  for (int64_t row = blockIdx.y; row < M; row += gridDim.y) {
-    if (j0 + V <= Ny) {
-      body(row, j0, Width<V>{});
-    } else {
-      for (int64_t j = j0; j < Ny; ++j) body(row, j, Width<1>{});
-    }
-  }
+  for_own_columns<V>(M, Ny, j0, body);
+}
+
+// The launchers' shared argument checks (`op` names the entry point); false: nothing to launch.
+bool bias_act_launchable(const char* op, int64_t M, int64_t Ny, int act) {
+  require(M >= 0 && Ny >= 0, std::string(op) + ": negative size");
+  require(act >= kRelu && act <= kGeglu, std::string(op) + ": unknown activation code");
+  return M > 0 && Ny > 0;
+}
+
+// Threads along x cover Ny columns V at a time; rows along y, grid-strided past the y limit.
+dim3 bias_act_grid(int64_t M, int64_t Ny, int64_t V) {
+  return dim3(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), unsigned(M < 65535 ? M : 65535));
+}
+
+// The <VEC, GATED> instance `pick(vec_constant, gated_constant)` names, for run-time vec and act.
+template <typename Pick>
+auto bias_act_instance(bool vec, int act, Pick pick) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  const bool gated = act == kSwiglu || act == kGeglu;
+  return gated ? (vec ? pick(Y{}, Y{}) : pick(N{}, Y{})) : (vec ? pick(Y{}, N{}) : pick(N{}, N{}));
 }
 
 }  // namespace
@@ -132,35 +156,26 @@ std::vector<LaunchLimit> linear_act_launch_limits() {
 
 void bias_act_forward(int dtype, uintptr_t z, uintptr_t bias, uintptr_t y, int64_t M, int64_t Ny, int64_t sz,
                       int64_t sy, int act, bool vec, uintptr_t stream) {
-  require(M >= 0 && Ny >= 0, "bias_act_forward: negative size");
-  require(act >= kRelu && act <= kGeglu, "bias_act_forward: unknown activation code");
-  if (M == 0 || Ny == 0) return;
-  const bool gated = act == kSwiglu || act == kGeglu;
-  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  if (!bias_act_launchable("bias_act_forward", M, Ny, act)) return;
   FF_DISPATCH(dtype, T, {
-    const int64_t V = vec ? kVec<T> : 1;
-    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
-    auto kernel = gated ? (vec ? bias_act_fwd_kernel<T, true, true> : bias_act_fwd_kernel<T, false, true>)
-                        : (vec ? bias_act_fwd_kernel<T, true, false> : bias_act_fwd_kernel<T, false, false>);
-    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<T>(z), ptr<const float>(bias), ptr<T>(y), M, Ny, sz, sy, act);
+    auto kernel = bias_act_instance(vec, act, [](auto v, auto g) {
+      return bias_act_fwd_kernel<T, decltype(v)::value, decltype(g)::value>;
+    });
+    kernel<<<bias_act_grid(M, Ny, vec ? kVec<T> : 1), kThreads, 0, as_stream(stream)>>>(
+        ptr<T>(z), ptr<const float>(bias), ptr<T>(y), M, Ny, sz, sy, act);
   });
   FF_LAUNCH_CHECK("bias_act_fwd_kernel");
 }
 
 void bias_act_backward(int dtype, uintptr_t dy, uintptr_t h, uintptr_t dh, int64_t M, int64_t Ny, int64_t sdy,
                        int64_t sh, int64_t sdh, int act, bool vec, uintptr_t stream) {
-  require(M >= 0 && Ny >= 0, "bias_act_backward: negative size");
-  require(act >= kRelu && act <= kGeglu, "bias_act_backward: unknown activation code");
-  if (M == 0 || Ny == 0) return;
-  const bool gated = act == kSwiglu || act == kGeglu;
-  const unsigned gy = unsigned(M < 65535 ? M : 65535);
+  if (!bias_act_launchable("bias_act_backward", M, Ny, act)) return;
   FF_DISPATCH(dtype, T, {
-    const int64_t V = vec ? kVec<T> : 1;
-    const dim3 grid(unsigned((Ny + kThreads * V - 1) / (kThreads * V)), gy);
-    auto kernel = gated ? (vec ? bias_act_bwd_kernel<T, true, true> : bias_act_bwd_kernel<T, false, true>)
-                        : (vec ? bias_act_bwd_kernel<T, true, false> : bias_act_bwd_kernel<T, false, false>);
-    kernel<<<grid, kThreads, 0, as_stream(stream)>>>(ptr<const T>(dy), ptr<const T>(h), ptr<T>(dh), M, Ny, sdy, sh,
-                                                     sdh, act);
+    auto kernel = bias_act_instance(vec, act, [](auto v, auto g) {
+      return bias_act_bwd_kernel<T, decltype(v)::value, decltype(g)::value>;
+    });
+    kernel<<<bias_act_grid(M, Ny, vec ? kVec<T> : 1), kThreads, 0, as_stream(stream)>>>(
+        ptr<const T>(dy), ptr<const T>(h), ptr<T>(dh), M, Ny, sdy, sh, sdh, act);
   });
   FF_LAUNCH_CHECK("bias_act_bwd_kernel");
 }

@@ -48,10 +48,8 @@ __global__ void __launch_bounds__(kRowThreads, 1) norm_fwd_kernel(const T* __res
         store_f<W>(res_out + row * sro + j, h);
       }
 #pragma unroll
-      for (int k = 0; k < W; ++k) {
-        s1 += RMS ? h[k] * h[k] : h[k];
-        if (cached) cache[j + k] = h[k];
-      }
+      for (int k = 0; k < W; ++k) s1 += RMS ? h[k] * h[k] : h[k];
+      if (cached) cache_store<W>(cache, j, h);
     });
     s1 = block_sum(s1, scratch);
     // fetch h again: from the cache, else from global memory
@@ -154,13 +152,13 @@ __global__ void __launch_bounds__(kRowThreads, 1) norm_bwd_kernel(const T* __res
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         xh[k] = (xh[k] - mu) * rs;
-        if (cached) {
-          cache[j + k] = g[k];
-          cache[N + j + k] = xh[k];
-        }
         const float gw = w ? g[k] * w[j + k] : g[k];
         sg += gw;
         sgx += gw * xh[k];
+      }
+      if (cached) {
+        cache_store<W>(cache, j, g);
+        cache_store<W>(cache + N, j, xh);
       }
     });
     const float c1 = RMS ? 0.f : block_sum(sg, scratch) / float(N);

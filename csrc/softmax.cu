@@ -24,22 +24,15 @@ __global__ void __launch_bounds__(kRowThreads, 1) softmax_fwd_kernel(const T* __
       float a[W];
       load_f<W>(xr + j, a);
 #pragma unroll
-      for (int k = 0; k < W; ++k) {
-        m = fmaxf(m, a[k]);
-        if (cached) cache[j + k] = a[k];
-      }
+      for (int k = 0; k < W; ++k) m = fmaxf(m, a[k]);
+      if (cached) cache_store<W>(cache, j, a);
     });
     m = block_max(m, scratch);
     float s = 0.f;
     for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
       constexpr int W = decltype(w)::value;
       float a[W];
-      if (cached) {
-#pragma unroll
-        for (int k = 0; k < W; ++k) a[k] = cache[j + k];
-      } else {
-        load_f<W>(xr + j, a);
-      }
+      reload_f<W>(xr, cache, cached, j, a);
 #pragma unroll
       for (int k = 0; k < W; ++k) s += __expf(a[k] - m);
     });
@@ -47,12 +40,7 @@ __global__ void __launch_bounds__(kRowThreads, 1) softmax_fwd_kernel(const T* __
     for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
       constexpr int W = decltype(w)::value;
       float a[W];
-      if (cached) {
-#pragma unroll
-        for (int k = 0; k < W; ++k) a[k] = cache[j + k];
-      } else {
-        load_f<W>(xr + j, a);
-      }
+      reload_f<W>(xr, cache, cached, j, a);
 #pragma unroll
       for (int k = 0; k < W; ++k) a[k] = __expf(a[k] - m) * inv;
       store_f<W>(yr + j, a);
@@ -79,28 +67,18 @@ __global__ void __launch_bounds__(kRowThreads, 1) softmax_bwd_kernel(const T* __
       load_f<W>(dyr + j, g);
       load_f<W>(yr + j, p);
 #pragma unroll
-      for (int k = 0; k < W; ++k) {
-        dot += g[k] * p[k];
-        if (cached) {
-          cache[j + k] = g[k];
-          cache[N + j + k] = p[k];
-        }
+      for (int k = 0; k < W; ++k) dot += g[k] * p[k];
+      if (cached) {
+        cache_store<W>(cache, j, g);
+        cache_store<W>(cache + N, j, p);
       }
     });
     dot = block_sum(dot, scratch);
     for_chunks<T, VEC>(N, [&](int64_t j, auto w) {
       constexpr int W = decltype(w)::value;
       float g[W], p[W];
-      if (cached) {
-#pragma unroll
-        for (int k = 0; k < W; ++k) {
-          g[k] = cache[j + k];
-          p[k] = cache[N + j + k];
-        }
-      } else {
-        load_f<W>(dyr + j, g);
-        load_f<W>(yr + j, p);
-      }
+      reload_f<W>(dyr, cache, cached, j, g);
+      reload_f<W>(yr, cache + N, cached, j, p);
 #pragma unroll
       for (int k = 0; k < W; ++k) g[k] = p[k] * (g[k] - dot);
       store_f<W>(dxr + j, g);

@@ -1,7 +1,7 @@
 """Shared launch decisions of the row-wise kernels (softmax, layer_norm, rms_norm): block shapes
 and warps per row length, program counts, and the deterministic reduction of per-program partial
-sums (dweight / dbias) that the norm backwards use instead of atomics, and the tile load/store
-helpers the two norm kernels share.
+sums (dweight / dbias) that the norm backward uses instead of atomics, and the norm kernels' tile
+load/store helpers.
 
 Every choice is a pure function of (row length, rows bucket, dtype size) and is cached in a dict,
 so a call costs a dict lookup, and Triton compiles once per distinct choice, not per call.
@@ -145,10 +145,3 @@ def scale_by_weight(v, W, cols, cmask, HAS_W: tl.constexpr):
     if HAS_W:
         v = v * load_vec(W, cols, cmask)[None, :]
     return v
-
-
-@triton.jit
-def add_to_partial(PART, part, cols, cmask, val):
-    """PART[part + cols] += val: this program's own partial row, so no atomics."""
-    acc = tl.load(PART + part + cols, mask=cmask, other=0.0)
-    tl.store(PART + part + cols, acc + val, mask=cmask)

@@ -10,8 +10,7 @@ Every result is owned by exactly one program, so all of it is deterministic with
                     its group and the query blocks that can see it: dK, dV summed over the group
   _attn_bwd_dq      one program per (query block, b, h), looping over its keys (a second
                     recompute of P: the price of a deterministic dQ without atomics)
-  _attn_bwd_dbias   one program per tile of the bias's own shape, looping over the batch, head,
-                    row and column blocks the bias broadcasts over (only when the bias needs grad)
+and dbias (attention_dbias.py) when the bias needs its gradient.
 """
 
 import functools
@@ -19,20 +18,31 @@ import functools
 import torch
 import triton
 import triton.language as tl
-from fusedformer.kernels.attention import (
+
+from fusedformer.kernels import _autotune
+from fusedformer.kernels import attention_resources as resources
+from fusedformer.kernels.attention import with_config
+from fusedformer.kernels.attention_common import (
     LOG2E,
     _dot,
     _dropout_keep,
     _key_range,
+    _load_lse2,
+    _load_seed,
+    _probs_tile,
     _seq_bounds,
-    _tile_scores,
+    _whole_key_range,
     bias_strides,
     block_d,
+    dropout_args,
     flags,
     ieee_dot,
     interpreted,
+    pointer_args,
     pow2,
+    slope_strides,
 )
+from fusedformer.kernels.attention_dbias import launch_dbias
 
 
 @triton.jit
@@ -60,59 +70,41 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _probs_tile(q, kt, lse2, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                qk_scale, win_left, win_right, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr = True):
-    """P = exp2(S - lse2) for a (BLOCK_M, BLOCK_N) tile; lse2 = +inf on dead rows gives P = 0."""
-    qk = _dot(q, kt, IEEE_DOT)
-    s = _tile_scores(qk, b, h_row, i_row, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                     qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-                     MASK_KEYS)
-    return tl.math.exp2(s - lse2[:, None])
-
-
-@triton.jit
-def _load_lse2(Lse, Delta, row_base, i, Lq_b):
-    """lse in log2 units (+inf for dead rows and rows past the end) and delta of rows i."""
-    lse = tl.load(Lse + row_base + i, mask=i < Lq_b, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(Delta + row_base + i, mask=i < Lq_b, other=0.0)
-    return lse2, delta
-
-
-@triton.jit
-def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+def _dkdv_tiles(lo, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
                 h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
                 win_right, seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr):
-    """dK, dV contributions of one query head's row blocks [lo, hi) to one key block."""
+                IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK, dV contributions of one query head's row blocks [lo, hi) to one key block, in the
+    transposed orientation (keys down the rows): S^T = K Q^T, dP^T = V dO^T, so P^T and dS^T are
+    the left operands of dV += Z^T dO and dK += dS^T Q as they come out of the registers, and
+    only loaded tiles (Q^T, dO) are read transposed, which the MMA takes from shared memory."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    n0 = tl.min(j, 0)
     for start_m in range(lo, hi, BLOCK_M):
         i = start_m + offs_m
         i64 = i.to(tl.int64)
-        q = tl.load(q_base + i64[:, None] * sq_l + offs_d[None, :] * sq_d,
-                    mask=(i[:, None] < Lq_b) & (offs_d[None, :] < D), other=0.0)
+        qt = tl.load(q_base + i64[None, :] * sq_l + offs_d[:, None] * sq_d,
+                     mask=(i[None, :] < Lq_b) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
         do = tl.load(do_base + i64[:, None] * sdo_l + offs_dv[None, :] * sdo_d,
                      mask=(i[:, None] < Lq_b) & (offs_dv[None, :] < Dv), other=0.0)
         lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq_b)
-        p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
-                        ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
-                        WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
-        dp = _dot(do, vt, IEEE_DOT)
+        pt = _probs_tile(k, qt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
+                         ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
+                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS, True)  # (BLOCK_N, BLOCK_M)
+        dpt = _dot(v, tl.trans(do), IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
-            z = tl.where(keep, p * drop_scale, 0.0)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+            keep = tl.trans(_dropout_keep(seed, b_drop, h_row, i, n0, H, Lq_b, Lk_b, drop_threshold, BLOCK_N))
+            zt = tl.where(keep, pt * drop_scale, 0.0)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
         else:
-            z = p
-        ds = p * (dp - delta[:, None])
-        dv += _dot(tl.trans(z.to(do.dtype)), do, IEEE_DOT)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE_DOT)
+            zt = pt
+        dst = pt * (dpt - delta[None, :])
+        dv += _dot(zt.to(do.dtype), do, IEEE_DOT)
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE_DOT)
     return dk, dv
 
 
@@ -121,12 +113,12 @@ def _attn_bwd_dkdv(
     Q, K, V, dOut,  # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), dout (B, H, Lq, Dv) by strides
     Lse, Delta,  # (B, H, Lq) float32 contiguous; varlen (H, total_q)
     dK, dV,  # (B, Hkv, Lk, D) / (B, Hkv, Lk, Dv) by strides (varlen: (total_k, Hkv, .))
-    Bias, Slopes, CuQ, CuK,
+    Bias, Slopes, Seed, CuQ, CuK,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
     sdo_b, sdo_h, sdo_l, sdo_d, sdk_b, sdk_h, sdk_l, sdk_d, sdv_b, sdv_h, sdv_l, sdv_d,
     sb_b, sb_h, sb_i, sb_j, ss_b, ss_h,
     B, H, G, Lq, Lk, D, Dv, total_q,
-    sm_scale, qk_scale, win_left, win_right, seed, drop_threshold, drop_scale,
+    sm_scale, qk_scale, win_left, win_right, drop_threshold, drop_scale,
     key_lq, key_lk,
     BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -140,22 +132,20 @@ def _attn_bwd_dkdv(
     b = bh // Hkv
     hkv = bh % Hkv
     q_start, Lq_b, k_start, Lk_b = _seq_bounds(CuQ, CuK, b, Lq, Lk, VARLEN)
-    if VARLEN:
-        seed = seed + b
-        b_drop = b * 0
-    else:
-        b_drop = b
+    seed = 0
+    if DROPOUT:
+        seed = _load_seed(Seed, b, VARLEN)
+    b_drop = b * 0 if VARLEN else b
     n0 = (pid_n * BLOCK_N).to(tl.int32)
     j = n0 + tl.arange(0, BLOCK_N)
     j64 = j.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kmask = (j[None, :] < Lk_b) & (offs_d[:, None] < D)
-    kt = tl.load(K + b * sk_b + hkv * sk_h + (k_start + j64[None, :]) * sk_l + offs_d[:, None] * sk_d,
-                 mask=kmask, other=0.0)  # (BLOCK_D, BLOCK_N)
-    vt = tl.load(V + b * sv_b + hkv * sv_h + (k_start + j64[None, :]) * sv_l + offs_dv[:, None] * sv_d,
-                 mask=(j[None, :] < Lk_b) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
+    k = tl.load(K + b * sk_b + hkv * sk_h + (k_start + j64[:, None]) * sk_l + offs_d[None, :] * sk_d,
+                mask=(j[:, None] < Lk_b) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + b * sv_b + hkv * sv_h + (k_start + j64[:, None]) * sv_l + offs_dv[None, :] * sv_d,
+                mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -194,20 +184,20 @@ def _attn_bwd_dkdv(
         do_base = dOut + b * sdo_b + h * sdo_h + q_start * sdo_l
         # query blocks [m_full_lo, m_full_hi) see this key block whole: no causal/window/bound mask
         dk, dv = _dkdv_tiles(
-            lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            lo, m_full_lo, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
-            m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b,
+            m_full_lo, m_full_hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b,
             b_drop, h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
             win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT,
-            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_D, BLOCK_DV)
+            HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_tiles(
-            m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, kt, vt, dk, dv, b, b_drop,
+            m_full_hi, hi, q_base, do_base, sq_l, sq_d, sdo_l, sdo_d, Lse, Delta, row_base, k, v, dk, dv, b, b_drop,
             h_row, j, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left,
             win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
-            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_D, BLOCK_DV)
+            DROPOUT, IEEE_DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
     dk = dk * sm_scale
     nmask = j[:, None] < Lk_b
     tl.store(dK + b * sdk_b + hkv * sdk_h + (k_start + j64[:, None]) * sdk_l + offs_d[None, :] * sdk_d,
@@ -238,7 +228,7 @@ def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, 
                         WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT, MASK_KEYS)
         dp = _dot(do, vt, IEEE_DOT)
         if DROPOUT:
-            keep = _dropout_keep(seed, b_drop, h_row, i, j, H, Lq_b, Lk_b, drop_threshold)
+            keep = _dropout_keep(seed, b_drop, h_row, i, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE_DOT)
@@ -249,12 +239,12 @@ def _dq_tiles(dq, lo, hi, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, 
 def _attn_bwd_dq(
     Q, K, V, dOut, Lse, Delta,  # as in _attn_bwd_dkdv
     dQ,  # (B, H, Lq, D) by strides (varlen: (total_q, H, D))
-    Bias, Slopes, CuQ, CuK,
+    Bias, Slopes, Seed, CuQ, CuK,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
     sdo_b, sdo_h, sdo_l, sdo_d, sdq_b, sdq_h, sdq_l, sdq_d,
     sb_b, sb_h, sb_i, sb_j, ss_b, ss_h,
     B, H, G, Lq, Lk, D, Dv, total_q,
-    sm_scale, qk_scale, win_left, win_right, seed, drop_threshold, drop_scale,
+    sm_scale, qk_scale, win_left, win_right, drop_threshold, drop_scale,
     key_lq, key_lk,
     BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -270,13 +260,11 @@ def _attn_bwd_dq(
         pid_m = num_m - 1 - pid_m
     hkv = h // G
     q_start, Lq_b, k_start, Lk_b = _seq_bounds(CuQ, CuK, b, Lq, Lk, VARLEN)
-    if VARLEN:
-        seed = seed + b
-        b_drop = b * 0
-        row_base = h * total_q + q_start
-    else:
-        b_drop = b
-        row_base = (b * H + h) * Lq
+    seed = 0
+    if DROPOUT:
+        seed = _load_seed(Seed, b, VARLEN)
+    b_drop = b * 0 if VARLEN else b
+    row_base = h * total_q + q_start if VARLEN else (b * H + h) * Lq
     offs_m = tl.arange(0, BLOCK_M)
     i = (pid_m * BLOCK_M).to(tl.int32) + offs_m
     i64 = i.to(tl.int64)
@@ -294,17 +282,8 @@ def _attn_bwd_dq(
     i_lo = (pid_m * BLOCK_M).to(tl.int32)
     i_hi = tl.minimum(i_lo + BLOCK_M, Lq_b) - 1
     lo, hi = _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
-    # keys [full_lo, full_hi) are whole for every row of the block: no causal/window/bound mask there
-    full_lo = lo
-    full_hi = tl.minimum(hi, (Lk_b // BLOCK_N) * BLOCK_N)
-    if CAUSAL:
-        full_hi = tl.minimum(full_hi, ((i_lo + 1) // BLOCK_N) * BLOCK_N)
-    if WINDOW_RIGHT:
-        full_hi = tl.minimum(full_hi, ((i_lo + win_right + 1) // BLOCK_N) * BLOCK_N)
-    if WINDOW_LEFT:
-        full_lo = tl.maximum(full_lo, tl.cdiv(i_hi - win_left, BLOCK_N) * BLOCK_N)
-    full_lo = tl.minimum(full_lo, hi)
-    full_hi = tl.maximum(full_hi, full_lo)
+    full_lo, full_hi = _whole_key_range(lo, hi, i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT,
+                                        WINDOW_RIGHT, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(
         dq, lo, full_lo, q, do, lse2, delta, k_base, v_base, sk_l, sk_d, sv_l, sv_d, b, b_drop, h_row, i, Lq_b, Lk_b, H,
@@ -326,89 +305,6 @@ def _attn_bwd_dq(
              dq.to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
-@triton.jit
-def _attn_bwd_dbias(
-    Q, K, V, dOut, Lse, Delta,  # dense only; as in _attn_bwd_dkdv
-    dBias,  # (Bb, Hb, Lqb, Lkb) contiguous, each dim 1 or the full size
-    Bias, Slopes,
-    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-    sdo_b, sdo_h, sdo_l, sdo_d,
-    sb_b, sb_h, sb_i, sb_j, ss_b, ss_h,
-    B, H, G, Lq, Lk, D, Dv, Bb, Hb, Lqb, Lkb,  # bias shape (Bb, Hb, Lqb, Lkb)
-    n_b, n_h, n_m, n_n,  # how many batches, heads, row and column blocks each bias tile sums over
-    qk_scale, win_left, win_right, seed, drop_threshold, drop_scale,
-    BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, IEEE_DOT: tl.constexpr, ROW_BCAST: tl.constexpr,
-    COL_BCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """dbias[tile] = sum of dS over every (b, h, i, j) the tile's bias elements were broadcast to.
-    A broadcast dim has one tile (index 0) and its loop runs over the full dim; the others loop once."""
-    pid = tl.program_id(0).to(tl.int64)
-    num_mb = tl.cdiv(Lqb, BLOCK_M)
-    num_nb = tl.cdiv(Lkb, BLOCK_N)
-    tile_m = pid % num_mb
-    rest = pid // num_mb
-    tile_n = rest % num_nb
-    rest = rest // num_nb
-    hb = rest % Hb
-    bb = rest // Hb
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ib in range(0, n_b):
-        b = bb + ib
-        for ih in range(0, n_h):
-            h = hb + ih
-            hkv = h // G
-            h_row = h + offs_m.to(tl.int64) * 0
-            row_base = (b * H + h) * Lq
-            for im in range(0, n_m):
-                i = (tile_m + im) * BLOCK_M + offs_m
-                i64 = i.to(tl.int64)
-                q = tl.load(Q + b * sq_b + h * sq_h + i64[:, None] * sq_l + offs_d[None, :] * sq_d,
-                            mask=(i[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
-                do = tl.load(dOut + b * sdo_b + h * sdo_h + i64[:, None] * sdo_l + offs_dv[None, :] * sdo_d,
-                             mask=(i[:, None] < Lq) & (offs_dv[None, :] < Dv), other=0.0)
-                lse2, delta = _load_lse2(Lse, Delta, row_base, i64, Lq)
-                for jn in range(0, n_n):
-                    j = (tile_n + jn) * BLOCK_N + offs_n
-                    j64 = j.to(tl.int64)
-                    kt = tl.load(K + b * sk_b + hkv * sk_h + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
-                                 mask=(j[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-                    vt = tl.load(V + b * sv_b + hkv * sv_h + j64[None, :] * sv_l + offs_dv[:, None] * sv_d,
-                                 mask=(j[None, :] < Lk) & (offs_dv[:, None] < Dv), other=0.0)
-                    p = _probs_tile(q, kt, lse2, b, h_row, i, j, Lq, Lk, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
-                                    ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
-                                    WINDOW_RIGHT, HAS_ALIBI, IEEE_DOT)
-                    dp = _dot(do, vt, IEEE_DOT)
-                    if DROPOUT:
-                        keep = _dropout_keep(seed, b, h_row, i, j, H, Lq, Lk, drop_threshold)
-                        dp = tl.where(keep, dp * drop_scale, 0.0)
-                    ds = p * (dp - delta[:, None])
-                    ok = (i[:, None] < Lq) & (j[None, :] < Lk)
-                    acc += tl.where(ok, ds, 0.0)
-    out_i = tile_m * BLOCK_M + offs_m
-    out_j = tile_n * BLOCK_N + offs_n
-    base = dBias + ((bb * Hb + hb) * Lqb) * Lkb
-    if ROW_BCAST:
-        if COL_BCAST:
-            total = tl.sum(tl.sum(acc, 1), 0)
-            tl.store(base + offs_m * 0, (total + offs_m * 0.0).to(dBias.dtype.element_ty), mask=offs_m == 0)
-        else:
-            col = tl.sum(acc, 0)
-            tl.store(base + out_j, col.to(dBias.dtype.element_ty), mask=out_j < Lkb)
-    else:
-        if COL_BCAST:
-            row = tl.sum(acc, 1)
-            tl.store(base + out_i, row.to(dBias.dtype.element_ty), mask=out_i < Lqb)
-        else:
-            ptrs = base + out_i[:, None].to(tl.int64) * Lkb + out_j[None, :]
-            tl.store(ptrs, acc.to(dBias.dtype.element_ty), mask=(out_i[:, None] < Lqb) & (out_j[None, :] < Lkb))
-
-
 # --------------------------------------------------------------------------------------------
 # configs and launcher
 # --------------------------------------------------------------------------------------------
@@ -417,18 +313,20 @@ def _attn_bwd_dbias(
 def bwd_configs():
     if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # sm_90: the backward holds two accumulators (dK, dV or dQ) and four operand tiles per step,
-    # so tiles are half the forward's; D = 256 only fits the 64x32 and smaller ones.
+    # sized for H100 (sm_90); the backward holds two accumulators (dK, dV or dQ) and four operand
+    # tiles per step, so prune_bwd keeps far fewer than in the forward. The last fits every dtype
+    # and head dim (fp32 "ieee" and D = 256 included): the untuned fallback.
     shapes = [(64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-              (32, 32, 4, 2), (16, 32, 4, 1)]  # the last fits fp32 at D = 256
+              (32, 32, 4, 2), (16, 32, 4, 1), (32, 32, 8, 1), (16, 32, 8, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    bd = max(kwargs.get("BLOCK_D", 64), kwargs.get("BLOCK_DV", 64))
-    kept = [c for c in configs
-            if not (bd >= 256 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 32)
-            and not (bd >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64 and c.num_warps < 8)]
+def prune_bwd(configs, named_args, **meta):
+    """The backward family's rule (dK/dV and dQ): keep the tiles that fit this call's dtype and
+    head dims (see attention_resources.fits_bwd)."""
+    q = named_args["Q"]
+    elt, smem = q.element_size(), _autotune.smem_limit(q.device)
+    kept = [c for c in configs if resources.fits_bwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem)]
     return kept or configs[-1:]
 
 
@@ -437,17 +335,12 @@ _KEY = ["key_lq", "key_lk", "BLOCK_D", "BLOCK_DV", "BIAS_KIND", "CAUSAL", "DROPO
 
 @functools.cache
 def _tuned(name):
+    """(kernel, fixed config or None) of "dkdv" or "dq": the autotuner, or the interpreter's one config."""
     kernel = {"dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[name]
     configs = bwd_configs()
     if len(configs) == 1:
         return kernel, configs[0]
-    return triton.autotune(configs=configs, key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})(kernel), None
-
-
-def _with_config(meta, config):
-    if config is not None:
-        meta = dict(meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    return meta
+    return _autotune.autotune(configs, _KEY, prune_bwd, _autotune.smallest)(kernel), None
 
 
 def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, causal, scale, window, dropout_p,
@@ -468,38 +361,23 @@ def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, caus
         bm = 16 if interpreted() else 64
         _attn_bwd_delta[(triton.cdiv(dL, bm) * dB * H,)](out, do, delta, *strides["out"], *strides["do"], H, dL, Dv,
                                                        BLOCK_M=bm, BLOCK_DV=block_d(Dv))
-    dummy = q
-    bias_arg = bias.view(torch.uint8) if bias is not None and not bias.is_floating_point() else bias
-    ss = (0, 0)
-    if slopes is not None:
-        ss = (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (0, slopes.stride(0))
-    fl = flags(bias, causal, window, slopes, dropout_p)
-    common = (bias_arg if bias_arg is not None else dummy, slopes if slopes is not None else dummy)
-    cu = (cu_q if varlen else dummy, cu_k if varlen else dummy)
-    drop = (int(seed) if seed is not None else 0, int(drop_threshold),
-            1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0)
-    tail = (*bias_strides(bias), *ss, B, H, G, Lq, Lk, D, Dv, total_q, float(scale), float(scale) * LOG2E,
-            int(window[0]), int(window[1]), *drop, pow2(Lq), pow2(Lk))
-    meta = dict(fl, VARLEN=varlen, IEEE_DOT=ieee_dot(q), BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    pointers = pointer_args(q, bias, slopes, seed, dropout_p)
+    cu = (cu_q if varlen else q, cu_k if varlen else q)
+    tail = (*bias_strides(bias), *slope_strides(slopes), B, H, G, Lq, Lk, D, Dv, total_q, float(scale),
+            float(scale) * LOG2E, int(window[0]), int(window[1]), *dropout_args(dropout_p, drop_threshold),
+            pow2(Lq), pow2(Lk))
+    meta = dict(flags(bias, causal, window, slopes, dropout_p), VARLEN=varlen, IEEE_DOT=ieee_dot(q),
+                BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
     qkv = (*strides["q"], *strides["k"], *strides["v"], *strides["do"])
 
     kernel, config = _tuned("dkdv")
     grid = lambda m: (triton.cdiv(Lk, m["BLOCK_N"]) * B * (H // G),)  # noqa: E731
-    kernel[grid](q, k, v, do, lse, delta, dk, dv, *common, *cu, *qkv, *strides["dk"], *strides["dv"], *tail,
-                 **_with_config(meta, config))
+    kernel[grid](q, k, v, do, lse, delta, dk, dv, *pointers, *cu, *qkv, *strides["dk"], *strides["dv"], *tail,
+                 **with_config(meta, config))
     kernel, config = _tuned("dq")
     grid = lambda m: (triton.cdiv(Lq, m["BLOCK_M"]) * B * H,)  # noqa: E731
-    kernel[grid](q, k, v, do, lse, delta, dq, *common, *cu, *qkv, *strides["dq"], *tail,
-                 **_with_config(meta, config))
+    kernel[grid](q, k, v, do, lse, delta, dq, *pointers, *cu, *qkv, *strides["dq"], *tail,
+                 **with_config(meta, config))
     if dbias is not None:
-        Bb, Hb, Lqb, Lkb = dbias.shape
-        bm, bn = (16, 16) if interpreted() else (64, 64)
-        nw = 4 if interpreted() or max(D, Dv) <= 64 else 8
-        grid = (triton.cdiv(Lqb, bm) * triton.cdiv(Lkb, bn) * Bb * Hb,)
-        loops = (B if Bb == 1 else 1, H if Hb == 1 else 1, triton.cdiv(Lq, bm) if Lqb == 1 else 1,
-                 triton.cdiv(Lk, bn) if Lkb == 1 else 1)
-        _attn_bwd_dbias[grid](q, k, v, do, lse, delta, dbias, *common, *qkv, *bias_strides(bias), *ss,
-                              B, H, G, Lq, Lk, D, Dv, Bb, Hb, Lqb, Lkb, *loops, float(scale) * LOG2E,
-                              int(window[0]), int(window[1]), *drop, **fl, IEEE_DOT=ieee_dot(q),
-                              ROW_BCAST=Lqb == 1, COL_BCAST=Lkb == 1,
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv), num_warps=nw)
+        launch_dbias(do, q, k, v, lse, delta, dbias, bias, slopes, scale, window, dropout_p, pointers, strides,
+                     meta, B, H, G, Lq, Lk, drop_threshold)

@@ -74,20 +74,21 @@ def act_fn(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_grad_fn(h, ACT: tl.constexpr):
-    """act'(h); relu' is NaN at NaN (as vocabulary's relu derivative)."""
+def act_grad_fn(dy, h, ACT: tl.constexpr):
+    """dL/dh = dy * act'(h); relu's is a select, as torch's threshold_backward (and vocabulary's
+    relu grad): 0 where h <= 0 even for a NaN dy, dy elsewhere, a NaN h included."""
     if ACT == RELU:
-        return tl.where(h > 0, 1.0, tl.where(h == h, 0.0, h))
+        return tl.where(h <= 0, 0.0, dy)
     elif ACT == GELU:
-        return 0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
+        return dy * (0.5 * (1.0 + tl.erf(h * _INV_SQRT_2)) + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI)
     elif ACT == GELU_TANH:
         t = _tanh(_SQRT_2_OVER_PI * (h + _GELU_TANH_C * h * h * h))
-        return 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h)
+        return dy * (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * h * h))
     elif ACT == SILU:
         s = _sigmoid(h)
-        return s * (1.0 + h * (1.0 - s))
+        return dy * (s * (1.0 + h * (1.0 - s)))
     else:
-        return tl.full(h.shape, 1.0, h.dtype)
+        return dy
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def store_gated_grad(dh_ptrs, y_ptrs, dy, gate, up, mask, N_OUT, ACT: tl.constex
     """For y = act(gate) * up: stores dh = [dgate | dup] (dup N_OUT after dgate) and, when
     STORE_Y, y; returns (dgate, dup) in the compute dtype."""
     a = act_fn(gate, ACT)
-    d_gate = dy * up * act_grad_fn(gate, ACT)
+    d_gate = act_grad_fn(dy * up, gate, ACT)
     d_up = dy * a
     tl.store(dh_ptrs, d_gate.to(dh_ptrs.dtype.element_ty), mask=mask)
     tl.store(dh_ptrs + N_OUT, d_up.to(dh_ptrs.dtype.element_ty), mask=mask)
@@ -191,7 +192,7 @@ def _bias_act_bwd_kernel(
                 h = tl.load(h_ptrs, mask=mask, other=0.0).to(CD)
                 if ADD_BIAS:
                     h += b_gate
-                dh = dy * act_grad_fn(h, ACT)
+                dh = act_grad_fn(dy, h, ACT)
                 if STORE_Y:
                     tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
             tl.store(dh_ptrs, dh.to(DH.dtype.element_ty), mask=mask)

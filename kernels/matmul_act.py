@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_act import act_fn, act_grad_fn, interpreted, store_gated_grad, kernel_activation
+from . import _autotune
+from .bias_act import act_fn, act_grad_fn, interpreted, kernel_activation, store_gated_grad
 
 # fp32 operands: full-precision products unless allowed (parity with torch's default, which
 # keeps torch.backends.cuda.matmul.allow_tf32 off)
@@ -149,7 +150,7 @@ def _matmul_act_kernel(
                     tl.store(db_ptrs, tl.sum(tl.where(mask, d_gate, 0.0), axis=0), mask=col_ok)
                     tl.store(db_ptrs + N_OUT, tl.sum(tl.where(mask, d_up, 0.0), axis=0), mask=col_ok)
             else:
-                dh = dy * act_grad_fn(h, ACT)
+                dh = act_grad_fn(dy, h, ACT)
                 tl.store(p_ptrs, dh.to(P.dtype.element_ty), mask=mask)
                 if STORE_Y:
                     tl.store(y_ptrs, act_fn(h, ACT).to(Y.dtype.element_ty), mask=mask)
@@ -161,11 +162,34 @@ def _matmul_act_kernel(
 # configs and launch
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper/Ampere GEMM tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper/Ampere GEMM tiles, then
+# 128-row tiles for the recompute backward (MODE 1) of gated activations, and narrow-K tiles for
+# fp32 "ieee" products (FMA units, operands in registers)
 _TILES = [
     (128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
     (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 256, 64, 3, 8),
+    (128, 64, 64, 3, 8), (64, 128, 16, 2, 8), (64, 64, 16, 2, 4), (32, 64, 32, 2, 4), (128, 32, 16, 2, 8),
 ]
+MAX_LIVE = 64  # fp32 values per thread (MAX_LIVE_IEEE for ieee products); see fits
+MAX_LIVE_IEEE = 88
+
+
+def fits(config, elt, gated, ieee, smem=_autotune.SMEM_SM90):
+    """Whether a tile fits the dtype (element size ``elt``) without spilling or overflowing shared
+    memory. W columns per tile: N' = BLOCK_N, twice that when gated (gate and up).
+
+        smem = num_stages * (BLOCK_M + N') * BLOCK_K * elt                    <= smem
+        live = (BLOCK_M * N' + ieee * BLOCK_K * (BLOCK_M + N')) / threads      <= 64 (88 ieee)
+
+    Compiled for sm_90a (pointer path, bf16 and fp32-ieee, plain and gated, 44 tile builds) the
+    shared memory formula is exact for bf16 and an upper bound for ieee; bf16 tiles with
+    live <= 64 did not spill and those at 128 mostly did (4 B to 3 KB); ieee tiles at <= 88 did
+    not, at >= 96 they did (0.9 KB to 17 KB, ptxas falling back to 32 registers at 128x256)."""
+    bm, bn, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
+    cols = bn * (2 if gated else 1)
+    live = (bm * cols + ieee * bk * (bm + cols)) / (32 * config.num_warps)
+    smem_ok = config.num_stages * (bm + cols) * bk * elt <= smem
+    return smem_ok and live <= (MAX_LIVE_IEEE if ieee else MAX_LIVE)
 
 
 def _set_tma_blocks(nargs):
@@ -180,25 +204,22 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Gated tiles hold two accumulators: at most 128 columns each. MODE 1 fixes BLOCK_M."""
+    """The GEMM family's rule: tiles that fit the dtype (fits); MODE 1 fixes BLOCK_M; small M
+    takes at most 64-row tiles."""
     args = {**named_args, **kwargs}
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if args["GATED"] and bn > 128:
-            continue
-        if args["MODE"] == 1 and bm != DH_BLOCK_M:
-            continue
-        if args["M_BUCKET"] <= 64 and bm > 64 and args["MODE"] == 0:
-            continue  # small M: a 128-row tile is mostly padding
-        kept.append(c)
-    return kept
+    x = args["X"].base if hasattr(args["X"], "base") else args["X"]  # a TMA descriptor's tensor
+    ieee = args["INPUT_PRECISION"] == "ieee"
+    smem = _autotune.smem_limit(x.device)
+    kept = [c for c in configs if fits(c, x.element_size(), args["GATED"], ieee, smem)
+            and (args["MODE"] == 0 or c.kwargs["BLOCK_M"] == DH_BLOCK_M)]
+    small = [c for c in kept if c.kwargs["BLOCK_M"] <= 64]
+    return small if args["M_BUCKET"] <= 64 and args["MODE"] == 0 and small else kept
 
 
 _KEY = ["M_BUCKET", "N_OUT", "K", "MODE", "GATED", "ACT", "USE_TMA", "STORE_P", "STORE_Y"]
-# cache_results: the timings also persist in triton's cache dir, so a new process skips the tuning
-_tuned_kernel = triton.autotune(_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                                cache_results=True)(
+# the timings persist in triton's cache dir (a new process skips the tuning; _autotune makes that
+# work with the TMA pre_hook), and nothing is tuned under CUDA graph capture
+_tuned_kernel = _autotune.autotune(_configs(), _KEY, _prune, _autotune.smallest)(
     triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_matmul_act_kernel))
 
 # the interpreter (CPU tests): one small config, no autotuning

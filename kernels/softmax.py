@@ -4,7 +4,8 @@
     dx = y * (dy - sum(dy * y))
 
 Memory traffic: forward reads M*N and writes M*N (M = numel / N rows) when a row fits in one
-block; a longer row is read twice (online max and sum, then normalize and write). Backward reads
+block; of a longer row the first MAX_FUSED_FWD elements stay in registers and only the rest is
+read twice (online max and sum, then normalize and write). Backward reads
 y and dy and writes dx (3*M*N); a longer row reads y and dy twice.
 
 Layout, without a transposing copy: the softmax dim has stride s_c; every other dim is collapsed
@@ -65,6 +66,7 @@ def _softmax_fwd_rows_kernel(
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile (the whole row when SINGLE)
     SINGLE: tl.constexpr,  # one read per row; else the online two-pass loop
+    HEAD: tl.constexpr,  # not SINGLE: the first HEAD columns, held in registers between the passes
 ):
     n_tiles = tl.cdiv(n_rows, BLOCK_M)
     for tile in range(tl.program_id(0).to(tl.int64), n_tiles, tl.num_programs(0)):
@@ -80,18 +82,24 @@ def _softmax_fwd_rows_kernel(
             y = _softmax_tile(x, 1)
             tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
         else:
-            m = tl.full([BLOCK_M], -float("inf"), tl.float32)
-            s = tl.zeros([BLOCK_M], tl.float32)
-            for start in range(0, N, BLOCK_N):
+            # the head is read once; only the columns past it are read by both passes
+            head_cols = tl.arange(0, HEAD).to(tl.int64)[None, :]
+            head_mask = rmask[:, None]  # N > HEAD on this path
+            head = tl.load(x_row + head_cols * sxc, mask=head_mask, other=-float("inf")).to(tl.float32)
+            m, s = _online_max_sum(tl.full([BLOCK_M], -float("inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                                   head, 1)
+            for start in range(HEAD, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
                 mask = rmask[:, None] & (cols < N)
                 x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
                 m, s = _online_max_sum(m, s, x, 1)
-            for start in range(0, N, BLOCK_N):
+            # an all -inf row keeps m = -inf here and gives NaN, as torch does
+            y_head = tl.exp(head - m[:, None]) / s[:, None]
+            tl.store(y_row + head_cols * syc, y_head.to(Y.dtype.element_ty), mask=head_mask)
+            for start in range(HEAD, N, BLOCK_N):
                 cols = start + tl.arange(0, BLOCK_N).to(tl.int64)[None, :]
                 mask = rmask[:, None] & (cols < N)
                 x = tl.load(x_row + cols * sxc, mask=mask, other=-float("inf")).to(tl.float32)
-                # an all -inf row keeps m = -inf here and gives NaN, as torch does
                 y = tl.exp(x - m[:, None]) / s[:, None]
                 tl.store(y_row + cols * syc, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -276,6 +284,21 @@ def _columns_config(n_b, N):
     return block_b, block_n, single, num_warps
 
 
+def held_head(elem_bytes):
+    """(HEAD, num_warps) of a row longer than one tile: the columns it keeps in registers are the
+    longest row one tile holds, launched with that tile's warps."""
+    return _rows.MAX_FUSED_FWD, _rows.row_config(1, _rows.MAX_FUSED_FWD, elem_bytes)[3]
+
+
+def forward_rows_config(n_rows, N, elem_bytes):
+    """_rows.row_config's (BLOCK_M, BLOCK_N, SINGLE, num_warps) plus HEAD (BLOCK_N when SINGLE)."""
+    block_m, block_n, single, warps = _rows.row_config(n_rows, N, elem_bytes)
+    if single:
+        return block_m, block_n, single, warps, block_n
+    head, head_warps = held_head(elem_bytes)
+    return block_m, block_n, single, head_warps, head
+
+
 def softmax_fwd(x, y, dim):
     """y[:] = softmax(x, dim). x: fp16/bf16/fp32, any strides with at most two row groups after
     collapsing (see ``collapse``); y: any layout of x's shape and dtype. Returns y."""
@@ -290,10 +313,10 @@ def softmax_fwd(x, y, dim):
                                        BLOCK_N=block_n, BLOCK_B=block_b, SINGLE=single, num_warps=warps)
     else:
         n_rows = n_a * n_b
-        block_m, block_n, single, warps = _rows.row_config(n_rows, N, x.element_size())
+        block_m, block_n, single, warps, head = forward_rows_config(n_rows, N, x.element_size())
         grid = (_rows.num_programs(triton.cdiv(n_rows, block_m)),)
         _softmax_fwd_rows_kernel[grid](x, y, n_rows, n_b, N, sxa, sxb, sxc, sya, syb, syc,
-                                       BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, num_warps=warps)
+                                       BLOCK_M=block_m, BLOCK_N=block_n, SINGLE=single, HEAD=head, num_warps=warps)
     return y
 
 

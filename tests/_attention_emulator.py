@@ -56,12 +56,47 @@ def mma16816(c, a, b):  # attention.cu: mma16816<T>
 
 
 def accumulators_as_a(num, acc, kt):
-    """attention.cu's `const uint32_t pa[4] = {pack2<T>(s[2kt][0], s[2kt][1]), ...}` (forward P V,
+    """attention.cu: warp_pb's `const uint32_t pa[4] = {pack2<T>(pm[2kt][0], pm[2kt][1]), ...}` (forward P V,
     backward dV += P^T dO and dK += dS^T Q): n-tiles 2kt, 2kt + 1 of an (..., 32, n, 4) accumulator
     as the A fragment (..., 32, 4, 2) of k-step kt."""
     lo, hi = acc[..., 2 * kt, :], acc[..., 2 * kt + 1, :]
     return np.stack([num.pack2(lo[..., 0], lo[..., 1]), num.pack2(lo[..., 2], lo[..., 3]),
                      num.pack2(hi[..., 0], hi[..., 1]), num.pack2(hi[..., 2], hi[..., 3])], axis=-2)
+
+
+def head_offsets(p, b, h):  # attention.cu: head_ptrs<T> (element offsets into q, k, v)
+    kvh = h // (p.H // p.Hkv)
+    return b * p.q_sb + h * p.q_sh, b * p.k_sb + kvh * p.k_sh, b * p.v_sb + kvh * p.v_sh
+
+
+def warp_abt(num, smem, sA, sB, D, nt, lead):
+    """attention.cu: warp_abt<T, D, NT>: A B^T for each warp, A its 16 rows of sA, B the first 8 nt
+    rows of sB, both (rows, D) shared tiles with pitch D + 8; returned as (*lead, nt, 4) accumulators."""
+    pitch = D + 8
+    acc = np.zeros(lead + (nt, 4), num.acc)
+    for kk in range(D // 16):
+        a = ldsm_x4(smem, sA + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8)
+        for nt2 in range(nt // 2):
+            b = ldsm_x4(smem, sB + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch + kk * 16 + ((LANE // 8) % 2) * 8)
+            acc[..., 2 * nt2, :] = mma16816(acc[..., 2 * nt2, :], a, b[..., 0:2, :])
+            acc[..., 2 * nt2 + 1, :] = mma16816(acc[..., 2 * nt2 + 1, :], a, b[..., 2:4, :])
+    return acc
+
+
+def mma_k_step(smem, acc, a, sB, kt, D):
+    """attention.cu: mma_k_step<T, D>: acc += A B over k-step kt in place, A's fragment a, B rows
+    16kt..16kt+15 of the (rows, D) shared tile sB, read transposed."""
+    for dt2 in range(D // 16):
+        f = ldsm_x4_t(smem, sB + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * (D + 8) + dt2 * 16 + (LANE // 16) * 8)
+        acc[..., 2 * dt2, :] = mma16816(acc[..., 2 * dt2, :], a, f[..., 0:2, :])
+        acc[..., 2 * dt2 + 1, :] = mma16816(acc[..., 2 * dt2 + 1, :], a, f[..., 2:4, :])
+
+
+def warp_pb(num, smem, acc, pm, sB, D):
+    """attention.cu: warp_pb<T, D, NT>: acc += P B in place, P (16, 8 NT) held in accumulators pm
+    (..., NT, 4), B the first 8 NT rows of sB."""
+    for kt in range(pm.shape[-2] // 2):
+        mma_k_step(smem, acc, accumulators_as_a(num, pm, kt), sB, kt, D)
 
 
 def load_tile(smem, s, g, g_off, r0, L, ld, D):
@@ -109,11 +144,8 @@ def attn_fwd_kernel(p, D, block_x):
     smem = SharedMemory((p.B, p.H), fwd_smem(D, 2) // 2, num.acc)
     sQ, sK, sV = 0, kBM * pitch, (kBM + kBN) * pitch
     m0 = block_x * kBM
-    group = p.H // p.Hkv
     b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
-    qb = b * p.q_sb + h * p.q_sh
-    kb = b * p.k_sb + (h // group) * p.k_sh
-    vb = b * p.v_sb + (h // group) * p.v_sh
+    qb, kb, vb = head_offsets(p, b, h)
     bias = bias_at(p.bias, b, h)
     load_tile(smem, sQ, p.q, qb, m0, p.Lq, p.q_sl, D)
     qf = [ldsm_x4(smem, sQ + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8) for kk in range(D // 16)]
@@ -146,13 +178,7 @@ def attn_fwd_kernel(p, D, block_x):
             rs = s[..., 2 * r: 2 * r + 2].sum(axis=(-2, -1))
             lrow[..., r] = lrow[..., r] * alpha + rs  # this thread's columns only; summed over the quad at the end
             o[..., 2 * r: 2 * r + 2] *= alpha[..., None, None]
-        for kt in range(kBN // 16):
-            pa = accumulators_as_a(num, s, kt)
-            for dt2 in range(D // 16):
-                vf = ldsm_x4_t(smem, sV + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
-                               + dt2 * 16 + (LANE // 16) * 8)
-                o[..., 2 * dt2, :] = mma16816(o[..., 2 * dt2, :], pa, vf[..., 0:2, :])
-                o[..., 2 * dt2 + 1, :] = mma16816(o[..., 2 * dt2 + 1, :], pa, vf[..., 2:4, :])
+        warp_pb(num, smem, o, s, sV, D)  # O += P V
     bh = (b * p.H + h)[..., None, None]
     for r in range(2):
         l = lrow[..., r]
@@ -192,11 +218,8 @@ def attn_bwd_kernel(p, D, block_x):
     sQ, sdO = 2 * kBN * pitch, 2 * kBN * pitch + kBM * pitch
     sdS = 2 * kBN * pitch + 2 * kBM * pitch  # dS^T, (kBN, kBM + 8)
     n0 = block_x * kBN
-    group = p.H // p.Hkv
     b, h = np.arange(p.B)[:, None], np.arange(p.H)[None, :]
-    qb = b * p.q_sb + h * p.q_sh
-    kb = b * p.k_sb + (h // group) * p.k_sh
-    vb = b * p.v_sb + (h // group) * p.v_sh
+    qb, kb, vb = head_offsets(p, b, h)
     bh = b * p.H + h
     dob = bh * p.Lq * D
     bias = bias_at(p.bias, b, h)
@@ -213,58 +236,25 @@ def attn_bwd_kernel(p, D, block_x):
         sLse = np.where(l == -np.inf, np.inf, l * num.f(kLog2e)).astype(num.acc)  # (B, H, kBM), log2 domain
         sDelta = p.delta.load(bh[..., None] * p.Lq + i, mask=i < p.Lq)
         # S^T = K Q^T: rows are this warp's keys, columns the block's 64 queries
-        st = np.zeros(lead + (kBM // 8, 4), num.acc)
-        for kk in range(D // 16):
-            ka = ldsm_x4(smem, sK + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8)
-            for nt2 in range(kBM // 16):
-                qf = ldsm_x4(smem, sQ + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch
-                             + kk * 16 + ((LANE // 8) % 2) * 8)
-                st[..., 2 * nt2, :] = mma16816(st[..., 2 * nt2, :], ka, qf[..., 0:2, :])
-                st[..., 2 * nt2 + 1, :] = mma16816(st[..., 2 * nt2 + 1, :], ka, qf[..., 2:4, :])
+        st = warp_abt(num, smem, sK, sQ, D, kBM // 8, lead)
         il = NT8 * 8 + lane_axes(TIG) * 2 + (E & 1)  # (1, 32, 8, 4): query of st[nt][e] in the block
         j = n0 + lane_axes(WARP * 16 + G) + (E >> 1) * 8
         st = np.exp2(score2(p, bias, st, m0 + il, j) - sLse[:, :, il])  # P^T = exp2(S^T - lse)
-        # dV += P^T dO
-        for kt in range(kBM // 16):
-            pa = accumulators_as_a(num, st, kt)
-            for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sdO + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
-                              + dt2 * 16 + (LANE // 16) * 8)
-                dv[..., 2 * dt2, :] = mma16816(dv[..., 2 * dt2, :], pa, f[..., 0:2, :])
-                dv[..., 2 * dt2 + 1, :] = mma16816(dv[..., 2 * dt2 + 1, :], pa, f[..., 2:4, :])
-        # dP^T = V dO^T
-        dpt = np.zeros(lead + (kBM // 8, 4), num.acc)
-        for kk in range(D // 16):
-            va = ldsm_x4(smem, sV + (WARP * 16 + LANE % 16) * pitch + kk * 16 + (LANE // 16) * 8)
-            for nt2 in range(kBM // 16):
-                f = ldsm_x4(smem, sdO + (nt2 * 16 + LANE % 8 + (LANE // 16) * 8) * pitch
-                            + kk * 16 + ((LANE // 8) % 2) * 8)
-                dpt[..., 2 * nt2, :] = mma16816(dpt[..., 2 * nt2, :], va, f[..., 0:2, :])
-                dpt[..., 2 * nt2 + 1, :] = mma16816(dpt[..., 2 * nt2 + 1, :], va, f[..., 2:4, :])
+        warp_pb(num, smem, dv, st, sdO, D)  # dV += P^T dO
+        dpt = warp_abt(num, smem, sV, sdO, D, kBM // 8, lead)  # dP^T = V dO^T
         # dS^T = P^T * (dP^T - delta), kept in registers for dK and in shared memory for dQ
         dpt = (st * (dpt - sDelta[:, :, NT8 * 8 + lane_axes(TIG) * 2 + (E & 1)])).astype(num.acc)
         for nt in range(kBM // 8):
             for r in range(2):
                 smem.store(sdS + (WARP * 16 + G + r * 8) * (kBM + 8) + nt * 8 + TIG * 2,
                            num.pack2(dpt[..., nt, 2 * r], dpt[..., nt, 2 * r + 1]), width=2)
-        # dK += dS^T Q
-        for kt in range(kBM // 16):
-            pa = accumulators_as_a(num, dpt, kt)
-            for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sQ + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
-                              + dt2 * 16 + (LANE // 16) * 8)
-                dk[..., 2 * dt2, :] = mma16816(dk[..., 2 * dt2, :], pa, f[..., 0:2, :])
-                dk[..., 2 * dt2 + 1, :] = mma16816(dk[..., 2 * dt2 + 1, :], pa, f[..., 2:4, :])
+        warp_pb(num, smem, dk, dpt, sQ, D)  # dK += dS^T Q
         # dQ (this warp's 16 queries) = dS K, read dS through a transposing ldmatrix of dS^T
         dq = np.zeros(lead + (D // 8, 4), num.acc)
         for kt in range(kBN // 16):
             a = ldsm_x4_t(smem, sdS + (kt * 16 + LANE % 8 + (LANE // 16) * 8) * (kBM + 8)
                           + WARP * 16 + ((LANE // 8) % 2) * 8)
-            for dt2 in range(D // 16):
-                f = ldsm_x4_t(smem, sK + (kt * 16 + LANE % 8 + ((LANE // 8) % 2) * 8) * pitch
-                              + dt2 * 16 + (LANE // 16) * 8)
-                dq[..., 2 * dt2, :] = mma16816(dq[..., 2 * dt2, :], a, f[..., 0:2, :])
-                dq[..., 2 * dt2 + 1, :] = mma16816(dq[..., 2 * dt2 + 1, :], a, f[..., 2:4, :])
+            mma_k_step(smem, dq, a, sK, kt, D)
         for r in range(2):
             i = m0 + WARP * 16 + G + r * 8
             dqrow = (bh[..., None, None] * p.Lq + i) * D

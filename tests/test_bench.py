@@ -8,7 +8,7 @@ import fusedformer.bench as bench
 import pytest
 import torch
 from fusedformer.bench.cases import OPS, attention, feed_forward, layer_norm, linear_act, softmax
-from fusedformer.bench.timing import time_cpu
+from fusedformer.bench.timing import Timing, cpu_timing
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -26,7 +26,7 @@ def test_sweep_rows_validate(doc):
     assert {r["op"] for r in ran} == {"softmax", "attention", "linear_act"}
     assert {r["pass"] for r in ran} == {"fwd", "fwd+bwd"}
     for r in ran:
-        assert r["ms"] > 0
+        assert r["ms"] > 0 and r["reps"] >= 1 and r["iqr_ms"] >= 0
         if r["op"] == "softmax":  # memory-bound: GB/s against the copy ceiling
             assert r["tflops"] is None
             assert r["frac_of_ceiling"] == pytest.approx(r["gbps"] / doc["ceilings"]["copy_gbps"])
@@ -181,10 +181,59 @@ def test_progress_without_tqdm(monkeypatch, capsys):
     assert "2/2" in err and "#" in err
 
 
-def test_time_cpu_is_a_positive_median():
-    calls = []
-    ms = time_cpu(lambda: calls.append(1), min_reps=5, budget_s=0.0)
-    assert ms > 0 and len(calls) == 7  # two warm-ups, five timed
+def test_cpu_timing_is_torch_benchmark_with_its_spread(monkeypatch):
+    from torch.utils import benchmark
+
+    blocks = []
+    real = benchmark.Timer.blocked_autorange
+
+    def spy(self, *args, **kwargs):
+        blocks.append(real(self, *args, **kwargs))
+        return blocks[-1]
+
+    monkeypatch.setattr(benchmark.Timer, "blocked_autorange", spy)
+    x = torch.randn(64, 64)
+    measured = cpu_timing(lambda: x @ x, budget_s=0.05)
+    (m,) = blocks
+    assert measured.median_ms == pytest.approx(m.median * 1e3) and measured.iqr_ms == pytest.approx(m.iqr * 1e3)
+    assert measured.reps == len(m.times) >= 1 and measured.median_ms > 0
+
+
+def test_timing_spread_of_known_samples():
+    # quartiles interpolated as numpy's default: 2 and 4
+    assert Timing.of([5.0, 1.0, 4.0, 2.0, 3.0]) == Timing(median_ms=3.0, iqr_ms=2.0, reps=5)
+    assert Timing.of([2.0]) == Timing(2.0, 0.0, 1)
+
+
+def _above_ceiling_doc(doc):
+    rows = [dict(r) for r in doc["rows"] if not r["skipped"] and r["gbps"] is not None][:2]
+    rows[0]["frac_of_ceiling"], rows[1]["frac_of_ceiling"] = 1.25, 0.5
+    return {**doc, "rows": rows}
+
+
+def test_figures_above_the_ceiling_are_flagged(doc):
+    md = bench.markdown(_above_ceiling_doc(doc))
+    assert "125% ⚠" in md and "50%" in md and "50% ⚠" not in md
+    assert "above 100% of the ceiling measured in this run" in md
+    assert "⚠" not in bench.markdown({**doc, "rows": _above_ceiling_doc(doc)["rows"][1:]})
+
+
+def test_plot_has_shapes_as_categories_and_one_bar_per_provider(doc):
+    pytest.importorskip("matplotlib")
+    from fusedformer.bench.report import figure
+
+    rows = [r for r in doc["rows"] if r["op"] == "softmax" and r["pass"] == "fwd"]
+    fig = figure(doc, rows)
+    ax = fig.axes[0]
+    shapes = list(dict.fromkeys(bench.report.shape_label(r["shape"]) for r in rows))
+    assert [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()] == shapes
+    ran = [r for r in rows if not r["skipped"]]
+    bars = [p for p in ax.patches if p.get_width() > 0]
+    assert len(bars) == len(ran)
+    # every bar sits inside its shape's category, providers side by side
+    for bar in bars:
+        assert round(bar.get_x() + bar.get_width() / 2) in range(len(shapes))
+    assert len({round(b.get_x(), 6) for b in bars}) == len(bars)
 
 
 @pytest.mark.gpu

@@ -5,10 +5,12 @@ import subprocess
 import sys
 import types
 
+import fusedformer
 import pytest
 import torch
 from fusedformer import backends, reference
 from fusedformer._backends.tables import SOFTMAX
+from fusedformer._files import write_atomic
 from fusedformer.bench import validate_results
 from fusedformer.cli import main
 
@@ -51,21 +53,80 @@ def test_bench_tiny_writes_results(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["bench", "--op", "conv"], ["bench", "--quick", "--full"],
-                                  ["parity", "--backend", "fast"], ["nothing"]])
+                                  ["parity", "--backend", "fast"], ["parity", "--op", "nosuchop"],
+                                  ["parity", "--quick", "--full"], ["nothing"]])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedformer {fusedformer.__version__}"
+
+
+@pytest.mark.skipif(HAS_GPU, reason="the cuda backend must be unable to run")
+def test_parity_of_a_backend_that_ran_nothing_fails(capsys):
+    assert main(["parity", "--quick", "--op", "softmax", "--backend", "cuda", "--dtype", "float32"]) == 1
+    assert "backend 'cuda' ran no case" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, kind", [(["parity", "--op", "softmax"], "dir"), (["bench", "--tiny"], "file")])
+def test_unusable_out_is_refused_before_any_work(argv, kind, tmp_path, monkeypatch, capsys):
+    from fusedformer import bench, parity
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("ran before checking --out")
+
+    monkeypatch.setattr(parity, "run_full", no_work)
+    monkeypatch.setattr(bench, "run", no_work)
+    out = tmp_path / "taken"
+    out.mkdir() if kind == "dir" else out.write_text("")
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(out)])
+    assert info.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    write_atomic(target, "old")
+    write_atomic(target, b"new")
+    assert target.read_text() == "new"
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        write_atomic(target, "half")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["results.json"]
+
+
 def test_demo_runs_and_says_which_backend(capsys):
     assert main(["demo", "--seconds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ran: attention=" in out and "tokens/s" in out and "loss" in out
+    assert "ran: attention=" in out and "tokens/s over steps 2-" in out
+    assert "held-out loss" in out and "never trained on" in out and "drawn at temperature" in out
     if HAS_GPU:
         assert "[fused (auto)]" in out and "[reference]" in out
     else:
-        assert "everything below runs on the REFERENCE backend" in out
+        assert "NO CUDA GPU" in out and "[auto]" in out
+
+
+def test_demo_held_out_loss_is_fixed_batches_of_text_never_trained_on():
+    from fusedformer import demo
+
+    data = demo.load_text()
+    train, held = demo.split(data)
+    assert train.numel() + held.numel() == data.numel() and held.numel() >= data.numel() // 10
+    assert torch.equal(torch.cat([train, held]), data)  # disjoint: the held-out tenth follows the training text
+    model = demo.build("bert", "cpu", small=True)
+    first = demo.held_out_loss("bert", model, held, "cpu", 2, 16)
+    assert demo.held_out_loss("bert", model, held, "cpu", 2, 16) == first and model.training
 
 
 def test_demo_text_ships_with_the_package():

@@ -18,7 +18,7 @@ import _attention_emulator
 import _mma_emulator as isa
 from _device_memory import EXACT_CODE
 from _emulated_c import EmulatedC, emulated_cuda_attention, exact_attention_backward, exact_attention_forward
-from fusedformer import parity, reference
+from fusedformer import parity, reference, vocabulary
 
 # --------------------------------------------------------------------------------------------
 # the PTX ISA model on its own
@@ -181,7 +181,7 @@ def _assert_rounded_parity(q, k, v, dout, bias, causal, scale):
     assert parity.max_error(lse[sane], want_lse[sane]) <= 1e-5 * float(want_lse[sane].nan_to_num(0, 0, 0).abs().max())
     for name, x, want, t in zip(("out", "dq", "dk", "dv"), ours, oracle, theirs):
         err, torch_err = parity.max_error(x, want), parity.max_error(t, want)
-        bound = 2 * torch_err + parity.FLOOR[q.dtype] * max(1.0, float(want.abs().max()))
+        bound = vocabulary.parity_bound(torch_err, q.dtype, float(want.abs().max()))
         assert err <= bound, f"{name}: err {err:.3e} > {bound:.3e} (torch {torch_err:.3e})"
 
 

@@ -19,7 +19,8 @@ def _spy_softmax_backends(monkeypatch):
     for name in ("reference", "torch"):
         impl, _ = SOFTMAX.load(name)
         spied = SOFTMAX.check(type("module", (), {
-            "softmax_forward": staticmethod(lambda x, dim, _f=impl.softmax_forward, _n=name: ran.append(_n) or _f(x, dim)),
+            "softmax_forward": staticmethod(
+                lambda x, dim, _f=impl.softmax_forward, _n=name: ran.append(_n) or _f(x, dim)),
             "softmax_backward": staticmethod(impl.softmax_backward)}))
         monkeypatch.setitem(SOFTMAX.loaded, name, (spied, None))
     return ran

@@ -1,6 +1,6 @@
 """The parity harness: the 2x rule passes the reference and fails a deliberately wrong backend,
 skips a backend that cannot run, measures cross-backend agreement, keeps strided layouts, and
-writes DESIGN.md's parity envelope."""
+writes the parity envelope of docs/results-format.md."""
 
 import json
 import math

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from _testing import assert_compiles_without_interpreter, assert_parity
 from fusedformer import reference
+from fusedformer.kernels import _autotune
 from fusedformer.kernels import matmul_act as mm_kernels
 from fusedformer.parity import Case, run_case
 from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
@@ -152,7 +153,9 @@ def test_nan_propagates(activation, path):
     for got, ref in zip((dx, dw, db), want):
         assert torch.equal(torch.isnan(got), torch.isnan(ref))
     assert torch.isnan(dw[:, 5]).all()
-    if activation != "identity":  # identity's dh is dy itself: no NaN reaches db
+    # identity's dh is dy itself, and relu's (torch's threshold_backward) passes dy where h is
+    # NaN: no NaN reaches dx or db through them
+    if activation not in ("identity", "relu"):
         assert torch.isnan(dx[3]).all() and torch.isnan(db).all()
 
 
@@ -220,15 +223,33 @@ def test_fp32_precision_flag(monkeypatch):
     assert mm_kernels._input_precision(torch.float32) == "tf32"
 
 
+def _pruned(M, gated, mode, dtype=torch.bfloat16, precision="tf32"):
+    named = {"X": torch.empty(1, dtype=dtype), "M_BUCKET": M}
+    return mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode, INPUT_PRECISION=precision)
+
+
 def test_config_pruning():
-    configs = mm_kernels._configs()
-    gated = mm_kernels._prune(configs, {"M_BUCKET": 4096}, GATED=True, MODE=0)
+    gated = _pruned(4096, True, 0)
     assert gated and all(c.kwargs["BLOCK_N"] <= 128 for c in gated)
-    dh = mm_kernels._prune(configs, {"M_BUCKET": 4096}, GATED=False, MODE=1)
+    dh = _pruned(4096, False, 1)
     assert dh and all(c.kwargs["BLOCK_M"] == mm_kernels.DH_BLOCK_M for c in dh)
-    small = mm_kernels._prune(configs, {"M_BUCKET": 16}, GATED=False, MODE=0)
+    small = _pruned(16, False, 0)
     assert small and all(c.kwargs["BLOCK_M"] <= 64 for c in small)
-    assert len(mm_kernels._prune(configs, {"M_BUCKET": 4096}, GATED=False, MODE=0)) == len(configs)
+    ieee = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+            for c in _pruned(4096, False, 0, torch.float32, "ieee")]
+    assert (64, 64, 64, 4) not in ieee and (64, 64, 16, 4) in ieee  # 932 B of spills on sm_90a; none
+
+
+@pytest.mark.parametrize("smem", [_autotune.SMEM_SM80, _autotune.SMEM_SM90], ids=["sm80", "sm90"])
+def test_every_dtype_keeps_a_gemm_config(smem, monkeypatch):
+    monkeypatch.setattr(_autotune, "smem_limit", lambda device: smem)
+    for dtype, precision in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+        for gated in (False, True):
+            for mode in (0, 1):
+                kept = _pruned(4096, gated, mode, dtype, precision)
+                assert kept, (dtype, precision, gated, mode)
+                elt = torch.empty(0, dtype=dtype).element_size()
+                assert all(mm_kernels.fits(c, elt, gated, precision == "ieee", smem) for c in kept)
 
 
 def test_bad_input():
@@ -251,6 +272,46 @@ def test_gpu_gemm_large(activation, use_tma, M, K, N, monkeypatch):
     monkeypatch.setattr(mm_kernels, "USE_TMA", use_tma)
     monkeypatch.setenv("FUSEDFORMER_LINEAR_ACT_PATH", "gemm")
     assert_parity(run_case(case(M, K, N, activation), "triton", torch.bfloat16, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ("gelu", "swiglu"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=("bf16", "fp32_ieee"))
+def test_gpu_every_gemm_config_compiles_and_matches(activation, dtype, monkeypatch):
+    """Each config the prune rule keeps, forced in turn, forward and recompute backward (MODE 1)."""
+    monkeypatch.setenv("FUSEDFORMER_LINEAR_ACT_PATH", "gemm")
+    gated = activation == "swiglu"
+    x = torch.empty(1, device="cuda", dtype=dtype)
+    for mode in (0, 1):
+        named = {"X": x, "M_BUCKET": 4096}
+        precision = mm_kernels._input_precision(dtype)
+        for config in mm_kernels._prune(mm_kernels._configs(), named, GATED=gated, MODE=mode,
+                                        INPUT_PRECISION=precision):
+            monkeypatch.setattr(mm_kernels._tuned_kernel, "cache", _ForcedConfig(config))
+            if mode == 0:
+                assert_parity(run_case(case(777, 520, 1030, activation), "triton", dtype, device="cuda"))
+            else:  # dh from the recompute GEMM, checked through dx = dh @ w
+                x_in = torch.randn(777, 520, device="cuda", dtype=dtype)
+                w = torch.randn(1030, 520, device="cuda", dtype=dtype) / 520**0.5
+                dy = torch.randn(777, 515 if gated else 1030, device="cuda", dtype=dtype)
+                dh, _, _ = mm_kernels.matmul_act_dh(dy, x_in, w, None, activation)
+                want = reference.linear_act_backward(dy.double(), x_in.double(), w.double(), None, None, activation)[0]
+                tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+                torch.testing.assert_close(dh.double() @ w.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+class _ForcedConfig(dict):
+    """An autotune cache that answers every key with one config (no tuning)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return self.config
 
 
 _COMPILE_SCRIPT = r'''

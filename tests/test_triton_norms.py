@@ -116,6 +116,28 @@ def test_small_blocks_loop_and_grid_stride(op, monkeypatch, device):
         assert_triton_parity(_norm_case(op, 5, 40, pad=7), dtype, device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_backward_past_single_block(op, dtype, device):
+    """Backward rows past MAX_FUSED_BWD = 8192: a stats kernel reduces each row, then a (row group
+    x 4096-column chunk) grid writes dx and keeps dw/db in registers. Just above the limit with
+    strided rows and the residual; well above it (5 chunks, the last one partial) without affine."""
+    assert_triton_parity(_norm_case(op, 3, 8193, residual=True, pad=5), dtype, device)
+    assert_triton_parity(_norm_case(op, 2, 16411, weight=False, bias=False), dtype, device)
+
+
+@pytest.mark.parametrize("op,weight,bias", [("layer_norm", True, True), ("layer_norm", True, False),
+                                            ("layer_norm", False, True), ("rms_norm", True, False)])
+def test_backward_column_chunks_over_many_rows(op, weight, bias, monkeypatch, device):
+    """Tiny chunks: each (row group, column chunk) program sums dw/db over several rows, and the
+    partial rows of the 4 row groups meet in sum_partials."""
+    monkeypatch.setattr(_rows, "MAX_FUSED_BWD", 16)
+    monkeypatch.setattr(_rows, "LOOP_BLOCK", 16)
+    assert _rows.persistent_programs(29, 29, 2, device) < 29
+    for dtype in (torch.float16, torch.float32):
+        assert_triton_parity(_norm_case(op, 29, 61, weight=weight, bias=bias, residual=True, pad=4), dtype, device)
+
+
 def _call(op, x, w, b, **kw):
     if op == "layer_norm":
         return ff.layer_norm(x, x.shape[-1:], w, b, **kw)
@@ -303,7 +325,7 @@ def test_kernels_compile_for_sm90():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 2 * 9
+    assert len(rows) == 2 * 9 + 2  # + the looped backward's two stats kernels at 32768
     for row in rows:
         assert row["spill"] == 0, row
         if row["kernel"] != "sum_partials":

@@ -90,6 +90,17 @@ def test_long_rows_loop(shape, dtype, device):
     assert_triton_parity(_case(shape, -1), dtype, device)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_rows_held_head(dtype, device):
+    """Past one tile the first MAX_FUSED_FWD columns stay in registers between the passes: a
+    strided row just past the limit, and rows whose maximum sits in the head or in the tail."""
+    assert_triton_parity(_case((3, 16400), -1, lambda t: t[:, 5:16394]), dtype, device)
+    for where in (7, 20000):
+        def peaked(t, where=where):  # the row maximum at column `where`
+            return t + 15.0 * (torch.arange(t.shape[-1], device=t.device) == where).to(t.dtype)
+        assert_triton_parity(_case((2, 20011), -1, peaked), dtype, device)
+
+
 def test_small_blocks_loop_and_grid_stride(monkeypatch, device):
     """Tiny block limits and a 2-program grid: every kernel walks chunks and several tiles."""
     monkeypatch.setattr(_rows, "MAX_FUSED_FWD", 16)

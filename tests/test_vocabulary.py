@@ -16,6 +16,7 @@ from fusedformer.vocabulary import (
     attention_dropout_keep,
     compute_dtype,
     gated_activation,
+    philox4x32,
     philox_uint32,
 )
 
@@ -57,7 +58,12 @@ def test_activations_propagate_nan():
     h = torch.tensor([float("nan"), 1.0, -1.0], dtype=f64)
     for name in ("relu", "gelu", "gelu_tanh", "silu"):
         assert torch.isnan(ACTIVATIONS[name].forward(h)[0]), name
+    for name in ("gelu", "gelu_tanh", "silu"):
         assert torch.isnan(ACTIVATIONS[name].backward(torch.ones_like(h), h)[0]), name
+    # relu's backward is torch's threshold_backward, a select: dy where h is NaN (NaN <= 0 is
+    # false), 0 where h <= 0 even for a NaN dy
+    dy = torch.tensor([2.0, 3.0, float("nan")], dtype=f64)
+    assert torch.equal(ACTIVATIONS["relu"].backward(dy, h), torch.tensor([2.0, 3.0, 0.0], dtype=f64))
 
 
 def test_gated_activation_by_gate_function():
@@ -96,6 +102,17 @@ def test_dropout_from_seed_is_reproducible_and_keeps_one_minus_p():
 def test_philox_known_answer():
     # Random123's known-answer vector for Philox4x32-10: counter 0, key 0 -> 0x6627e8d5, ...
     assert philox_uint32(0, torch.tensor([0])).item() == 0x6627E8D5
+
+
+def test_dropout_uses_all_four_philox_outputs_in_key_order():
+    # the same vector's four outputs: 0x6627e8d5 0xe169c58d 0xbc57ac4c 0x9b00dbd8; with p = 0.7 the
+    # threshold 0xb3333333 keeps outputs 1 and 2, so keys 0..3 of row 0 read outputs 0..3 of call 0
+    # and keys 4..7 (and row 1 of Lk = 5: ceil(5/4) = 2 calls per row) start the next calls
+    assert [int(x) for x in philox4x32(0, torch.tensor([0]))] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert attention_dropout_keep(0, 1, 1, 1, 4, 0.7).flatten().tolist() == [False, True, True, False]
+    keep = attention_dropout_keep(7, 1, 1, 2, 5, 0.5)
+    calls = [torch.stack(philox4x32(7, torch.tensor([c]))).flatten() for c in range(4)]
+    assert torch.equal(keep[0, 0, 1], torch.cat(calls[2:])[:5] >= 1 << 31)
 
 
 def test_philox_matches_triton_randint():

@@ -1,10 +1,10 @@
 """fusedformer: fused Triton and CUDA C++ kernels for the transformer's hot paths, with
 pure-PyTorch references as the CPU path and the oracle of every parity test."""
 
-__version__ = "0.1.0"
-
 from fusedformer import models, nn
+from fusedformer._version import __version__
 from fusedformer.backends import BackendUnavailableError, available_backends, use_backend
+from fusedformer.explain import Explanation, Selection, explain, which_backend
 from fusedformer.ops import (
     feed_forward,
     layer_norm,
@@ -22,12 +22,19 @@ from fusedformer.patch import (
     patched,
     unpatch,
 )
+from fusedformer.patch import hf_import_hook as _hf_import_hook
+
+# attn_implementation="fusedformer" in transformers, without importing it (patch/hf_import_hook.py)
+_hf_import_hook.install()
 
 __all__ = [
     "BackendUnavailableError",
+    "Explanation",
     "PatchReport",
     "PatchVerificationError",
+    "Selection",
     "available_backends",
+    "explain",
     "feed_forward",
     "layer_norm",
     "linear_act",
@@ -42,4 +49,6 @@ __all__ = [
     "unpatch",
     "use_backend",
     "varlen_attention",
+    "which_backend",
+    "__version__",
 ]

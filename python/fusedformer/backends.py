@@ -10,11 +10,14 @@ context, the FUSEDFORMER_BACKEND variable, then ``auto``: the first backend in
 ``AUTO_ORDER[device type]`` that is available for the device and supports the inputs (on a
 CPU: torch, then the reference). A backend asked for by name that cannot run the inputs raises
 ``BackendUnavailableError`` listing every backend and why; ``auto`` falls through and never fails
-while the reference can run.
+while the reference can run. On a GPU, each backend ``auto`` passes over is logged once per
+(op, backend, reason) on the ``fusedformer`` logger; ``fusedformer.explain`` shows every choice.
 """
 
 import contextlib
+import logging
 import os
+import threading
 
 import torch
 
@@ -35,7 +38,17 @@ AUTO_ORDER = {
 }
 
 
-_context_stack = []
+# The use_backend contexts in force, innermost last, as (name, marker) entries, per thread: no
+# thread sees another's, and each exit removes its own entry (by its marker), not whatever is
+# innermost, so contexts exited out of order leave the right one. A thread-local rather than a
+# ContextVar: torch.compile(fullgraph=True) traces (and guards on) a thread-local's attributes,
+# but cannot trace ContextVar.get. asyncio tasks of one thread therefore share it.
+class _Contexts(threading.local):
+    entries = ()  # each thread starts with none
+
+
+_contexts = _Contexts()
+
 
 # Availability never changes within a process: cached in plain dicts (not
 # functools.lru_cache, which torch.compile traces around with a warning).
@@ -58,11 +71,12 @@ def _cached(fn):
 def use_backend(name):
     """Run the enclosed ops on backend ``name`` ('reference', 'torch', 'triton', 'cuda' or 'auto')."""
     _check_name(name, "use_backend")
-    _context_stack.append(name)
+    entry = (name, object())
+    _contexts.entries += (entry,)
     try:
         yield name
     finally:
-        _context_stack.pop()
+        _contexts.entries = tuple(e for e in _contexts.entries if e is not entry)
 
 
 def _check_name(name, where):
@@ -77,8 +91,9 @@ def requested_backend(backend=None):
     if backend is not None:
         _check_name(backend, "backend")
         return backend
-    if _context_stack:
-        return _context_stack[-1]
+    entries = _contexts.entries
+    if entries:
+        return entries[-1][0]
     env = _environment_variable(_BACKEND_VARIABLE)
     if env:
         _check_name(env, "FUSEDFORMER_BACKEND")
@@ -100,6 +115,15 @@ def _triton_import_error():
     return None
 
 
+@_cached
+def _triton_floor_reason(family):
+    import triton
+
+    from fusedformer._backends.triton_floors import floor_reason
+
+    return floor_reason(family, triton.__version__)
+
+
 def triton_interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -109,7 +133,9 @@ def _cuda_extension_error():
     try:
         from fusedformer import _C  # noqa: F401
     except ImportError:
-        return "fusedformer._C is not built (no nvcc at install time, or FUSEDFORMER_BUILD_CUDA=0)"
+        from fusedformer._build_info import missing_extension_reason
+
+        return missing_extension_reason()
     return None
 
 
@@ -153,7 +179,7 @@ def unavailable_reason(name, device):
 def unsupported_reason(name, family, device, args=None):
     """Why backend ``name`` cannot run op family ``family`` (its name) on these forward ``args``
     (on ``device`` at all, when ``args`` is None), or None."""
-    reason = unavailable_reason(name, device)
+    reason = unavailable_reason(name, device) or (_triton_floor_reason(family) if name == "triton" else None)
     if reason:
         return reason
     impl, reason = FAMILIES[family].load(name)
@@ -198,9 +224,10 @@ def _features(args):
 
 def select(family, device, args, backend=None):
     """The name of the backend that runs ``family`` on forward ``args`` (see module docstring);
-    cached per (family, requested backend, device, _features(args)) outside torch.compile."""
+    cached per (family, requested backend, device, _features(args)) outside torch.compile and
+    while nobody observes (fusedformer.explain sees every call)."""
     requested = requested_backend(backend)
-    if torch.compiler.is_compiling():  # traced once per graph; no side effects on the cache
+    if observers or torch.compiler.is_compiling():  # compile: traced once per graph, no cache side effects
         return _select(family, torch.device(device), args, requested)
     key = (family, requested, device, _features(args))
     name = _selections.get(key)
@@ -214,14 +241,37 @@ def select(family, device, args, backend=None):
 
 def _select(family, device, args, requested):
     if requested != "auto":
-        reason = unsupported_reason(requested, family, device, args)
-        if reason is not None:
-            raise BackendUnavailableError(_explain(family, device, args, requested))
-        return requested
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
-        if unsupported_reason(name, family, device, args) is None:
-            return name
-    raise BackendUnavailableError(_explain(family, device, args, "auto"))
+        chosen = requested if unsupported_reason(requested, family, device, args) is None else None
+    else:
+        chosen = None
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            reason = unsupported_reason(name, family, device, args)
+            if reason is None:
+                chosen = name
+                break
+            if device.type == "cuda":
+                _report_pass_over(family, name, reason)
+    for observer in observers:
+        observer(family, device, args, requested, chosen)
+    if chosen is None:
+        raise BackendUnavailableError(_explain(family, device, args, requested))
+    return chosen
+
+
+# Called as observer(family, device, args, requested, chosen or None) by every selection:
+# fusedformer.explain records through it. Empty in normal runs.
+observers = []
+log = logging.getLogger("fusedformer")
+_passed_over = set()
+
+
+def _report_pass_over(family, name, reason):
+    """On a GPU, ``auto`` skipping a backend is worth knowing (a slower path runs): said once per
+    (op, backend, reason) on the ``fusedformer`` logger; not while torch.compile traces (a logging
+    call would break the graph), where the eager call before has said it."""
+    if not torch.compiler.is_compiling() and (family, name, reason) not in _passed_over:
+        _passed_over.add((family, name, reason))
+        log.warning("fusedformer: auto passed over the %s backend for %s: %s", name, family, reason)
 
 
 def _explain(family, device, args, requested):

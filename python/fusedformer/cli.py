@@ -8,6 +8,8 @@ import torch
 
 import fusedformer as ff
 from fusedformer import backends
+from fusedformer._build_info import build_record
+from fusedformer._files import output_problem
 
 
 def _versions():
@@ -24,6 +26,13 @@ def _versions():
 def info(args):
     for name, version in _versions().items():
         print(f"{name:<14} {version}")
+    if backends._triton_import_error() is None:
+        import triton
+
+        from fusedformer._backends.tables import FAMILIES
+        from fusedformer._backends.triton_floors import summary
+
+        print(f"{'triton floors':<14} {summary(triton.__version__, FAMILIES)}")
     if torch.cuda.is_available():
         device = "cuda"
         sm = "".join(map(str, torch.cuda.get_device_capability()))
@@ -34,6 +43,7 @@ def info(args):
         print(f"{'device':<14} cpu, no CUDA GPU visible{note}")
     ext = backends.cuda_extension()
     print(f"{'_C':<14} {'built: ' + ext.__file__ if ext else backends._cuda_extension_error()}")
+    print(f"{'_C build':<14} {_describe_build(build_record())}")
     print(f"\nbackends on {device}:")
     for name in backends.BACKENDS:
         reason = backends.unavailable_reason(name, device)
@@ -49,6 +59,15 @@ def info(args):
     return 0
 
 
+def _describe_build(record):
+    if record is None:
+        return "no build record (FUSEDFORMER_BUILD_CUDA=0 or no nvcc at install, or _C built by setup.py build_ext)"
+    where = f"FUSEDFORMER_BUILD_CUDA={record.get('mode')}, nvcc {record.get('nvcc')}"
+    if record.get("cuda_build") == "built":
+        return f"built for {', '.join(record.get('targets', []))} in {record.get('seconds')} s ({where})"
+    return f"FAILED at install ({where}): {record.get('error')}"
+
+
 def parity(args):
     from fusedformer import parity as harness
 
@@ -61,9 +80,18 @@ def parity(args):
         harness.write_json(rows, device, args.out, agreement)
         print(f"wrote {args.out}")
     failed = harness.failures(rows)
-    if failed:
-        print(f"parity FAILED: {len(failed)} row(s) outside 2x PyTorch's own error", file=sys.stderr)
-    return 1 if failed else 0
+    problems = [f"{len(failed)} row(s) outside 2x PyTorch's own error"] if failed else []
+    # a backend asked for by name that ran nothing checked nothing: that is no pass
+    for name in args.backend or []:
+        mine = [r for r in rows if r["backend"] == name]
+        if not any(r["ok"] is not None for r in mine):
+            why = sorted({r["skipped"] for r in mine if r["skipped"]})
+            problems.append(f"backend {name!r} ran no case" + (f" ({'; '.join(why)[:300]})" if why else ""))
+    if not rows:
+        problems.append("no case matched the selection")
+    for problem in problems:
+        print(f"parity FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def bench(args):
@@ -89,18 +117,27 @@ def demo(args):
     return demo_mod.main(seconds=args.seconds, device=args.device)
 
 
+def _parity_ops():
+    from fusedformer.parity import default_cases
+
+    return sorted({case.op for case in default_cases(quick=False)})
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fusedformer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fusedformer {ff.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backends run which ops (and why not)")
     p = sub.add_parser("parity", help="error of each backend against the float64 reference, next to torch's")
     p.add_argument("--backend", action="append", choices=backends.BACKENDS, help="repeatable; default: all available")
     p.add_argument("--dtype", action="append", choices=["float32", "float16", "bfloat16", "float64"],
                    help="repeatable; default: float32, float16, bfloat16")
-    p.add_argument("--op", action="append", help="repeatable; default: every op")
+    p.add_argument("--op", action="append", choices=_parity_ops(), help="repeatable; default: every op")
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--full", action="store_true", help="larger shapes too")
-    p.add_argument("--out", help="write the results JSON here")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the default cases (default)")
+    size.add_argument("--full", action="store_true", help="larger shapes too")
+    p.add_argument("--out", help="write the results JSON here (checked before any case runs)")
     from fusedformer.bench import OPS, PASSES, PROVIDERS
 
     b = sub.add_parser("bench", help="time every op against torch and the other libraries, beside the "
@@ -129,6 +166,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "parity" and args.dtype is None:
         args.dtype = ["float32", "float16", "bfloat16"]
+    out_kind = {"parity": "file", "bench": "directory"}.get(args.command)
+    if out_kind and args.out and (problem := output_problem(args.out, out_kind)):
+        parser.error(f"--out: {problem}")
     return {"info": info, "parity": parity, "bench": bench, "demo": demo}[args.command](args)
 
 

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
+from fusedformer._files import write_atomic
 from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS, parity_bound
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -349,5 +351,4 @@ def failures(rows):
 
 
 def write_json(rows, device, path, agreement=None):
-    with open(path, "w") as f:
-        json.dump(envelope(rows, device, agreement), f, indent=1)
+    write_atomic(path, json.dumps(envelope(rows, device, agreement), indent=1))

@@ -216,7 +216,7 @@ def _sum_to_shape(t, shape):
 
 def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p=0.0, seed=None,
                        window=(-1, -1), alibi_slopes=None, bias_requires_grad=False, dropout_mask=None):
-    """With P = softmax(S), Z = P * keep / (1 - p) and delta = rowsum(dO * O):
+    """With P = softmax(S), Z = P * keep / (1 - p) and delta = rowsum(P * dP) (= rowsum(dO * O)):
     dV = Z^T dO, dZ = dO V^T, dP = dZ * keep / (1 - p), dS = P * (dP - delta),
     dQ = scale * dS K, dK = scale * dS^T Q, dbias = dS summed over the bias's broadcast dims.
     GQA sums dK, dV over each kv head's group. Returns (dq, dk, dv, dbias); dbias is None unless
@@ -234,7 +234,8 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     dp = do @ vx.transpose(-1, -2)
     if drop is not None:
         dp = dp * drop
-    delta = (do * out.to(cd)).sum(-1, keepdim=True)
+    # rowsum(P * dP) = rowsum(dO * O) in exact arithmetic, but from the unrounded P: O may be bf16
+    delta = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     dq = scale * (ds @ kx)
     dk = scale * (ds.transpose(-1, -2) @ q.to(cd))

@@ -60,9 +60,15 @@ def _silu_grad(h):
     return s * (1.0 + h * (1.0 - s))
 
 
-def _relu_grad(h):
-    # NaN stays NaN in the gradient, as torch's relu backward keeps it through dy * 1.
-    return torch.where(torch.isnan(h), h, (h > 0).to(h.dtype))
+def _times(derivative):
+    """dL/dh = dy * f'(h), for f with a derivative everywhere."""
+    return lambda dy, h: dy * derivative(h)
+
+
+def _relu_grad(dy, h):
+    # a select, as torch's threshold_backward: 0 where h <= 0 even for a NaN dy, dy elsewhere
+    # (a NaN h included: NaN <= 0 is false)
+    return torch.where(h <= 0, 0.0, dy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +78,17 @@ class Elementwise:
     name: str
     kernel_id: int  # the ACT constexpr of kernels/bias_act.py's act_fn / act_grad_fn switch
     forward: Callable  # written out: the reference's math
-    derivative: Callable
+    grad: Callable  # dL/dh from (dL/dy, h), as torch's backward of torch_forward computes it
     torch_forward: Callable  # torch's own function: what parity and the tests compare against
 
 
 ELEMENTWISE = {e.name: e for e in (
     # identity copies: the reference's y and its saved preact never alias
-    Elementwise("identity", 0, torch.clone, torch.ones_like, lambda h: h),
+    Elementwise("identity", 0, torch.clone, lambda dy, h: dy.clone(), lambda h: h),
     Elementwise("relu", 1, torch.relu, _relu_grad, F.relu),
-    Elementwise("gelu", 2, _gelu, _gelu_grad, F.gelu),
-    Elementwise("gelu_tanh", 3, _gelu_tanh, _gelu_tanh_grad, functools.partial(F.gelu, approximate="tanh")),
-    Elementwise("silu", 4, _silu, _silu_grad, F.silu),
+    Elementwise("gelu", 2, _gelu, _times(_gelu_grad), F.gelu),
+    Elementwise("gelu_tanh", 3, _gelu_tanh, _times(_gelu_tanh_grad), functools.partial(F.gelu, approximate="tanh")),
+    Elementwise("silu", 4, _silu, _times(_silu_grad), F.silu),
 )}
 
 
@@ -112,8 +118,8 @@ class Activation:
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             f = self.function
-            return torch.cat([grad_y * up * f.derivative(gate), grad_y * f.forward(gate)], dim=-1)
-        return grad_y * self.function.derivative(h)
+            return torch.cat([f.grad(grad_y * up, gate), grad_y * f.forward(gate)], dim=-1)
+        return self.function.grad(grad_y, h)
 
     def torch_forward(self, h):
         """act(h) by torch's own functions (F.gelu, F.silu, ...)."""
@@ -200,10 +206,14 @@ def varlen_slopes(alibi_slopes, b):
 # --------------------------------------------------------------------------------------------
 # dropout randomness: Philox4x32-10, shared bit for bit by every backend
 # --------------------------------------------------------------------------------------------
-# Element (b, h, i, j) of the attention probabilities is kept iff
-#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[0]
-#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * Lk + j.
-# This is the stream tl.randint(seed, off) produces, so the kernels and the reference agree exactly.
+# One Philox call gives four uint32 draws, each decides one element: element (b, h, i, j) of the
+# attention probabilities is kept iff
+#   philox(key=(seed & 0xffffffff, seed >> 32), counter=(off & 0xffffffff, off >> 32, 0, 0))[j % 4]
+#     >= dropout_threshold(p),            off = ((b * H + h) * Lq + i) * ceil(Lk / 4) + j // 4,
+# so a row of Lk keys takes ceil(Lk / 4) calls (the last one's draws past Lk go unused). This is
+# what tl.randint4x(seed, off) produces; the kernels compare all four outputs, so they and the
+# reference agree exactly. Each decision keeps its full 32-bit draw: p is resolved to 2^-32 (a
+# byte-per-decision scheme, 16 decisions per call, would round p to multiples of 1/256).
 
 _M32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -220,8 +230,8 @@ def _mul_hi_lo(a, b):
     return hi, lo
 
 
-def philox_uint32(seed, offset):
-    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
+def philox4x32(seed, offset):
+    """The four uint32 outputs (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     offset = offset.to(torch.int64)
     c0, c1 = offset & _M32, (offset >> 32) & _M32
@@ -233,7 +243,12 @@ def philox_uint32(seed, offset):
         hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_uint32(seed, offset):
+    """The first uint32 (as int64) of Philox4x32-10 at counter ``offset`` under key ``seed``."""
+    return philox4x32(seed, offset)[0]
 
 
 def dropout_threshold(p):
@@ -241,10 +256,15 @@ def dropout_threshold(p):
     return min(int(round(p * 4294967296.0)), 4294967295)
 
 
+DRAWS_PER_PHILOX = 4  # keep decisions per Philox call: its four outputs
+
+
 def attention_dropout_keep(seed, B, H, Lq, Lk, p, device="cpu"):
     """The (B, H, Lq, Lk) bool keep-mask of attention dropout for ``seed``."""
-    off = torch.arange(B * H * Lq * Lk, device=device, dtype=torch.int64).view(B, H, Lq, Lk)
-    return philox_uint32(seed, off) >= dropout_threshold(p)
+    calls = -(-Lk // DRAWS_PER_PHILOX)  # per row
+    off = torch.arange(B * H * Lq * calls, device=device, dtype=torch.int64).view(B, H, Lq, calls)
+    draws = torch.stack(philox4x32(seed, off), dim=-1).view(B, H, Lq, calls * DRAWS_PER_PHILOX)
+    return draws[..., :Lk] >= dropout_threshold(p)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The benchmark harness (``fusedformer bench``): ops x shapes x providers x dtypes x passes with
 every competitor timed in the same run, the device's ceilings measured beside them, and reports
-in DESIGN.md's results format.
+in the results format of docs/results-format.md.
 
     doc = fusedformer.bench.run(ops=["softmax"], preset="quick")   # the results dict
     fusedformer.bench.write(doc, "out/bench")                      # JSON, Markdown, PNG

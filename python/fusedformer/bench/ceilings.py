@@ -5,23 +5,21 @@ matmul_bf16_tflops)."""
 
 import torch
 
-from fusedformer.bench.timing import time_cpu, time_gpu
+from fusedformer.bench.timing import timing
 
 
 def copy_gbps(device, nbytes):
     """A copy reads and writes ``nbytes``: 2 * nbytes moved per call."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    timer = time_gpu if torch.device(device).type == "cuda" else time_cpu
-    return 2 * nbytes / timer(lambda: dst.copy_(src)) / 1e6
+    return 2 * nbytes / timing(device, lambda: dst.copy_(src)).median_ms / 1e6
 
 
 def matmul_bf16_tflops(device, n):
     """(n, n) @ (n, n) in bf16: 2 n^3 FLOPs per call."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    timer = time_gpu if torch.device(device).type == "cuda" else time_cpu
-    return 2 * n**3 / timer(lambda: a @ b) / 1e9
+    return 2 * n**3 / timing(device, lambda: a @ b).median_ms / 1e9
 
 
 def measure(device):

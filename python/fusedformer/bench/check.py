@@ -2,16 +2,15 @@
 at its cap). Each step appends JSON lines to ``--out`` as it goes, so a kill loses only the case in
 flight, and stops by itself when ``--seconds`` run out, listing what it did not reach:
 
-    python -m fusedformer.bench.check parity --out F.jsonl [--seconds S] [--op OP]... [--shims tests/conftest.py]
+    python -m fusedformer.bench.check parity --out F.jsonl [--seconds S] [--op OP]...
     python -m fusedformer.bench.check bench --preset headline --out F.jsonl [--seconds S] [--op OP]...
     python -m fusedformer.bench.check e2e --script benchmarks/bench_e2e.py --out F.jsonl [--seconds S]
 
 Lines: {"header": {device, versions, ceilings?, preset?}}, then {"parity": row}, {"agreement": row},
 {"bench": row} and {"skipped_providers": {op: {provider: reason}}}.
 
-Under the Triton interpreter (a CPU), ``--shims`` loads the test suite's conftest first: it patches
-the interpreter's own bf16 bugs (tl.dot on raw bits, truncating casts) exactly as for the tests, so
-the parity rows judge the kernels, not the interpreter.
+Under the Triton interpreter (a CPU) the triton backend corrects the interpreter's own bf16 bugs
+itself (fusedformer._backends.triton._interpreter), so the parity rows judge the kernels.
 """
 
 import argparse
@@ -140,10 +139,7 @@ def main(argv=None):
     p.add_argument("--op", action="append", help="only these ops (repeatable)")
     p.add_argument("--preset", default="headline", choices=tuple(sweep.PRESETS), help="bench: the sweep preset")
     p.add_argument("--script", help="e2e: the path of benchmarks/bench_e2e.py")
-    p.add_argument("--shims", help="parity: tests/conftest.py, whose interpreter shims to apply first")
     args = p.parse_args(argv)
-    if args.shims:
-        load_module("fusedformer_test_conftest", args.shims)
     out = Lines(args.out)
     if args.step == "parity":
         return parity(out, args.seconds, args.op)

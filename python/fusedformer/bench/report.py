@@ -1,13 +1,15 @@
-"""Results files: the JSON of DESIGN.md ("Results JSON"), its validator, Markdown tables (one per
+"""Results files: the JSON of docs/results-format.md, its validator, Markdown tables (one per
 op, dtype and pass: shapes down, providers across, each cell ms, throughput, fraction of the
 ceiling and speed-up over torch eager) and PNG plots (matplotlib when importable)."""
 
+import io
 import json
 import math
 import os
 import re
 
-from fusedformer.backends import BACKENDS
+from fusedformer import backends
+from fusedformer._files import write_atomic
 from fusedformer.bench.providers import PROVIDERS
 
 # "check": the GPU check's one file (benchmarks/gpu_check.py), bench rows in "rows" and parity rows
@@ -18,7 +20,7 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 # the end-to-end model benchmarks (benchmarks/bench_e2e.py) beside the ops
 E2E_OPS = ("e2e-gpt2-train", "e2e-bert-infer")
 OP_NAMES = ("attention", "softmax", "layer_norm", "rms_norm", "linear_act", "feed_forward", *E2E_OPS)
-BACKEND_NAMES = BACKENDS  # parity rows name the backend they ran on
+BACKEND_NAMES = backends.BACKENDS
 
 
 def _is_num(x):
@@ -30,7 +32,7 @@ def _num_or_none(x):
 
 
 def validate_results(doc):
-    """Check ``doc`` (a dict, or a path to a JSON file) against DESIGN.md's results format; return
+    """Check ``doc`` (a dict, or a path to a JSON file) against docs/results-format.md; return
     the dict, or raise ValueError listing every problem."""
     if isinstance(doc, (str, os.PathLike)):
         with open(doc) as f:
@@ -58,7 +60,7 @@ def validate_results(doc):
     for key, row_problems in row_lists.get(kind, {"rows": lambda r, where, skipped: []}).items():
         problems += _rows_problems(doc.get(key), key, row_problems)
     if problems:
-        raise ValueError("results do not match DESIGN.md's format:\n  " + "\n  ".join(problems))
+        raise ValueError("results do not match docs/results-format.md:\n  " + "\n  ".join(problems))
     return doc
 
 
@@ -94,6 +96,9 @@ def _bench_row_problems(r, where, skipped):
         if key not in r:
             out.append(f"{where} has no {key}")
         elif not _num_or_none(r[key]):
+            out.append(f"{where}.{key} must be a finite number or null")
+    for key in ("iqr_ms", "reps"):  # the spread beside the median (optional: e2e rows have none)
+        if not _num_or_none(r.get(key)):
             out.append(f"{where}.{key} must be a finite number or null")
     if skipped is None:
         if not (_is_num(r.get("ms")) and r["ms"] > 0):
@@ -141,13 +146,24 @@ def _groups(rows):
     return groups
 
 
+ABOVE_CEILING = "⚠"
+ABOVE_CEILING_NOTE = (f"{ABOVE_CEILING} above 100% of the ceiling measured in this run: not a speed the device can "
+                      "reach, so the ceiling, the case's FLOP/byte count or the timing is wrong for it (e.g. data "
+                      "served from cache); do not quote it.")
+
+
+def above_ceiling(r):
+    return r.get("frac_of_ceiling") is not None and r["frac_of_ceiling"] > 1.0
+
+
 def _cell(r, eager_ms):
     if r["skipped"]:
         return "skipped"
     thr = f"{r['tflops']:.3g} TFLOP/s" if r["tflops"] is not None else f"{r['gbps']:.3g} GB/s"
-    parts = [f"{r['ms']:.4g} ms", thr]
+    spread = f" (IQR {r['iqr_ms']:.2g}, n={r['reps']})" if r.get("iqr_ms") is not None else ""
+    parts = [f"{r['ms']:.4g} ms{spread}", thr]
     if r["frac_of_ceiling"] is not None:
-        parts.append(f"{100 * r['frac_of_ceiling']:.3g}%")
+        parts.append(f"{100 * r['frac_of_ceiling']:.3g}%" + (f" {ABOVE_CEILING}" if above_ceiling(r) else ""))
     if eager_ms:
         parts.append(f"{eager_ms / r['ms']:.2f}x")
     return " · ".join(parts)
@@ -160,15 +176,18 @@ def markdown(doc):
     c = doc["ceilings"]
     lines = [f"# fusedformer bench — {doc['device']} — {doc['date']}", ""]
     if cpu:
-        lines += ["**CPU figures**: no CUDA GPU was visible; times are `time.perf_counter` medians of the "
+        lines += ["**CPU figures**: no CUDA GPU was visible; times are `torch.utils.benchmark` medians of the "
                   "reference backend and torch eager on the CPU, not GPU kernel timings.", ""]
     lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()))
     lines.append("")
     lines.append(f"Ceilings measured in this run: copy {c['copy_gbps']:.4g} GB/s (device-to-device copy of a "
                  f"large tensor), matmul {c['matmul_bf16_tflops']:.4g} TFLOP/s (bf16 through torch).")
     lines.append("")
-    lines.append("Each cell: median time · throughput · fraction of the ceiling (copy for memory-bound ops, "
-                 "matmul for compute-bound) · speed-up over torch-eager (>1 is faster).")
+    lines.append("Each cell: median time (interquartile range, timed samples) · throughput · fraction of the "
+                 "ceiling (copy for memory-bound ops, matmul for compute-bound) · speed-up over torch-eager "
+                 "(>1 is faster).")
+    if any(above_ceiling(r) for r in doc["rows"]):
+        lines += ["", ABOVE_CEILING_NOTE]
     skipped = []
     for (op, dtype, pass_), rows in _groups(doc["rows"]).items():
         provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
@@ -207,8 +226,8 @@ def markdown(doc):
 
 
 def plots(doc, out_dir):
-    """One PNG per op/dtype/pass: throughput per shape, every provider on the same axes. Returns
-    the files written, or a str saying why none were (matplotlib missing)."""
+    """One PNG per op/dtype/pass (``figure``). Returns the files written, or a str saying why none
+    were (matplotlib missing)."""
     try:
         import matplotlib
 
@@ -219,32 +238,49 @@ def plots(doc, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for (op, dtype, pass_), rows in _groups(doc["rows"]).items():
-        shapes = []
-        for r in rows:
-            if r["shape"] not in shapes:
-                shapes.append(r["shape"])
-        compute = any(r["tflops"] is not None for r in rows)
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4.5))
-        for p in PROVIDERS:
-            pts = [(shapes.index(r["shape"]), r["tflops"] if compute else r["gbps"]) for r in rows
-                   if r["provider"] == p and not r["skipped"]]
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-        ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels([shape_label(s).replace(" ", "\n") for s in shapes], fontsize=7)
-        ax.set_ylabel("TFLOP/s" if compute else "GB/s")
-        ceiling = doc["ceilings"]["matmul_bf16_tflops" if compute else "copy_gbps"]
-        if ceiling:
-            ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="ceiling (this run)")
-        ax.set_yscale("log")  # small shapes sit decades below large ones; both matter
-        ax.set_title(f"{op} · {dtype} · {pass_} — {doc['device'].split(' — ')[0]} — {doc['date']}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = figure(doc, rows)
         path = os.path.join(out_dir, f"{op}-{dtype}-{pass_.replace('+', '_')}.png")
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        write_atomic(path, png.getvalue())
         written.append(path)
     return written
+
+
+def figure(doc, rows):
+    """The plot of one op/dtype/pass's ``rows``: throughput per shape as grouped bars, one bar per
+    provider (shapes are categories, not points on an axis), the ceiling as a line, bars above it
+    hatched."""
+    import matplotlib.pyplot as plt
+
+    op, dtype, pass_ = rows[0]["op"], rows[0]["dtype"], rows[0]["pass"]
+    shapes = []
+    for r in rows:
+        if r["shape"] not in shapes:
+            shapes.append(r["shape"])
+    compute = any(r["tflops"] is not None for r in rows)
+    provs = [p for p in PROVIDERS if any(r["provider"] == p and not r["skipped"] for r in rows)]
+    width = 0.8 / max(len(provs), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 + len(shapes) * (0.4 + 0.25 * len(provs))), 4.5))
+    for i, p in enumerate(provs):
+        ran = [r for r in rows if r["provider"] == p and not r["skipped"]]
+        xs = [shapes.index(r["shape"]) - 0.4 + (i + 0.5) * width for r in ran]
+        bars = ax.bar(xs, [r["tflops"] if compute else r["gbps"] for r in ran], width, label=p)
+        for bar, r in zip(bars, ran):
+            if above_ceiling(r):
+                bar.set_hatch("//")
+    ax.set_xticks(range(len(shapes)))
+    ax.set_xticklabels([shape_label(s).replace(" ", "\n") for s in shapes], fontsize=7)
+    ax.set_ylabel("TFLOP/s" if compute else "GB/s")
+    ceiling = doc["ceilings"]["matmul_bf16_tflops" if compute else "copy_gbps"]
+    if ceiling:
+        ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="ceiling (this run)")
+    ax.set_yscale("log")  # small shapes sit decades below large ones; both matter
+    ax.set_title(f"{op} · {dtype} · {pass_} — {doc['device'].split(' — ')[0]} — {doc['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def write(doc, out_dir, stem="bench"):
@@ -252,10 +288,8 @@ def write(doc, out_dir, stem="bench"):
     validate_results(doc)
     os.makedirs(out_dir, exist_ok=True)
     json_path, md_path = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
-    with open(json_path, "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(md_path, "w") as f:
-        f.write(markdown(doc))
+    write_atomic(json_path, json.dumps(doc, indent=1))
+    write_atomic(md_path, markdown(doc))
     return {"json": json_path, "markdown": md_path, "plots": plots(doc, os.path.join(out_dir, "plots"))}
 
 
@@ -268,7 +302,7 @@ def results_name(doc):
 
 def save_suite(suite, rows, ceilings, out_dir, markdown_fn=None):
     """A pytest-benchmark suite's rows as ``out_dir``/<suite>-<gpu>-<date>.json (and .md with
-    ``markdown_fn``): DESIGN.md's envelope, each row's fraction of the ceiling it is measured
+    ``markdown_fn``): docs/results-format.md's envelope, each row's fraction of the ceiling it is measured
     against (GB/s of the copy, else TFLOP/s of the bf16 matmul). Returns the document."""
     import datetime
 
@@ -286,9 +320,7 @@ def save_suite(suite, rows, ceilings, out_dir, markdown_fn=None):
            "versions": versions(), "ceilings": ceilings, "rows": rows}
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{suite}-{results_name(doc)}")
-    with open(stem + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
+    write_atomic(stem + ".json", json.dumps(doc, indent=1))
     if markdown_fn is not None:
-        with open(stem + ".md", "w") as f:
-            f.write(markdown_fn(doc))
+        write_atomic(stem + ".md", markdown_fn(doc))
     return doc

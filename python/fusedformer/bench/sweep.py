@@ -13,7 +13,7 @@ import fusedformer as ff
 from fusedformer.bench import ceilings as ceilings_mod
 from fusedformer.bench.cases import OPS
 from fusedformer.bench.providers import PROVIDERS
-from fusedformer.bench.timing import host_us_per_call, peak_mb, time_cpu, time_gpu
+from fusedformer.bench.timing import host_us_per_call, peak_mb, timing
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # preset -> (shape list per device kind, passes). "headline" is the GPU check's priority sweep:
@@ -65,7 +65,7 @@ def device_name(device):
     dev = torch.device(device)
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}) — CPU figures, time.perf_counter medians"
+    return f"cpu ({platform.processor() or platform.machine()}) — CPU figures, torch.utils.benchmark medians"
 
 
 def versions():
@@ -115,10 +115,11 @@ def measure(op, provider, fn, shape, dtype, pass_, device, ceilings, cpu_budget_
     inputs, static, diff = mod.make(shape, dtype, device)
     call = _callables(fn, inputs, static, diff, pass_)
     cuda = torch.device(device).type == "cuda"
-    ms = time_gpu(call) if cuda else time_cpu(call, budget_s=cpu_budget_s)
+    measured = timing(device, call, cpu_budget_s)
+    ms = measured.median_ms
     flops, nbytes = mod.work(shape, pass_, dtype)
     row = _row(op, provider, dtype, pass_, shape)
-    row["ms"] = ms
+    row.update(ms=ms, iqr_ms=measured.iqr_ms, reps=measured.reps)
     if flops is not None:
         row["tflops"] = flops / ms / 1e9
         ceiling = ceilings.get("matmul_bf16_tflops")
@@ -135,13 +136,14 @@ def measure(op, provider, fn, shape, dtype, pass_, device, ceilings, cpu_budget_
 
 def _row(op, provider, dtype, pass_, shape):
     return {"op": op, "provider": provider, "dtype": str(dtype).replace("torch.", ""), "pass": pass_,
-            "shape": dict(shape), "ms": None, "tflops": None, "gbps": None, "frac_of_ceiling": None,
+            "shape": dict(shape), "ms": None, "iqr_ms": None, "reps": None, "tflops": None, "gbps": None,
+            "frac_of_ceiling": None,
             "host_us": None, "peak_mb": None, "skipped": None}
 
 
 def run(ops=None, preset="quick", dtypes=None, device=None, providers=None, passes=None, max_seconds=None,
         progress=True, extra_providers=None, cpu_budget_s=None, ceilings=None, on_row=None):
-    """The sweep as a results document (DESIGN.md "Results JSON", kind "bench").
+    """The sweep as a results document (docs/results-format.md, kind "bench").
 
     ``providers`` limits the providers by name; ``extra_providers`` {op: {name: fn}} adds
     callables (tests use it to inject a broken one). ``max_seconds`` bounds the run, shared fairly

@@ -141,8 +141,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
             attn_mask, key_padding_mask = _pad_key(attn_mask), _pad_key(key_padding_mask)
         q_NHLD = q.view(N, L, H, D).transpose(1, 2)
-        k_NHSD = k.view(N, -1, H, D).transpose(1, 2)
-        v_NHSD = v.view(N, -1, H, D).transpose(1, 2)
+        # the key length spelled out: view(N, -1, ...) cannot tell it when N is 0
+        k_NHSD = k.view(N, k.shape[1], H, D).transpose(1, 2)
+        v_NHSD = v.view(N, v.shape[1], H, D).transpose(1, 2)
         if self.add_zero_attn:  # one all-zero key/value per head appended
             k_NHSD = torch.cat([k_NHSD, k_NHSD.new_zeros(N, H, 1, D)], dim=2)
             v_NHSD = torch.cat([v_NHSD, v_NHSD.new_zeros(N, H, 1, D)], dim=2)

@@ -10,7 +10,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
     Over the last ``len(normalized_shape)`` dims, no mean subtracted:
 
-        y = x / sqrt(mean(x^2) + eps) * weight,   eps = None -> torch.finfo(x.dtype).eps
+        y = x / sqrt(mean(x^2) + eps) * weight,   eps = None -> float32's epsilon (float64's for float64), as torch
 
     ``forward(x, residual=None)``: with ``residual`` it normalizes h = x + residual in one pass
     and returns ``(y, h)``. ``backend`` is passed to the op.

@@ -1,5 +1,6 @@
 """Argument validation shared by the ops: each check raises TypeError/ValueError naming the
-op and the argument, before anything reaches a kernel.
+op and the argument, before anything reaches a kernel. Also the rows layout the row-wise ops
+(norms, linear_act, feed_forward) hand their backends.
 
 These run on every op call, so each tests the valid case first, in as few Python and tensor
 attribute operations as it can (a tensor attribute costs ~500 instructions, a Python call ~1000,
@@ -30,9 +31,11 @@ def check_float(op, name, t, *, optional=False):
 
 
 def check_same_device(op, ref_name, ref, **others):
+    """Each of ``others`` (None or a tensor) is on ref's device."""
     device = ref.device
     for name, t in others.items():
-        if t is not None and t.device != device:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.device != device):
+            check_tensor(op, name, t)
             raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {device}")
 
 
@@ -72,7 +75,8 @@ def normalized_size(op, x, normalized_shape):
         normalized_shape = (normalized_shape,)
     elif isinstance(normalized_shape, (tuple, list)):  # torch.Size is a tuple
         normalized_shape = tuple(normalized_shape)
-    if not isinstance(normalized_shape, tuple) or any([not isinstance(n, int) or isinstance(n, bool) for n in normalized_shape]):
+    if not isinstance(normalized_shape, tuple) or any(
+            [not isinstance(n, int) or isinstance(n, bool) for n in normalized_shape]):
         raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
     k, shape = len(normalized_shape), x.shape
     if k == 0 or k > len(shape) or shape[len(shape) - k:] != normalized_shape:
@@ -83,7 +87,9 @@ def normalized_size(op, x, normalized_shape):
 
 def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_slopes, heads, batch):
     """The options attention and varlen attention share; ``alibi_slopes`` is (heads,) or (batch, heads)."""
-    check_number(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    check_number(op, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:  # also refuses NaN, which compares false with everything
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
     if scale is not None:
@@ -99,3 +105,20 @@ def check_attention_options(op, dropout_p, is_causal, scale, window_size, alibi_
         if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
             raise ValueError(f"{op}: alibi_slopes has shape {tuple(alibi_slopes.shape)}, expected ({heads},) or "
                              f"({batch}, {heads})")
+
+
+def as_rows(t, n_dims):
+    """(..., *trailing n_dims) -> 2-D (M, N), M and N the products of the leading and trailing
+    sizes (reshape(-1, N) cannot tell M when N is 0). A view when the layout allows (unit stride
+    in the row), else a contiguous copy."""
+    if t.ndim == 2 and n_dims == 1:  # rows already: a reshape that changes nothing still costs ~10k instructions
+        rows = t
+    else:
+        split = t.dim() - n_dims
+        rows = t.reshape(math.prod(t.shape[:split]), math.prod(t.shape[split:]))
+    return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()
+
+
+def as_vector(t):
+    """A norm's weight or bias (normalized_shape) as 1-D: itself when it is already (or None)."""
+    return t if t is None or t.ndim == 1 else t.reshape(-1)

@@ -23,8 +23,15 @@ def _empty_attention(q, v):
     return out, torch.full((B, H, Lq), float("-inf"), dtype=compute_dtype(q), device=q.device)
 
 
-def _seed_value(seed):
-    return int(seed.item()) if seed is not None else None
+def _no_output(q, k, v):
+    """Nothing to compute: no query row, no key, or no value feature (out is zeros, or empty)."""
+    return q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0 or v.shape[-1] == 0
+
+
+def _runner(backend, q):
+    """The backend that runs q: head dim 0 (every score 0, plus the mask: torch gives the mean of
+    the attended values) goes to the reference, whose matmuls handle it; kernels need a head dim."""
+    return "reference" if q.shape[-1] == 0 else backend
 
 
 @custom_op("attention_fwd")
@@ -33,10 +40,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
                   window_right: int, alibi_slopes: torch.Tensor | None, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> (out (B, H, Lq, Dv), lse (B, H, Lq))."""
-    if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
+    if _no_output(q, k, v):
         return _empty_attention(q, v)
-    out, lse = ATTENTION.implementation(backend).attention_forward(
-        q, k, v, bias, causal, scale, dropout_p, _seed_value(seed), (window_left, window_right), alibi_slopes)
+    out, lse = ATTENTION.implementation(_runner(backend, q)).attention_forward(
+        q, k, v, bias, causal, scale, dropout_p, seed, (window_left, window_right), alibi_slopes)
     return out, lse
 
 
@@ -53,11 +60,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   alibi_slopes: torch.Tensor | None, bias_requires_grad: bool, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv, dbias in the bias's shape, or an empty tensor)."""
-    if q.numel() == 0 or k.shape[2] == 0 or v.shape[-1] == 0:
+    if _no_output(q, k, v):
         dbias = torch.zeros_like(bias) if bias_requires_grad and bias is not None else q.new_empty(0)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    dq, dk, dv, dbias = ATTENTION.implementation(backend).attention_backward(
-        grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, _seed_value(seed),
+    dq, dk, dv, dbias = ATTENTION.implementation(_runner(backend, q)).attention_backward(
+        grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
         (window_left, window_right), alibi_slopes, bias_requires_grad)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
@@ -123,7 +130,51 @@ def _mask_as_4d(mask, batch_shape, H, Lq, Lk):
     return mask if nb == 1 else mask.reshape(-1, *shape[nb:])
 
 
+def _heads(t):
+    return t.shape[-3] if t.dim() >= 3 else 1
+
+
+def _output_heads(query, key, value, enable_gqa):
+    """(H, Hkv): the output's heads and the key/value heads the backends read, by torch's rules.
+    Without enable_gqa the head dims broadcast like any batch dim (a single kv head is read as
+    such: multi-query attention without a copy). With it, query heads must be a multiple of the
+    key heads and of the value heads (each repeated to match, as torch's repeat_interleave)."""
+    hq, hk, hv = _heads(query), _heads(key), _heads(value)
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"attention: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if enable_gqa and (hk != hq or hv != hq):
+        for name, h in (("key", hk), ("value", hv)):
+            if h == 0 or hq % h:
+                raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of {name} "
+                                 f"heads ({h})")
+        return hq, hk if hk == hv else hq
+    try:
+        (H,) = torch.broadcast_shapes((hq,), (hk,), (hv,))
+    except RuntimeError:
+        raise ValueError(f"attention: query has {hq} heads but key/value have {hk}/{hv}, which do not broadcast; "
+                         "pass enable_gqa=True for grouped-query attention") from None
+    return H, 1 if hk == hv == 1 else H
+
+
+def _batch_shape(query, key, value):
+    """The broadcast of the three tensors' dims before (heads, L, E), as torch's matmuls broadcast them."""
+    try:
+        return tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(f"attention: batch dims do not broadcast: query {tuple(query.shape[:-3])}, key "
+                         f"{tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}") from None
+
+
+def _to_heads(t, batch, heads):
+    """t (..., h, L, E) as (*batch, heads, L, E): broadcast (a view) when h is 1 or ``heads``,
+    else each head repeated heads // h times (enable_gqa with unequal key and value heads)."""
+    if _heads(t) not in (1, heads):
+        t = t.repeat_interleave(heads // _heads(t), dim=-3)
+    return t.expand(*batch, heads, *t.shape[-2:])
+
+
 def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes):
+    """Returns (batch shape, H, Hkv) of the broadcast inputs."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_float(OP, name, t)
         if t.dim() < 2:
@@ -136,39 +187,27 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
                             "or a float additive mask")
     check_same_dtype(OP, "query", query, key=key, value=value)
     check_same_device(OP, "query", query, key=key, value=value, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"attention: query, key and value must have the same number of dims, got "
-                         f"{query.dim()}, {key.dim()} and {value.dim()}")
     if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"attention: query head dim {query.shape[-1]} != key head dim {key.shape[-1]}")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"attention: key length {key.shape[-2]} != value length {value.shape[-2]}")
-    if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-        raise ValueError(f"attention: batch dims differ: query {tuple(query.shape[:-3])}, key "
-                         f"{tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}")
-    if query.dim() >= 3:
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if hk != hv:
-            raise ValueError(f"attention: key has {hk} heads but value has {hv}")
-        if not isinstance(enable_gqa, bool):
-            raise TypeError(f"attention: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-        if hq != hk:
-            if not enable_gqa:
-                raise ValueError(f"attention: query has {hq} heads but key/value have {hk}; pass "
-                                 "enable_gqa=True for grouped-query attention")
-            if hk == 0 or hq % hk:
-                raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of "
-                                 f"key/value heads ({hk})")
-    check_attention_options(OP, dropout_p, is_causal, scale, window_size, alibi_slopes,
-                            heads=query.shape[-3] if query.dim() >= 3 else 1, batch=math.prod(query.shape[:-3]))
+    batch = _batch_shape(query, key, value)
+    H, Hkv = _output_heads(query, key, value, enable_gqa)
+    check_attention_options(OP, dropout_p, is_causal, scale, window_size, alibi_slopes, heads=H,
+                            batch=math.prod(batch))
+    return batch, H, Hkv
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, backend=None, window_size=None,
-                                 alibi_slopes=None):
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+                                 backend: str | None = None, window_size: tuple[int, int] | None = None,
+                                 alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, computed by a fusedformer backend.
 
-    query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev). ``attn_mask`` is a
+    query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev), their leading dims
+    (heads included) broadcast against each other as torch's (a 3-D query against 4-D key/value,
+    one kv head for all query heads); with ``enable_gqa`` Hq is a multiple of Hkv. ``attn_mask`` is a
     bool mask (True = attend) or a float mask added to the scores, broadcastable to
     (..., Hq, Lq, Lk); a float mask that requires grad gets its gradient. ``is_causal`` keeps key
     j <= query i (top-left aligned, as torch) and may be combined with ``attn_mask``. Rows with
@@ -177,12 +216,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Extensions (keyword-only): ``window_size=(left, right)`` keeps i - left <= j <= i + right
     (-1: unbounded); ``alibi_slopes`` (Hq,) or (batch, Hq) adds -slope * |i - j| in-kernel.
     Dropout is drawn from Philox seeded by torch's default generator, so torch.manual_seed
-    reproduces it (the mask differs from torch's own dropout stream).
+    reproduces it (the mask differs from torch's own dropout stream). Returns (..., Hq, Lq, Ev) in
+    the inputs' dtype.
+
+    Backends: reference everything, any float dtype; torch on a CPU, without dropout, Ev = E; triton
+    everything in float32/float16/bfloat16, head dims up to 256; cuda float16/bfloat16, head dims
+    64 and 128, masks, causal and GQA (no dropout, window, ALiBi or float-mask gradient).
     """
-    _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, alibi_slopes)
-    out_shape = (*query.shape[:-1], value.shape[-1])
-    batch_shape = tuple(query.shape[:-3])
-    q, k, v = _as_bhld(query), _as_bhld(key), _as_bhld(value)
+    batch_shape, H, Hkv = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                    window_size, alibi_slopes)
+    if dropout_p == 1.0:  # torch's dropout of every weight: zeros (NaN stays NaN), zero gradients
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                            backend=backend, window_size=window_size, alibi_slopes=alibi_slopes) * 0.0
+    # torch's output: the broadcast shape, as many dims as the largest input (a 2-D call has no heads)
+    rank = max(query.dim(), key.dim(), value.dim())
+    out_shape = (*batch_shape, H, query.shape[-2], value.shape[-1])[-rank:]
+    q = _as_bhld(_to_heads(query, batch_shape, H))
+    k, v = (_as_bhld(_to_heads(t, batch_shape, Hkv)) for t in (key, value))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     bias = _mask_as_4d(attn_mask, batch_shape, H, Lq, Lk) if attn_mask is not None else None
@@ -193,7 +243,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D) if D > 0 else 1.0
     wl, wr = window_size if window_size is not None else (-1, -1)
     dropout_p = float(dropout_p)
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+    # drawn on q's device and handed to the kernels as a tensor: a captured CUDA graph redraws it per replay
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
     # backends judge support on the forward's arguments; the seed's value never matters there
     args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)

@@ -10,6 +10,8 @@ Backward, with hidden = act(preact), preact = x @ w1^T + b1, y = hidden @ w2^T +
     (dx, dw1, db1) = linear_act backward of dhidden through act
 """
 
+import math
+
 import torch
 
 from fusedformer import backends
@@ -96,10 +98,13 @@ def _backward(ctx, grad_y, grad_hidden, grad_preact):
 _feed_forward_fwd = differentiable(feed_forward_fwd, _setup_context, _backward)
 
 
-def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recompute=False):
-    """Linear -> activation -> Linear. w1 (F, d_model) or (2F, d_model) for gated activations
-    (rows [:F] gate, [F:] up), w2 (d_out, F); b1, b2 optional. ``recompute=True`` keeps no
-    M x F activation for the backward and recomputes it there (one more x @ w1^T GEMM)."""
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, activation: str = "gelu", *, backend: str | None = None,
+                 recompute: bool = False) -> torch.Tensor:
+    """Linear -> activation -> Linear. x (..., d_model), w1 (F, d_model) or (2F, d_model) for gated
+    activations (rows [:F] gate, [F:] up), w2 (d_out, F); b1, b2 optional; returns (..., d_out) in
+    x's dtype. ``recompute=True`` keeps no M x F activation for the backward and recomputes it
+    there (one more x @ w1^T GEMM). Backends: as linear_act (both GEMMs are linear_act's)."""
     validate_linear(OP, x, w1, b1, activation, "w1", "b1")
     hidden_width = output_width(w1, activation)
     if isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] != hidden_width:
@@ -108,7 +113,7 @@ def feed_forward(x, w1, b1, w2, b2, activation="gelu", *, backend=None, recomput
     validate_linear(OP, x.new_empty(0, hidden_width), w2, b2, "identity", "w2", "b2")
     if not isinstance(recompute, bool):
         raise TypeError(f"{OP}: recompute must be a bool, got {type(recompute).__name__}")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
     name = backends.select(LINEAR_ACT.name, x2.device, (x2, w1, b1, activation), backend)
     y = _feed_forward_fwd(x2, w1, b1, w2, b2, activation, name, recompute)[0]
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,10 +1,14 @@
 """ff.layer_norm: F.layer_norm, plus the pre-norm block's fused residual add."""
 
+from collections.abc import Sequence
+
 import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import LAYER_NORM
 from fusedformer.ops._checks import (
+    as_rows,
+    as_vector,
     check_float,
     check_number,
     check_same_device,
@@ -83,9 +87,9 @@ _layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward)
 
 
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
-    """Shared by layer_norm and rms_norm: returns the row length N."""
+    """Shared by layer_norm and rms_norm: returns the number of normalized (trailing) dims."""
     check_float(op, "x", x)
-    shape, n = normalized_size(op, x, normalized_shape)
+    shape, _ = normalized_size(op, x, normalized_shape)
     for name, t in (("weight", weight), ("bias", bias)):
         check_float(op, name, t, optional=True)
         check_shape(op, name, t, shape)
@@ -94,23 +98,23 @@ def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
     check_same_device(op, "x", x, weight=weight, bias=bias, residual=residual)
     if eps is not None:
         check_number(op, "eps", eps, low=0.0)
-    return n
+    return len(shape)
 
 
-def as_rows(t, n):
-    """(..., *normalized_shape) -> (M, N): a view when the layout allows (unit stride in the row)."""
-    rows = t if t.ndim == 2 and t.shape[1] == n else t.reshape(-1, n)
-    return rows if rows.stride(-1) == 1 or rows.numel() == 0 else rows.contiguous()
-
-
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, residual: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """F.layer_norm(x, normalized_shape, weight, bias, eps). With ``residual=`` it normalizes
-    h = x + residual and returns ``(out, h)``: the pre-norm block's add & norm in one pass."""
-    n = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
-    x2 = as_rows(x, n)
-    r2 = as_rows(residual, n) if residual is not None else None
-    w = reshaped(weight, (n,)) if weight is not None else None
-    b = reshaped(bias, (n,)) if bias is not None else None
+    h = x + residual and returns ``(out, h)``: the pre-norm block's add & norm in one pass.
+    ``x`` (..., *normalized_shape), ``weight``/``bias`` normalized_shape; fp32 math inside, the
+    result in x's dtype.
+
+    Backends: reference and torch any float dtype; triton float32/float16/bfloat16 (residual of any
+    of them); cuda float32/float16/bfloat16 with the residual in x's dtype."""
+    n_dims = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
+    x2 = as_rows(x, n_dims)
+    r2 = as_rows(residual, n_dims) if residual is not None else None
+    w, b = as_vector(weight), as_vector(bias)
     name = backends.select(OP, x.device, (x2, w, b, float(eps), r2), backend)
     y, res, _, _ = _layer_norm_fwd(x2, w, b, float(eps), r2, name)
     if residual is None:

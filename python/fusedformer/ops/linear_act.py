@@ -1,5 +1,7 @@
 """ff.linear_act: act(x @ W^T + b), the first half of a transformer MLP."""
 
+import math
+
 import torch
 
 from fusedformer import backends
@@ -118,12 +120,19 @@ def linear_act_rows(x2, weight, bias, activation, backend):
     return _linear_act_fwd(x2, weight, bias, activation, name)[0]
 
 
-def linear_act(x, weight, bias=None, activation="gelu", *, backend=None):
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu", *,
+               backend: str | None = None) -> torch.Tensor:
     """act(x @ weight^T + bias) for x (..., K), weight (N, K), bias (N,). Activations: relu,
     gelu (erf), gelu_tanh, silu, identity, and gated swiglu / geglu, for which weight stacks
-    [gate; up] (N = 2F) and the result act(gate) * up is (..., F)."""
+    [gate; up] (N = 2F) and the result act(gate) * up is (..., F). x, weight and bias share one
+    float dtype, the result's.
+
+    Backends: reference and torch any float dtype; triton float16/bfloat16 through its GEMM with
+    the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
+    cuda cuBLAS and its epilogue kernel."""
     validate_linear(OP, x, weight, bias, activation)
     if x.ndim == 2:
         return linear_act_rows(x, weight, bias, activation, backend)
-    y = linear_act_rows(x.reshape(-1, x.shape[-1]), weight, bias, activation, backend)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
+    y = linear_act_rows(x2, weight, bias, activation, backend)
     return y.view(*x.shape[:-1], y.shape[-1])

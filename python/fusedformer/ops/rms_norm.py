@@ -1,11 +1,14 @@
 """ff.rms_norm: F.rms_norm, plus the pre-norm block's fused residual add."""
 
+from collections.abc import Sequence
+
 import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import RMS_NORM
+from fusedformer.ops._checks import as_rows, as_vector
 from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
-from fusedformer.ops.layer_norm import as_rows, validate_norm
+from fusedformer.ops.layer_norm import validate_norm
 from fusedformer.vocabulary import compute_dtype
 
 OP = RMS_NORM.name
@@ -62,15 +65,21 @@ def _backward(ctx, grad_y, grad_res, grad_rstd):
 _rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None, backend=None):
+def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
+             eps: float | None = None, *, residual: torch.Tensor | None = None,
+             backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """F.rms_norm(x, normalized_shape, weight, eps): x * rsqrt(mean(x^2) + eps) * weight, eps
-    defaulting to torch.finfo(x.dtype).eps. With ``residual=`` it normalizes h = x + residual and
-    returns ``(out, h)``."""
-    n = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
-    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
-    x2 = as_rows(x, n)
-    r2 = as_rows(residual, n) if residual is not None else None
-    w = reshaped(weight, (n,)) if weight is not None else None
+    defaulting to the epsilon of the dtype the math runs in, as torch: float64's for float64,
+    float32's for every other dtype (float16/bfloat16 too). With ``residual=`` it normalizes
+    h = x + residual and returns ``(out, h)``. Shapes and dtypes as layer_norm.
+
+    Backends: reference and torch any float dtype; triton float32/float16/bfloat16; cuda
+    float32/float16/bfloat16 with the residual in x's dtype."""
+    n_dims = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
+    eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
+    x2 = as_rows(x, n_dims)
+    r2 = as_rows(residual, n_dims) if residual is not None else None
+    w = as_vector(weight)
     name = backends.select(OP, x.device, (x2, w, eps, r2), backend)
     y, res, _ = _rms_norm_fwd(x2, w, eps, r2, name)
     if residual is None:

@@ -4,7 +4,7 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import SOFTMAX
-from fusedformer.ops._checks import check_float, normalize_dim
+from fusedformer.ops._checks import FLOAT_DTYPES, check_float, check_tensor, normalize_dim
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 
 OP = SOFTMAX.name
@@ -47,9 +47,23 @@ def _backward(ctx, grad_y):
 _softmax_fwd = differentiable(softmax_fwd, _setup_context, _backward)
 
 
-def softmax(x, dim=-1, *, backend=None):
+def softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
     """Softmax of ``x`` along ``dim`` (computed in float32 for low-precision input), as
-    ``torch.softmax(x, dim)``: a row of all -inf gives NaN, NaN propagates."""
+    ``torch.softmax(x, dim, dtype=dtype)``: with ``dtype`` the input is cast to it first (the
+    gradient flows back through the cast, in x's dtype); a row of all -inf gives NaN, NaN
+    propagates. ``x`` any shape, a floating dtype; the result has its shape and its (or
+    ``dtype``'s) dtype.
+
+    Backends: reference and torch any float dtype; triton and cuda float32/float16/bfloat16 on a
+    GPU (float64 runs on the reference)."""
+    if dtype is not None:
+        check_tensor(OP, "x", x)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{OP}: dtype must be a torch.dtype or None, got {type(dtype).__name__}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{OP}: dtype {dtype} is not a floating dtype; expected one of {FLOAT_DTYPES}")
+        x = x.to(dtype)
     check_float(OP, "x", x)
     dim = normalize_dim(OP, "dim", dim, x.dim())
     if x.dim() == 0:

@@ -26,7 +26,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     """q (T_q, H, D), k (T_k, Hkv, D), v (T_k, Hkv, Dv) -> (out (T_q, H, Dv), lse (H, T_q))."""
     out, lse = VARLEN_ATTENTION.implementation(backend).varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-        int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
+        seed, (window_left, window_right), alibi_slopes)
     return out, lse
 
 
@@ -46,7 +46,7 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     """-> (dq, dk, dv)."""
     dq, dk, dv = VARLEN_ATTENTION.implementation(backend).varlen_attention_backward(
         grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale,
-        dropout_p, int(seed.item()) if seed is not None else None, (window_left, window_right), alibi_slopes)
+        dropout_p, seed, (window_left, window_right), alibi_slopes)
     return dq, dk, dv
 
 
@@ -81,8 +81,6 @@ _varlen_attention_fwd = differentiable(varlen_attention_fwd, _setup_context, _ba
 
 
 def _check_cu(name, cu, total, max_seqlen, max_name):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{OP}: {name} must be a 1-D int32 tensor of B + 1 offsets, got dtype {cu.dtype} and "
                          f"shape {tuple(cu.shape)}")
@@ -123,8 +121,11 @@ def _validate(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, scale, wi
                             batch=cu_q.numel() - 1)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                     is_causal=False, scale=None, *, window_size=None, alibi_slopes=None, backend=None):
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None, *,
+                     window_size: tuple[int, int] | None = None, alibi_slopes: torch.Tensor | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """Attention over packed sequences, as flash-attn's ``flash_attn_varlen_func``.
 
     q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), H a multiple of Hkv (GQA).
@@ -133,9 +134,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     longest lengths. Each sequence is attended on its own with scaled_dot_product_attention's
     rules (causal top-left aligned, ``window_size=(left, right)``, ``alibi_slopes`` (H,) or (B, H),
     dropout drawn with seed + b). Returns (total_q, H, Dv).
+
+    Backends: reference and triton (as scaled_dot_product_attention); torch on a CPU, without
+    dropout, Dv = D; not cuda.
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale,
               window_size, alibi_slopes)
+    if dropout_p == 1.0:  # every weight dropped: zeros (NaN stays NaN), zero gradients, as torch's dropout
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, is_causal,
+                                scale, window_size=window_size, alibi_slopes=alibi_slopes, backend=backend) * 0.0
     D = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D) if D > 0 else 1.0
     wl, wr = window_size if window_size is not None else (-1, -1)
@@ -143,8 +150,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     slopes = None
     if alibi_slopes is not None:
         slopes = alibi_slopes.to(torch.float32) if q.dtype != torch.float64 else alibi_slopes
-    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
-    cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device) if dropout_p > 0.0 else None
+    # the kernels read the offsets through a raw pointer: int32 and contiguous, as flash-attn's
+    cu_q, cu_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
     args = (q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
     out, _ = _varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,

@@ -71,7 +71,9 @@ def probe_inputs(module, gen):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
     if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
-        return (randn(2, 3, *module.normalized_shape),), {}
+        # rows from 1e-4 to 1 in magnitude: on the small ones the epsilon decides the output
+        scales = torch.logspace(-4, 0, 6).view(2, 3, *(1,) * len(module.normalized_shape))
+        return (randn(2, 3, *module.normalized_shape) * scales.to(device, dtype),), {}
     layer = module.layers[0] if isinstance(module, _STACKS) else module
     if isinstance(layer, torch.nn.MultiheadAttention):
         E, batch_first = layer.embed_dim, layer.batch_first

@@ -184,8 +184,30 @@ def num_partials(M, device):
     return max(1, min(M, 2 * num_sms(device)))
 
 
-def norm_backward_rows(grad_y, x, grad_residual_out):
-    """(x2, dy2, dr2): a norm backward's row inputs with unit-stride rows, gradients in x's dtype."""
+def norm_backward_buffers(grad_y, x, grad_residual_out):
+    """(x2, dy2, dr2, dx, nparts): a norm backward's row inputs with unit-stride rows, gradients in
+    x's dtype, its dx output and how many blocks write parameter-gradient partial sums."""
     x2, dy2 = unit_rows(x), unit_rows(grad_y.to(x.dtype))
     dr2 = unit_rows(grad_residual_out.to(x.dtype)) if grad_residual_out is not None else None
-    return x2, dy2, dr2
+    dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    return x2, dy2, dr2, dx, num_partials(x2.shape[0], x.device)
+
+
+def norm_forward_buffers(x, residual, row_stats):
+    """(x2, r2, y, res_out, *stats): a norm forward's row inputs with unit-stride rows, its output,
+    the residual-sum output (None without a residual) and ``row_stats`` fp32 (M,) vectors (mean,
+    rstd)."""
+    x2, r2 = unit_rows(x), unit_rows(residual)
+    M, N = x2.shape
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
+    return (x2, r2, y, res_out, *(torch.empty(M, dtype=torch.float32, device=x.device) for _ in range(row_stats)))
+
+
+def param_grad_buffers(param, nparts, N, device):
+    """(partials, total): fp32 (nparts, N) per-block partial sums of a norm parameter's gradient and
+    their (N,) reduction, both None when the parameter is."""
+    if param is None:
+        return None, None
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty(nparts, N, **f32), torch.empty(N, **f32)

@@ -15,12 +15,8 @@ def unsupported(x, weight, bias, eps, residual):
 
 def layer_norm_forward(x, weight, bias, eps, residual=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, r2 = _common.unit_rows(x), _common.unit_rows(residual)
+    x2, r2, y, res_out, mean, rstd = _common.norm_forward_buffers(x, residual, row_stats=2)
     M, N = x2.shape
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
-    mean = torch.empty(M, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     w, b = _common.weight_vector(weight), _common.weight_vector(bias)
     with _common.launch_context(x) as stream:
         ext.layer_norm_forward(_common.code(x), x2.data_ptr(), _common.ptr(r2), _common.ptr(w), _common.ptr(b),
@@ -32,15 +28,10 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
 
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
+    x2, dy2, dr2, dx, nparts = _common.norm_backward_buffers(grad_y, x, grad_residual_out)
     M, N = x2.shape
-    dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = _common.num_partials(M, x.device)
-    f32 = dict(dtype=torch.float32, device=x.device)
-    dw_part = torch.empty(nparts, N, **f32) if weight is not None else None
-    db_part = torch.empty(nparts, N, **f32) if bias is not None else None
-    dw = torch.empty(N, **f32) if weight is not None else None
-    db = torch.empty(N, **f32) if bias is not None else None
+    dw_part, dw = _common.param_grad_buffers(weight, nparts, N, x.device)
+    db_part, db = _common.param_grad_buffers(bias, nparts, N, x.device)
     w = _common.weight_vector(weight)
     mean32, rstd32 = mean.to(torch.float32).contiguous(), rstd.to(torch.float32).contiguous()
     with _common.launch_context(x) as stream:

@@ -14,11 +14,8 @@ def unsupported(x, weight, eps, residual):
 
 def rms_norm_forward(x, weight, eps, residual=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, r2 = _common.unit_rows(x), _common.unit_rows(residual)
+    x2, r2, y, res_out, rstd = _common.norm_forward_buffers(x, residual, row_stats=1)
     M, N = x2.shape
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    res_out = torch.empty(M, N, dtype=residual.dtype, device=x.device) if residual is not None else None
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     w = _common.weight_vector(weight)
     with _common.launch_context(x) as stream:
         ext.rms_norm_forward(_common.code(x), x2.data_ptr(), _common.ptr(r2), _common.ptr(w), y.data_ptr(),
@@ -30,12 +27,9 @@ def rms_norm_forward(x, weight, eps, residual=None):
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     ext = _common.extension(REQUIRED_SYMBOLS)
-    x2, dy2, dr2 = _common.norm_backward_rows(grad_y, x, grad_residual_out)
+    x2, dy2, dr2, dx, nparts = _common.norm_backward_buffers(grad_y, x, grad_residual_out)
     M, N = x2.shape
-    dx = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    nparts = _common.num_partials(M, x.device)
-    dw_part = torch.empty(nparts, N, dtype=torch.float32, device=x.device) if weight is not None else None
-    dw = torch.empty(N, dtype=torch.float32, device=x.device) if weight is not None else None
+    dw_part, dw = _common.param_grad_buffers(weight, nparts, N, x.device)
     w = _common.weight_vector(weight)
     rstd32 = rstd.to(torch.float32).contiguous()
     with _common.launch_context(x) as stream:

@@ -73,25 +73,33 @@ def _fix_rows_without_scores(q, k, out, lse, mask, causal, scale):
     out[b, h, i] = torch.where(torch.isnan(true_lse), float("nan"), 0.0)[:, None].to(out.dtype)
 
 
+def _unit_last_stride(*tensors):
+    """torch's CPU flash kernel reads the last dim as contiguous (a strided head dim gives NaN or
+    garbage; F.scaled_dot_product_attention copies such inputs first): copy the ones that are not."""
+    return [t if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
 def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
     if reason:
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    q, k, v, mask = _unit_last_stride(q, k, v, mask)
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
     return out, lse
 
 
-def _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias):
+def _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias):
     """dbias: dS = P * (dP - rowsum(dP * P)) (torch's softmax backward) summed to the bias's shape,
-    with P = exp(S - lse) rebuilt from the saved lse and dP = dO V^T. dS is the one Lq x Lk tensor,
-    as large as a full bias's gradient itself."""
+    with P = softmax(S) rebuilt from the scores (0 in rows with no key) and dP = dO V^T. dS is the
+    one Lq x Lk tensor, as large as a full bias's gradient itself."""
     cd = compute_dtype(q)
     group = q.shape[1] // k.shape[1]
     total = attention_mask_bias(q.shape[2], k.shape[2], mask, is_causal, (-1, -1), None, q.device, cd)
-    p = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
-    p = p.sub_(lse[..., None]).exp_()
+    s = torch.matmul(q.to(cd), expand_kv(k.to(cd), group).transpose(-1, -2)).mul_(scale).add_(total)
+    # softmax, not exp(S - lse): with scores in the hundreds, lse's rounding would enter every P
+    p = torch.softmax(s, dim=-1).masked_fill_(torch.isneginf(s).all(dim=-1, keepdim=True), 0.0)
     dp = torch.matmul(grad_out.to(cd), expand_kv(v.to(cd), group).transpose(-1, -2))
     ds = torch._softmax_backward_data(dp, p, -1, cd)
     return ds.sum_to_size(bias.shape).to(bias.dtype)
@@ -103,6 +111,7 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     if reason:
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
+    grad_out, q, k, v, out, mask = _unit_last_stride(grad_out, q, k, v, out, mask)
     # the kernel's own convention for empty rows (lse 0: all probabilities exp(-inf - 0) = 0),
     # which the forward replaced by the contract's -inf
     lse = lse.masked_fill(torch.isneginf(lse), 0.0)
@@ -110,5 +119,5 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
         grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
     dbias = None
     if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
-        dbias = _bias_gradient(grad_out, q, k, v, lse, mask, is_causal, scale, bias)
+        dbias = _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias)
     return dq, dk, dv, dbias

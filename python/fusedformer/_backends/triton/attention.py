@@ -71,32 +71,42 @@ def decode_splits(B, Hkv, G, Lq, Lk, device):
     return max(1, min(want, -(-Lk // 256), 64))
 
 
-def forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None,
-            *, pack_gqa=None, num_splits=None):
-    """attention_forward with the path forced: ``pack_gqa``/``num_splits`` None picks as ``auto``."""
-    _check(q, k, v, bias, dropout_p, seed)
+def _plan_forward(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes, pack_gqa, num_splits):
+    """(out, lse, launches): the outputs, allocated, and the kernel launches that fill them (see
+    kernels/attention.py forward_launches); no launches when there is nothing to attend."""
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
     out = torch.empty(B, H, Lq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     if Lk == 0 or Lq == 0 or B * H == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return out.zero_(), lse.fill_(float("-inf")), []
     if pack_gqa is None:
         splits = decode_splits(B, Hkv, G, Lq, Lk, q.device)
         pack_gqa = splits > 0
         num_splits = max(splits, 1) if num_splits is None else num_splits
     num_splits = 1 if num_splits is None else int(num_splits)
     out_part = lse_part = None
-    if num_splits > 1:
-        out_part = torch.empty(B * H * Lq, num_splits, Dv, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(B * H * Lq, num_splits, dtype=torch.float32, device=q.device)
+    if num_splits > 1:  # split-major, so the kernel's strides do not depend on the split count
+        out_part = torch.empty(num_splits, B * H * Lq, Dv, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(num_splits, B * H * Lq, dtype=torch.float32, device=q.device)
     window = _clamp_window(window, Lq, Lk)
     threshold = dropout_threshold(dropout_p) if dropout_p > 0 else 0
-    fwd_kernels.launch_forward(
+    launches = fwd_kernels.forward_launches(
         q, k, v, out, lse, bias, _slopes(alibi_slopes), causal, scale, window, dropout_p, seed, threshold,
         q.stride(), k.stride(), v.stride(), out.stride(), lse.stride(), B, H, G, Lq, Lk,
         pack_gqa=pack_gqa, num_splits=num_splits, out_part=out_part, lse_part=lse_part)
+    return out, lse, launches
+
+
+def forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None,
+            *, pack_gqa=None, num_splits=None):
+    """attention_forward with the path forced: ``pack_gqa``/``num_splits`` None picks as ``auto``.
+    ``seed``: an int, or the one-element int64 tensor the op draws on the device."""
+    _check(q, k, v, bias, dropout_p, seed)
+    out, lse, launches = _plan_forward(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes,
+                                       pack_gqa, num_splits)
+    fwd_kernels.run(launches)
     return out, lse
 
 

@@ -30,6 +30,11 @@ def _bhld(t):
     return (0, t.stride(1), t.stride(0), t.stride(2))
 
 
+def _offsets(cu_seqlens):
+    """cu_seqlens as the kernels read it: int32, contiguous (they index the raw pointer)."""
+    return cu_seqlens.to(torch.int32).contiguous()
+
+
 def _prepare(q, k, v, dropout_p, seed):
     reason = unsupported(q, k, v, None, None, 0, 0, False, 1.0)
     if reason:
@@ -55,7 +60,7 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     fwd_kernels.launch_forward(
         q, k, v, out, lse, None, slopes, causal, scale, window, dropout_p, seed, threshold,
         _bhld(q), _bhld(k), _bhld(v), _bhld(out), (0, total_q, 1), B, H, H // Hkv, max_seqlen_q, max_seqlen_k,
-        cu_q=cu_seqlens_q.to(torch.int32), cu_k=cu_seqlens_k.to(torch.int32))
+        cu_q=_offsets(cu_seqlens_q), cu_k=_offsets(cu_seqlens_k))
     return out, lse
 
 
@@ -76,6 +81,6 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
                "dq": _bhld(dq), "dk": _bhld(dk), "dv": _bhld(dv)}
     bwd_kernels.launch_backward(grad_out, q, k, v, out, lse.to(torch.float32).contiguous(), dq, dk, dv, None, None,
                                 slopes, causal, scale, window, dropout_p, seed, threshold, strides, B, H, H // Hkv,
-                                max_seqlen_q, max_seqlen_k, total_q=total_q, cu_q=cu_seqlens_q.to(torch.int32),
-                                cu_k=cu_seqlens_k.to(torch.int32))
+                                max_seqlen_q, max_seqlen_k, total_q=total_q, cu_q=_offsets(cu_seqlens_q),
+                                cu_k=_offsets(cu_seqlens_k))
     return dq, dk, dv

@@ -8,18 +8,14 @@ import torch.nn.functional as F
 
 import fusedformer as ff
 from fusedformer.bench.cases import linear_act
-from fusedformer.bench.cases.linear_act import liger_act, llm_headline
+from fusedformer.bench.cases.linear_act import liger_act, mlp_shapes
 from fusedformer.bench.providers import compiled, fusedformer_providers
 from fusedformer.vocabulary import ACTIVATIONS
 
-SHAPES = {
-    "tiny": [dict(M=12, d=32, F=64, activation="gelu"), dict(M=7, d=24, F=40, activation="swiglu")],
-    "cpu": [dict(M=256, d=512, F=2048, activation="gelu"), dict(M=256, d=512, F=1408, activation="swiglu")],
-    "quick": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
-    "full": [dict(M=64, d=768, F=3072, activation="gelu"), dict(M=8192, d=2048, F=8192, activation="gelu"),
-             dict(M=64, d=4096, F=11008, activation="swiglu"), dict(M=8192, d=4096, F=11008, activation="swiglu")],
-    "headline": llm_headline("d", "F"),
-}
+SHAPES = mlp_shapes("d", "F", tiny=[(12, 32, 64, "gelu"), (7, 24, 40, "swiglu")],
+                    cpu=[(256, 512, 2048, "gelu"), (256, 512, 1408, "swiglu")],
+                    full=[(64, 768, 3072, "gelu"), (8192, 2048, 8192, "gelu"), (64, 4096, 11008, "swiglu"),
+                          (8192, 4096, 11008, "swiglu")])
 PRESET_PROVIDERS = linear_act.PRESET_PROVIDERS
 PASS_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 

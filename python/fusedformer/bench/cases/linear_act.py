@@ -11,21 +11,21 @@ from fusedformer.bench.providers import compiled, fusedformer_providers, liger_f
 from fusedformer.vocabulary import ACTIVATIONS
 
 
-def llm_headline(width, hidden):
-    """The GPU check's headline GEMM shapes: one LLM shape (LLaMA-7B's MLP, d 4096, d_ff 11008,
-    over 8192 tokens) and its decode-sized batch (64), gelu and swiglu; ``width`` and ``hidden``
-    name the op's two sizes."""
-    return [dict(M=M, **{width: 4096, hidden: 11008}, activation=a) for M in (64, 8192) for a in ("gelu", "swiglu")]
+def mlp_shapes(width, hidden, tiny, cpu, full):
+    """SHAPES of a GEMM + activation case from (M, width, hidden, activation) rows, ``width`` and
+    ``hidden`` naming the op's two sizes. Common to all: ``quick``, BERT-base's MLP (768, 3072) at
+    64 tokens and LLaMA-7B's (4096, 11008) at 8192, and the GPU check's ``headline``, LLaMA-7B's
+    MLP over 8192 tokens and a decode-sized batch (64), gelu and swiglu."""
+    quick = [(64, 768, 3072, "gelu"), (8192, 4096, 11008, "swiglu")]
+    headline = [(M, 4096, 11008, a) for M in (64, 8192) for a in ("gelu", "swiglu")]
+    return {preset: [dict(M=M, **{width: w, hidden: h}, activation=a) for M, w, h, a in sizes]
+            for preset, sizes in dict(tiny=tiny, cpu=cpu, quick=quick, full=full, headline=headline).items()}
 
 
-SHAPES = {
-    "tiny": [dict(M=16, K=32, N=48, activation="gelu"), dict(M=9, K=24, N=20, activation="swiglu")],
-    "cpu": [dict(M=256, K=512, N=2048, activation="gelu"), dict(M=256, K=512, N=1024, activation="swiglu")],
-    "quick": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
-    "full": [dict(M=64, K=768, N=3072, activation="gelu"), dict(M=8192, K=4096, N=16384, activation="gelu"),
-             dict(M=64, K=4096, N=11008, activation="swiglu"), dict(M=8192, K=4096, N=11008, activation="swiglu")],
-    "headline": llm_headline("K", "N"),
-}
+SHAPES = mlp_shapes("K", "N", tiny=[(16, 32, 48, "gelu"), (9, 24, 20, "swiglu")],
+                    cpu=[(256, 512, 2048, "gelu"), (256, 512, 1024, "swiglu")],
+                    full=[(64, 768, 3072, "gelu"), (8192, 4096, 16384, "gelu"), (64, 4096, 11008, "swiglu"),
+                          (8192, 4096, 11008, "swiglu")])
 # the headline: against eager and the bare GEMM (torch-matmul), the fused op's ceiling
 PRESET_PROVIDERS = {"headline": ("fusedformer-triton", "fusedformer-cuda", "torch-eager", "torch-matmul")}
 PASS_FACTOR = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}

@@ -2,41 +2,23 @@
 size e: fwd reads x and writes y (2 M N e, + N e weight); bwd reads x, dy and writes dx
 (3 M N e, + 2 N e weight and its grad, + 4 M for the fp32 rstd); fwd+bwd the sum."""
 
-import torch
 import torch.nn.functional as F
 
 import fusedformer as ff
-from fusedformer.bench.providers import (
-    ROWWISE_HEADLINE_PROVIDERS,
-    ROWWISE_HEADLINE_SHAPES,
-    compiled,
-    fusedformer_providers,
-    liger_function,
-)
+from fusedformer.bench.cases import _rowwise
+from fusedformer.bench.providers import liger_function
 
-SHAPES = {
-    "tiny": [dict(M=8, N=100), dict(M=17, N=257)],
-    "cpu": [dict(M=256, N=1024), dict(M=2048, N=4096)],
-    "quick": [dict(M=64, N=1024), dict(M=8192, N=4096)],
-    "full": [dict(M=64, N=1024), dict(M=4096, N=4096), dict(M=16384, N=8192), dict(M=32768, N=2048)],
-    "headline": ROWWISE_HEADLINE_SHAPES,
-}
-PRESET_PROVIDERS = {"headline": ROWWISE_HEADLINE_PROVIDERS}
+SHAPES = _rowwise.NORM_SHAPES
+PRESET_PROVIDERS = _rowwise.PRESET_PROVIDERS
 EPS = 1e-6
 
 
 def work(shape, pass_, dtype):
-    M, N, e = shape["M"], shape["N"], dtype.itemsize
-    fwd = 2 * M * N * e + N * e + 4 * M
-    bwd = 3 * M * N * e + 2 * N * e + 4 * M
-    return None, {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+    return None, _rowwise.norm_bytes(shape, pass_, dtype, params=1, row_stats=1)
 
 
 def make(shape, dtype, device):
-    M, N = shape["M"], shape["N"]
-    x = torch.randn(M, N, device=device, dtype=dtype)
-    w = 1 + 0.1 * torch.randn(N, device=device, dtype=dtype)
-    return [x, w], {}, [0, 1]
+    return _rowwise.norm_inputs(shape, dtype, device, bias=False)
 
 
 def eager(x, w):
@@ -44,10 +26,8 @@ def eager(x, w):
 
 
 def providers(device, shape):
-    out = fusedformer_providers(lambda x, w, backend: ff.rms_norm(x, (x.shape[-1],), w, EPS, backend=backend),
-                                device)
-    out["torch-eager"] = eager
-    out["torch-compile"] = compiled(eager, device)
+    out = _rowwise.providers(lambda x, w, backend: ff.rms_norm(x, (x.shape[-1],), w, EPS, backend=backend), eager,
+                             device)
     liger = liger_function("rms_norm", "LigerRMSNormFunction", device)
     # in_place=False: Liger's default overwrites dy in the backward, which a timing loop reuses
     out["liger"] = liger if isinstance(liger, str) else (lambda x, w: liger(x, w, EPS, 0.0, "llama", False))

@@ -4,21 +4,12 @@ fwd reads x and writes y (2 M N e); bwd reads y and dy, writes dx (3 M N e); fwd
 import torch
 
 import fusedformer as ff
-from fusedformer.bench.providers import (
-    ROWWISE_HEADLINE_PROVIDERS,
-    ROWWISE_HEADLINE_SHAPES,
-    compiled,
-    fusedformer_providers,
-)
+from fusedformer.bench.cases import _rowwise
+from fusedformer.bench.cases._rowwise import rows
 
-SHAPES = {
-    "tiny": [dict(M=8, N=100), dict(M=17, N=257)],
-    "cpu": [dict(M=256, N=1024), dict(M=1024, N=4096)],
-    "quick": [dict(M=64, N=1024), dict(M=8192, N=8192)],
-    "full": [dict(M=64, N=1024), dict(M=4096, N=4096), dict(M=16384, N=8192), dict(M=4096, N=32768)],
-    "headline": ROWWISE_HEADLINE_SHAPES,
-}
-PRESET_PROVIDERS = {"headline": ROWWISE_HEADLINE_PROVIDERS}
+SHAPES = _rowwise.shapes(cpu=rows((256, 1024), (1024, 4096)), quick=rows((64, 1024), (8192, 8192)),
+                         full=rows((64, 1024), (4096, 4096), (16384, 8192), (4096, 32768)))
+PRESET_PROVIDERS = _rowwise.PRESET_PROVIDERS
 TRAFFIC = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 
 
@@ -35,7 +26,4 @@ def eager(x):
 
 
 def providers(device, shape):
-    out = fusedformer_providers(lambda x, backend: ff.softmax(x, -1, backend=backend), device)
-    out["torch-eager"] = eager
-    out["torch-compile"] = compiled(eager, device)
-    return out
+    return _rowwise.providers(lambda x, backend: ff.softmax(x, -1, backend=backend), eager, device)

@@ -1,0 +1,216 @@
+"""Every configuration autotune (or a launch heuristic) may select for each Triton kernel, at one
+representative specialisation per kernel and arch: the compile jobs of the resource test
+(tests/test_triton_resources.py runs them through triton_sm90_compile.py --resources).
+
+The configurations are read from the kernels' own autotuner objects (``configs`` and their early
+prune, given the specialisation's arguments) and launch heuristics, never copied, so a config
+added or pruned there is what this checks. Import with TRITON_INTERPRET unset: under the
+interpreter the kernels carry one small config and no autotuner.
+"""
+
+import dataclasses
+import types
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.autotuner import Heuristics
+from triton_sm90_compile import ALIGNED, column_kernels, row_kernels
+
+ARCHS = (90, 80)
+# a representative large shape: B=4, H=16, L=4096, head dim 128; GEMM M=N=K=4096
+BATCH, HEADS, LENGTH, HEAD_DIM, GEMM = 4, 16, 4096, 128, 4096
+
+
+@dataclasses.dataclass
+class Job:
+    family: str
+    fn: object  # the @triton.jit kernel
+    types: dict  # argument name -> signature type; other arguments are i32
+    constexprs: dict
+    aligned: set
+    num_warps: int
+    num_stages: object  # None: triton's default
+    arch: int
+    config: dict  # the configuration's tile constexprs, for the report
+    sixteen_bit: bool = True
+
+
+def selectable(tuner, named_args, constexprs):
+    """The configs ``tuner`` may pick for these arguments: its configs after its early prune."""
+    if tuner.early_config_prune is None:
+        return list(tuner.configs)
+    return tuner.early_config_prune(tuner.configs, named_args, **constexprs)
+
+
+def heuristic_values(tuner, args):
+    """Constexprs the triton.heuristics wrapped inside ``tuner`` derive from ``args``."""
+    values, fn = {}, tuner.fn
+    while isinstance(fn, Heuristics):
+        values.update({name: rule({**args, **values}) for name, rule in fn.values.items()})
+        fn = fn.fn
+    return values
+
+
+def _tensor(sig_type):
+    """A stand-in for a pointer argument in named_args: prunes may read its dtype."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "u8": torch.uint8,
+             "i32": torch.int32, "i64": torch.int64}[sig_type.lstrip("*")]
+    return torch.empty(0, dtype=dtype)
+
+
+def _named_args(fn, types, ints):
+    return {n: _tensor(types[n]) if types.get(n, "").startswith("*") else ints.get(n, 1) for n in fn.arg_names}
+
+
+def _autotuned_jobs(family, tuner, fn, types, ints, constexprs, aligned, arch, describe=None):
+    named = _named_args(fn, types, ints)
+    jobs = []
+    for config in selectable(tuner, named, constexprs):
+        consts = {**constexprs, **config.kwargs}
+        consts.update(heuristic_values(tuner, {**named, **consts}))
+        job_types = describe(config) if describe else types
+        jobs.append(Job(family, fn, job_types, consts, aligned, config.num_warps, config.num_stages, arch,
+                        config.kwargs))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# attention: forward (also what decode's packed-GQA launches pick from), backward, combine
+# --------------------------------------------------------------------------------------------
+
+_ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp32", "Seed": "*i64", "CuQ": "*i32",
+              "CuK": "*i32",
+              "LsePart": "*fp32", "OutPart": "*fp32",
+              **{n: "*bf16" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
+_ATTN_SCALARS = {"qk_scale": "fp32", "drop_scale": "fp32", "sm_scale": "fp32", "seed": "i64", "drop_threshold": "i64"}
+_ATTN_ALIGNED = {f"s{t}_{d}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for d in "bhl"} | {"D", "Dv"}
+
+
+def _unit_head_dim(fn):
+    """The head-dim strides of ``fn``'s tensors: 1 for contiguous heads, a constexpr as Triton
+    specialises it."""
+    return {n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("_d")}
+
+
+def attention_jobs(arch, dropout_p=0.0):
+    from fusedformer.kernels import attention as A
+    from fusedformer.kernels import attention_backward as AB
+
+    pow2 = triton.next_power_of_2
+    ints = dict(B=BATCH, H=HEADS, G=1, Lq=LENGTH, Lk=LENGTH, D=HEAD_DIM, Dv=HEAD_DIM, key_lq=pow2(LENGTH),
+                key_lk=pow2(LENGTH))
+    # bf16 causal self-attention, head dim 128: the common training / prefill launch
+    flags = dict(A.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False,
+                 BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
+    types = {**_ATTN_PTRS, **_ATTN_SCALARS, "Seed": "*i64"}
+    fwd_tuner, _ = A._tuned_fwd()
+    fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
+    jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)
+    for name, fn in (("dkdv", AB._attn_bwd_dkdv), ("dq", AB._attn_bwd_dq)):
+        tuner, _ = AB._tuned(name)
+        jobs += _autotuned_jobs("attention_bwd", tuner, fn, types, ints, dict(flags, **_unit_head_dim(fn)),
+                                _ATTN_ALIGNED, arch)
+    # decode's split-K merge: one program per row, the launcher's fixed split block
+    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=A.block_d(HEAD_DIM))
+    jobs.append(Job("attention_decode", A._attn_combine_kernel, types, blocks, {"Dv"}, 4, None, arch, blocks))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM with the bias + activation epilogue (TMA persistent on sm_90), and the epilogue kernels
+# --------------------------------------------------------------------------------------------
+
+_GEMM_ALIGNED = {"stride_xm", "stride_wn", "stride_dym", "stride_hm", "K", "M_BUCKET"}
+
+
+def gemm_jobs(arch, plant=False):
+    from fusedformer.kernels import bias_act as BA
+    from fusedformer.kernels import matmul_act as MA
+
+    tma = arch >= 90  # the launcher takes TMA on sm_90+ for aligned 16-bit operands
+    act, gated = BA.kernel_activation("resource test", "gelu")
+    ints = dict(M=GEMM, N_OUT=GEMM, K=GEMM, M_BUCKET=GEMM)
+    constexprs = dict(MODE=0, ACT=act, GATED=gated, HAS_BIAS=True, STORE_Y=False, STORE_P=True, USE_TMA=tma,
+                      INPUT_PRECISION=MA._input_precision(torch.bfloat16), stride_xk=1, stride_wk=1)
+    sig = {n: "*bf16" for n in ("X", "W", "B", "Y", "P", "DY")} | {"DB": "*fp32"}
+
+    def describe(config):
+        if not tma:
+            return sig
+        # the config's pre_hook sets the descriptors' block shapes: ask it rather than copy its rule
+        nargs = {**config.kwargs, "USE_TMA": True, "X": _Descriptor(), "W": _Descriptor()}
+        config.pre_hook(nargs)
+        return {**sig, **{n: f"tensordesc<bf16{list(nargs[n].block_shape)}>" for n in ("X", "W")}}
+
+    tuner = MA._tuned_kernel
+    if plant:  # 4 stages of 64x256 bf16 x and w tiles: 256 KB of shared memory
+        big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 8}, num_warps=4, num_stages=4,
+                            pre_hook=tuner.configs[0].pre_hook)
+        tuner = types.SimpleNamespace(configs=[big], early_config_prune=None, fn=tuner.fn)
+    jobs = _autotuned_jobs("matmul_act", tuner, MA._matmul_act_kernel, sig, ints, constexprs, _GEMM_ALIGNED,
+                           arch, describe)
+    if plant:
+        return jobs
+    block_m, block_n = BA._blocks(GEMM)
+    common = dict(ACT=act, GATED=gated, CD=tl.float32, BLOCK_M=block_m, BLOCK_N=block_n)
+    epilogue = {n: "*bf16" for n in ("H", "B", "Y", "P", "DY", "DH")} | {"DB": "*fp32"}
+    row_blocks = 8  # the most row blocks per backward program (_row_blocks)
+    jobs.append(Job("bias_act", BA._bias_act_fwd_kernel, epilogue,
+                    dict(common, HAS_BIAS=True, STORE_PREACT=True), _GEMM_ALIGNED, 4, None, arch,
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n}))
+    jobs.append(Job("bias_act", BA._bias_act_bwd_kernel, epilogue,
+                    dict(common, ADD_BIAS=True, BIAS_GRAD=True, STORE_Y=True, ROW_BLOCKS=row_blocks), _GEMM_ALIGNED,
+                    4, None, arch, {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROW_BLOCKS": row_blocks}))
+    return jobs
+
+
+class _Descriptor:
+    """What a config's pre_hook sees of a TensorDescriptor: the block shape it sets."""
+
+    block_shape = None
+
+
+# --------------------------------------------------------------------------------------------
+# softmax and norms: launch heuristics instead of autotuning
+# --------------------------------------------------------------------------------------------
+
+
+def _largest(choices):
+    """The choice with the largest tile among (BLOCK_M, BLOCK_N, ...) tuples."""
+    return max(choices, key=lambda c: c[0] * c[1])
+
+
+def row_jobs(arch):
+    from fusedformer.kernels import _rows
+    from fusedformer.kernels import softmax as ks
+
+    lengths = [1 << k for k in range(4, 18)]  # row lengths 16 .. 128k: every tile shape the rules produce
+    jobs = []
+    for backward in (False, True):
+        picks = {_rows.row_config(4096, n, 2, backward) for n in lengths}
+        for single in (True, False):  # the largest one-pass tile, and the looped walk
+            bm, bn, one_pass, warps = _largest([p for p in picks if p[2] == single])
+            jobs += _heuristic_jobs("rows", row_kernels(dict(BLOCK_M=bm, BLOCK_N=bn, SINGLE=one_pass), warps,
+                                                        backward), arch)
+    picks = {ks._columns_config(128, n) for n in lengths}
+    for single in (True, False):
+        bb, bn, one_pass, warps = _largest([p for p in picks if p[2] == single])
+        jobs += _heuristic_jobs("rows", column_kernels(dict(BLOCK_N=bn, BLOCK_B=bb, SINGLE=one_pass), warps), arch)
+    return jobs
+
+
+def _heuristic_jobs(family, kernels, arch):
+    jobs = []
+    for _, fn, ptrs, floats, constexprs, warps in kernels:
+        types_ = {**{n: "*" + t for n, t in ptrs.items()}, **{n: "fp32" for n in floats}}
+        config = {k: v for k, v in constexprs.items() if k.isupper() and k.startswith(("BLOCK", "SINGLE"))}
+        jobs.append(Job(family, fn, types_, constexprs, ALIGNED, warps, None, arch, config))
+    return jobs
+
+
+def jobs(plant=False):
+    """Every compile job, biggest first (so the shards finish together)."""
+    if plant:
+        return [job for arch in ARCHS for job in gemm_jobs(arch, plant=True)]
+    return [job for arch in ARCHS for job in attention_jobs(arch) + gemm_jobs(arch) + row_jobs(arch)]
