@@ -44,19 +44,45 @@ def test_selection_follows_argument_context_and_environment(monkeypatch):
     assert ran == ["torch", "reference", "reference", "torch", "torch", "reference", "torch", "torch"]
 
 
-def test_selection_is_cached_per_features(monkeypatch):
-    """A decision is taken once per (family, requested, device, features); inputs a backend
-    judges otherwise (here: dtype) get their own."""
+def _count_asks(monkeypatch):
     asked = []
     real = backends.unsupported_reason
     monkeypatch.setattr(backends, "unsupported_reason", lambda *a: asked.append(a[0]) or real(*a))
-    x = torch.randn(3, 5)
+    return asked
+
+
+def test_selection_is_cached_per_features(monkeypatch):
+    """A decision a backend's unsupported() takes part in is taken once per (family, requested,
+    device, features); inputs it judges otherwise (here: dtype, head dim) get their own."""
+    asked = _count_asks(monkeypatch)
+    q = torch.randn(1, 2, 4, 8)
+    args = lambda q: (q, q, q, None, False, 0.35, 0.0, None, (-1, -1), None)  # noqa: E731
     for _ in range(3):
-        assert backends.select("softmax", x.device, (x, 1)) == "torch"
+        assert backends.select("attention", q.device, args(q)) == "torch"
     assert asked == ["torch"]
-    backends.select("softmax", x.device, (x.double(), 1))
-    backends.select("softmax", x.device, (torch.randn(2, 7, 4), 2))  # another last dim and rank
+    backends.select("attention", q.device, args(q.double()))
+    backends.select("attention", q.device, args(torch.randn(1, 2, 4, 16)))
     assert asked == ["torch"] * 3
+
+
+def test_selection_for_any_arguments_is_taken_once(monkeypatch):
+    """A backend that runs every input (no unsupported() of its own, first in auto's order) is
+    chosen once per (family, requested, device), whatever the arguments; a backend with an
+    unsupported() is asked again for other features."""
+    asked = _count_asks(monkeypatch)
+    x = torch.randn(3, 5)
+    for t in (x, x.double(), torch.randn(2, 7, 4), x.requires_grad_()):
+        assert backends.select("softmax", x.device, (t, 1)) == "torch"
+    assert asked == ["torch"]
+    impl, _ = SOFTMAX.load("torch")
+    judging = SOFTMAX.check(type("module", (), {
+        "softmax_forward": staticmethod(impl.softmax_forward), "softmax_backward": staticmethod(impl.softmax_backward),
+        "unsupported": staticmethod(lambda x, dim: "no float64" if x.dtype == torch.float64 else None)}))
+    monkeypatch.setitem(SOFTMAX.loaded, "torch", (judging, None))
+    backends.clear_selection_cache()
+    assert backends.select("softmax", x.device, (x, 1)) == "torch"
+    assert backends.select("softmax", x.device, (x.double(), 1)) == "reference"
+    assert backends.select("softmax", x.device, (x, 1)) == "torch"
 
 
 def test_selection_cache_keeps_unsupported_inputs_apart(monkeypatch):

@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from fusedformer._backends.contract import BackendUnavailableError
+from fusedformer._backends.contract import BackendUnavailableError, runs_everything
 from fusedformer._backends.tables import FAMILIES
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
@@ -188,13 +188,16 @@ def unsupported_reason(name, family, device, args=None):
     return impl.unsupported(*args) if args is not None else None
 
 
-# select()'s decisions, by (family, requested name, device, _features(args)): working one out asks
-# every backend in turn (availability, table, unsupported()), about 20k instructions per call; a
-# decision already taken is one dict lookup. The requested name is part of the key, so a
-# backend= argument, use_backend(...) or FUSEDFORMER_BACKEND of another value takes its own entry.
-# Like availability, entries assume the backends themselves do not change within a process
-# (tests that patch them call clear_selection_cache()). Scalar arguments that vary call by call
-# (varlen's max_seqlen) make new keys: the cache starts over when it reaches _SELECTIONS_MAX.
+# select()'s decisions. A decision that holds whatever the arguments (the backend runs every input
+# and, for auto, every backend before it cannot run on the device at all: the torch backend's
+# norms, softmax and linear_act on a CPU) is kept by (family, requested name, device): one tuple
+# and one dict lookup. Any other by (family, requested name, device, _features(args)): working one
+# out asks every backend in turn (availability, table, unsupported()), about 20k instructions; the
+# key ~2-3k per tensor argument. The requested name is part of both keys, so a backend= argument,
+# use_backend(...) or FUSEDFORMER_BACKEND of another value takes its own entry. Like availability,
+# entries assume the backends themselves do not change within a process (tests that patch them
+# call clear_selection_cache()). Scalar arguments that vary call by call (varlen's max_seqlen) make
+# new keys: the cache starts over when it reaches _SELECTIONS_MAX.
 _selections = {}
 _SELECTIONS_MAX = 4096
 
@@ -224,19 +227,35 @@ def _features(args):
 
 def select(family, device, args, backend=None):
     """The name of the backend that runs ``family`` on forward ``args`` (see module docstring);
-    cached per (family, requested backend, device, _features(args)) outside torch.compile and
-    while nobody observes (fusedformer.explain sees every call)."""
+    cached (see _selections) outside torch.compile and while nobody observes (fusedformer.explain
+    sees every call)."""
     requested = requested_backend(backend)
     if observers or torch.compiler.is_compiling():  # compile: traced once per graph, no cache side effects
         return _select(family, torch.device(device), args, requested)
+    name = _selections.get((family, requested, device))
+    if name is not None:
+        return name
     key = (family, requested, device, _features(args))
     name = _selections.get(key)
     if name is None:
-        name = _select(family, torch.device(device), args, requested)
+        device = torch.device(device)
+        name = _select(family, device, args, requested)
         if len(_selections) >= _SELECTIONS_MAX:
             _selections.clear()
-        _selections[key] = name
+        _selections[key[:3] if _holds_for_any_arguments(family, device, requested, name) else key] = name
     return name
+
+
+def _holds_for_any_arguments(family, device, requested, chosen):
+    """Whether select() answers ``chosen`` whatever the forward arguments: it runs every input,
+    and for ``auto`` each backend before it in the order cannot run on the device at all."""
+    impl, _ = FAMILIES[family].load(chosen)
+    if not runs_everything(impl):
+        return False
+    if requested != "auto":
+        return True
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    return all(unsupported_reason(name, family, device) is not None for name in order[:order.index(chosen)])
 
 
 def _select(family, device, args, requested):
