@@ -94,8 +94,9 @@ def requested_backend(backend=None):
     entries = _contexts.entries
     if entries:
         return entries[-1][0]
-    env = _environment_variable(_BACKEND_VARIABLE)
+    env = os.environ._data.get(_BACKEND_VARIABLE)  # see _BACKEND_VARIABLE
     if env:
+        env = os.environ.decodevalue(env)
         _check_name(env, "FUSEDFORMER_BACKEND")
         return env
     return "auto"
@@ -203,13 +204,8 @@ _SELECTIONS_MAX = 4096
 
 # os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
 # of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
-# always current) answers with one lookup.
+# always current) answers with one lookup; the value is decoded only when the variable is set.
 _BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
-
-
-def _environment_variable(encoded_name):
-    value = os.environ._data.get(encoded_name)
-    return os.environ.decodevalue(value) if value is not None else None
 
 
 def clear_selection_cache():

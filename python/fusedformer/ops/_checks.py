@@ -71,6 +71,10 @@ def normalize_dim(op, name, dim, ndim):
 
 def normalized_size(op, x, normalized_shape):
     """The row length N of a norm over ``normalized_shape`` (the trailing dims of x)."""
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1:  # the common case first
+        n = normalized_shape[0]
+        if type(n) is int and x.ndim and x.shape[-1] == n:
+            return normalized_shape, n
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         normalized_shape = (normalized_shape,)
     elif isinstance(normalized_shape, (tuple, list)):  # torch.Size is a tuple

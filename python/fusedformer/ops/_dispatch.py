@@ -26,13 +26,15 @@ def _mode(args):
     one pass over the arguments, as this runs on every call."""
     if torch.compiler.is_compiling():
         return _TRACED
-    needs_grad = False
+    mode = _NO_GRAD
+    grad_enabled = torch.is_grad_enabled()  # first: without it no requires_grad needs reading
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN:
                 return _TRACED
-            needs_grad = needs_grad or a.requires_grad
-    return _GRAD if needs_grad and torch.is_grad_enabled() else _NO_GRAD
+            if grad_enabled and a.requires_grad:
+                mode = _GRAD
+    return mode
 
 
 def _dense(outputs):
@@ -67,10 +69,12 @@ def call(op, *args):
     return op(*args) if _mode(args) == _TRACED else op.body(*args)
 
 
-def differentiable(op, setup_context, backward):
+def differentiable(op, setup_context, backward, inference=None):
     """Register ``backward`` / ``setup_context`` (register_autograd's contract) on ``op`` and
     return a callable that runs, in eager mode, the body alone when no gradient can flow and the
-    same body and formula through an autograd.Function when one can; ``op`` otherwise."""
+    same body and formula through an autograd.Function when one can; ``op`` otherwise.
+    ``inference``, if given, replaces the body when no gradient can flow: the same arguments and
+    outputs, except that those only the backward reads may be None (a backend's inference entry)."""
     op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
@@ -87,7 +91,7 @@ def differentiable(op, setup_context, backward):
     def apply(*args):
         mode = _mode(args)
         if mode == _NO_GRAD:
-            return op.body(*args)
+            return (inference or op.body)(*args)
         return Eager.apply(*args) if mode == _GRAD else op(*args)
 
     return apply

@@ -142,7 +142,9 @@ def _output_heads(query, key, value, enable_gqa):
     hq, hk, hv = _heads(query), _heads(key), _heads(value)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"attention: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if enable_gqa and (hk != hq or hv != hq):
+    if hk == hq and hv == hq:  # the common case, and broadcast_shapes costs ~25k instructions
+        return hq, hq
+    if enable_gqa:
         for name, h in (("key", hk), ("value", hv)):
             if h == 0 or hq % h:
                 raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of {name} "
@@ -158,6 +160,9 @@ def _output_heads(query, key, value, enable_gqa):
 
 def _batch_shape(query, key, value):
     """The broadcast of the three tensors' dims before (heads, L, E), as torch's matmuls broadcast them."""
+    batch = query.shape[:-3]
+    if key.shape[:-3] == batch and value.shape[:-3] == batch:  # the common case, without broadcast_shapes
+        return tuple(batch)
     try:
         return tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
     except RuntimeError:
@@ -168,8 +173,11 @@ def _batch_shape(query, key, value):
 def _to_heads(t, batch, heads):
     """t (..., h, L, E) as (*batch, heads, L, E): broadcast (a view) when h is 1 or ``heads``,
     else each head repeated heads // h times (enable_gqa with unequal key and value heads)."""
-    if _heads(t) not in (1, heads):
-        t = t.repeat_interleave(heads // _heads(t), dim=-3)
+    h = _heads(t)
+    if h not in (1, heads):
+        t = t.repeat_interleave(heads // h, dim=-3)
+    elif h == heads and t.shape[:-3] == batch:
+        return t  # already that shape: an expand that changes nothing still costs ~15k instructions
     return t.expand(*batch, heads, *t.shape[-2:])
 
 

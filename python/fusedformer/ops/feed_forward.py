@@ -110,7 +110,7 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     if isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] != hidden_width:
         raise ValueError(f"{OP}: w2 has shape {tuple(w2.shape)}, expected (d_out, {hidden_width}) to match "
                          f"the {hidden_width}-wide hidden of w1 and activation {activation!r}")
-    validate_linear(OP, x.new_empty(0, hidden_width), w2, b2, "identity", "w2", "b2")
+    validate_linear(OP, x, w2, b2, "identity", "w2", "b2", in_features=hidden_width)
     if not isinstance(recompute, bool):
         raise TypeError(f"{OP}: recompute must be a bool, got {type(recompute).__name__}")
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0

@@ -83,7 +83,15 @@ def _backward(ctx, grad_y, grad_res, grad_mean, grad_rstd):
     return (dx, dw if weight is not None else None, db if bias is not None else None, None, dres, None)
 
 
-_layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward)
+def _inference(x, weight, bias, eps, residual, backend):
+    """layer_norm_fwd for eager calls no gradient flows from: the backend's inference entry, no
+    mean/rstd (None)."""
+    if x.numel() == 0:
+        return layer_norm_fwd.body(x, weight, bias, eps, residual, backend)
+    return (*LAYER_NORM.implementation(backend).layer_norm_inference(x, weight, bias, eps, residual), None, None)
+
+
+_layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward, _inference)
 
 
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):

@@ -19,8 +19,11 @@ def output_width(weight, activation):
 
 def rows_backend(backend, x, *weights):
     """The backend that runs x (M, K) against ``weights``: empty inputs go to the reference."""
-    if x.numel() == 0 or any(w.numel() == 0 for w in weights):
+    if x.numel() == 0:
         return "reference"
+    for w in weights:  # a loop, not any(generator): this runs on every call
+        if w.numel() == 0:
+            return "reference"
     return backend
 
 
@@ -69,7 +72,8 @@ def _backward(ctx, grad_y, grad_preact):
 _linear_act_fwd = differentiable(linear_act_fwd, _setup_context, _backward)
 
 
-def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias"):
+def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias", in_features=None):
+    """x (..., K) against weight (N, in_features, x's K by default) and bias (N,)."""
     check_float(op, "x", x)
     check_float(op, weight_name, weight)
     check_float(op, bias_name, bias, optional=True)
@@ -84,9 +88,10 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
     if weight.dim() != 2:
         raise ValueError(f"{op}: {weight_name} must be 2-D (out_features, in_features), got shape "
                          f"{tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{op}: {weight_name} has shape {tuple(weight.shape)} but x has {x.shape[-1]} "
-                         f"features; expected ({weight.shape[0]}, {x.shape[-1]})")
+    features = x.shape[-1] if in_features is None else in_features
+    if weight.shape[1] != features:
+        raise ValueError(f"{op}: {weight_name} has shape {tuple(weight.shape)} but x has {features} "
+                         f"features; expected ({weight.shape[0]}, {features})")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: {bias_name} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     if ACTIVATIONS[activation].gated and weight.shape[0] % 2:

@@ -62,7 +62,14 @@ def _backward(ctx, grad_y, grad_res, grad_rstd):
     return dx, dw if weight is not None else None, None, dres, None
 
 
-_rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
+def _inference(x, weight, eps, residual, backend):
+    """rms_norm_fwd for eager calls no gradient flows from: the backend's inference entry, no rstd."""
+    if x.numel() == 0:
+        return rms_norm_fwd.body(x, weight, eps, residual, backend)
+    return (*RMS_NORM.implementation(backend).rms_norm_inference(x, weight, eps, residual), None)
+
+
+_rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward, _inference)
 
 
 def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,

@@ -15,12 +15,19 @@ from fusedformer.vocabulary import compute_dtype
 def normalized_input(x, residual, *params):
     """(h, residual_out, params): the tensor to normalize, the residual stream's next value (None
     without residual) and the weight/bias in h's dtype. Shared with rms_norm."""
-    if residual is None and all(p is None or p.dtype == x.dtype for p in params):
+    if residual is None and _same_dtype(x.dtype, params):
         return x, None, params
     cd = compute_dtype(x)
     h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
     residual_out = h.to(residual.dtype) if residual is not None else None
     return h, residual_out, tuple(p.to(cd) if p is not None else None for p in params)
+
+
+def _same_dtype(dtype, params):
+    for p in params:  # a loop, not all(generator): this runs on every call
+        if p is not None and p.dtype != dtype:
+            return False
+    return True
 
 
 def backward_dtype(x, grad_y, *params):
@@ -37,11 +44,22 @@ def cast(t, dtype):
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def layer_norm_forward(x, weight, bias, eps, residual=None):
+def _native_forward(x, weight, bias, eps, residual):
+    """(y, residual_out, mean (M, 1), rstd (M, 1)) as native_layer_norm gives them."""
     h, residual_out, (w, b) = normalized_input(x, residual, weight, bias)
     y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
+    return cast(y, x.dtype), residual_out, mean, rstd
+
+
+def layer_norm_forward(x, weight, bias, eps, residual=None):
+    y, residual_out, mean, rstd = _native_forward(x, weight, bias, eps, residual)
     cd = compute_dtype(x)
-    return cast(y, x.dtype), residual_out, cast(mean.view(-1), cd), cast(rstd.view(-1), cd)
+    return y, residual_out, cast(mean.view(-1), cd), cast(rstd.view(-1), cd)
+
+
+def layer_norm_inference(x, weight, bias, eps, residual=None):
+    """Without the statistics' reshapes and casts (~20k instructions per call)."""
+    return _native_forward(x, weight, bias, eps, residual)[:2]
 
 
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):

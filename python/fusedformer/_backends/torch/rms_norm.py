@@ -8,10 +8,22 @@ from fusedformer._backends.torch.layer_norm import backward_dtype, cast, normali
 from fusedformer.vocabulary import compute_dtype
 
 
-def rms_norm_forward(x, weight, eps, residual=None):
+def _fused_forward(x, weight, eps, residual):
+    """(y, residual_out, rstd (M, 1)) as _fused_rms_norm gives them."""
     h, residual_out, (w,) = normalized_input(x, residual, weight)
-    y, rstd = torch.ops.aten._fused_rms_norm(h, [h.shape[-1]], w, eps)
-    return cast(y, x.dtype), residual_out, cast(rstd.view(-1), compute_dtype(x))
+    # torch's Python binding of aten::_fused_rms_norm: ~14k instructions less per call than torch.ops.aten's
+    y, rstd = torch._fused_rms_norm(h, [h.shape[-1]], w, eps)
+    return cast(y, x.dtype), residual_out, rstd
+
+
+def rms_norm_forward(x, weight, eps, residual=None):
+    y, residual_out, rstd = _fused_forward(x, weight, eps, residual)
+    return y, residual_out, cast(rstd.view(-1), compute_dtype(x))
+
+
+def rms_norm_inference(x, weight, eps, residual=None):
+    """Without the statistic's reshape and cast."""
+    return _fused_forward(x, weight, eps, residual)[:2]
 
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
