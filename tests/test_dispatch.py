@@ -140,3 +140,16 @@ def test_custom_op_returns_contiguous_outputs_and_the_eager_body_does_not_copy()
     assert out.is_contiguous() and lse.is_contiguous()
     x = torch.randn(5, 4).t()
     assert torch.ops.fusedformer.softmax_fwd(x, 0, "reference").is_contiguous()
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, meta: ff.layer_norm(x, (8,), meta(8)),
+    lambda x, meta: ff.rms_norm(x, (8,), None, residual=meta(3, 8)),
+    lambda x, meta: ff.linear_act(x, meta(4, 8)),
+    lambda x, meta: ff.linear_act(x, torch.randn(4, 8), meta(4)),
+])
+def test_valid_call_shortcuts_still_check_devices(call):
+    """The norms' and linear_act's shortcut for the common valid call tells a tensor on another
+    device (here meta) apart, and the checks name it."""
+    with pytest.raises(ValueError, match="is on meta but x is on cpu"):
+        call(torch.randn(3, 8), lambda *shape: torch.randn(*shape, device="meta"))

@@ -7,6 +7,7 @@ import torch
 from fusedformer import backends
 from fusedformer._backends.tables import LAYER_NORM
 from fusedformer.ops._checks import (
+    FLOAT_DTYPES,
     as_rows,
     as_vector,
     check_float,
@@ -94,8 +95,27 @@ def _inference(x, weight, bias, eps, residual, backend):
 _layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward, _inference)
 
 
+def _plain_call(x, normalized_shape, weight, bias, eps, residual):
+    """Whether the call is the common valid one (one normalized dim, float tensors of the right
+    shapes on x's device, eps a float >= 0), told in a few attribute reads: a small norm's checks
+    one by one cost more than its kernel. False sends the call through every check."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or not x.ndim:
+        return False
+    n = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else normalized_shape
+    if type(n) is not int or x.shape[-1] != n or not (eps is None or type(eps) is float and eps >= 0.0):
+        return False
+    device, shape = x.device, (n,)
+    for t, expected in ((weight, shape), (bias, shape), (residual, x.shape)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES and t.shape == expected
+                                  and t.device == device):
+            return False
+    return True
+
+
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
     """Shared by layer_norm and rms_norm: returns the number of normalized (trailing) dims."""
+    if _plain_call(x, normalized_shape, weight, bias, eps, residual):
+        return 1
     check_float(op, "x", x)
     shape, _ = normalized_size(op, x, normalized_shape)
     for name, t in (("weight", weight), ("bias", bias)):
