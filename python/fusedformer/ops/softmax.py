@@ -65,8 +65,9 @@ def softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None,
             raise TypeError(f"{OP}: dtype {dtype} is not a floating dtype; expected one of {FLOAT_DTYPES}")
         x = x.to(dtype)
     check_float(OP, "x", x)
-    dim = normalize_dim(OP, "dim", dim, x.dim())
-    if x.dim() == 0:
+    ndim = x.ndim
+    dim = normalize_dim(OP, "dim", dim, ndim)
+    if ndim == 0:
         return softmax(x.reshape(1), 0, backend=backend).reshape(())
     name = backends.select(OP, x.device, (x, dim), backend)
     return _softmax_fwd(x, dim, name)
