@@ -23,7 +23,8 @@ def _tiny_bert():
 @pytest.mark.parametrize("padded", [False, True])
 def test_patched_bert_attention_gets_hf_sdpa_mask(monkeypatch, padded):
     masks = {"sdpa": [], "fusedformer": []}
-    real_ff, real_sdpa = _hf.scaled_dot_product_attention, sdpa_attention.torch.nn.functional.scaled_dot_product_attention
+    real_ff = _hf.scaled_dot_product_attention
+    real_sdpa = sdpa_attention.torch.nn.functional.scaled_dot_product_attention
 
     def spy_ff(q, k, v, attn_mask=None, **kwargs):
         masks["fusedformer"].append(attn_mask)
