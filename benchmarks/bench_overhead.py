@@ -6,8 +6,9 @@ Parts (``--part``, repeatable; default ops, models, memory):
   with and without grad (with grad: forward + autograd.grad). Every repetition times each
   candidate for ``--calls`` calls, candidates in a fresh random order per repetition
   (interleaved); the row gives the median over ``--reps`` repetitions and the 25-75% spread.
-  fusedformer runs once per ``--backends`` entry (forced with ff.use_backend), so the reference
-  (the old CPU ``auto``) and torch (the new one) appear in the same run.
+  Grad mode and the backend are set once around a repetition's calls (torch.no_grad(),
+  ff.use_backend per ``--backends`` entry), not per call: the figure is the op call alone, so
+  the reference (the old CPU ``auto``) and torch (the new one) appear in the same run.
 - ``callgrind``: the ``ops`` candidates again, as instructions per call under valgrind's callgrind
   (repeatable where wall time on a shared machine is not): the script re-runs itself under
   valgrind with collection off, toggling it on around each candidate's calls.
@@ -22,21 +23,27 @@ Parts (``--part``, repeatable; default ops, models, memory):
   follows tensor memory.
 
 On a CPU everything runs on one thread (torch.set_num_threads(1)); pin the process too for less
-noise: ``taskset -c 1 python benchmarks/bench_overhead.py``. On a GPU ``ops`` reports host time per
-call (the launch loop is timed, the synchronize is outside the clock).
+noise: ``taskset -c 1 python benchmarks/bench_overhead.py``. On a GPU ``ops`` reports two figures
+per call from the same repetitions: host time and device time. Before each repetition a
+``torch.cuda._sleep`` kernel, calibrated to outlast the repetition's host loop, holds the GPU, so
+no launch waits for it: the CPU clock around the loop measures the host's work alone (a hidden
+synchronize would show as the whole sleep), and CUDA events recorded after the sleep and after
+the loop time the queued kernels back to back, without the host's gaps. Host time above device
+time means the op is host-bound at that shape: what decides decode-shape speed.
 
     python benchmarks/bench_overhead.py --out benchmarks/results     # writes <device>-<date>-overhead.json/.md
     python benchmarks/bench_overhead.py --part ops --backends torch --reps 5
+    python benchmarks/bench_overhead.py --readme      # README's CPU table from the newest cpu-*-overhead.json
 """
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import os
 import pathlib
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +52,8 @@ import time
 import fusedformer as ff
 import torch
 import torch.nn.functional as F
+from gpu_clock import GpuClock  # beside this file
+from overhead_report import markdown, median_ratios, ratio_rows, summary, write_readme
 
 PARTS = ("ops", "callgrind", "models", "memory")
 
@@ -79,7 +88,8 @@ def op_cases(device):
 
 
 def _runner(fn, inputs, grad, backend):
-    """A no-argument callable: one call of ``fn`` (forward, or forward + autograd.grad)."""
+    """``run(n)``: n calls of ``fn`` (forward, or forward + autograd.grad), with grad mode and
+    the backend set once around them."""
     if grad:
         inputs = [t.detach().requires_grad_() for t in inputs]
         grad_out = torch.ones_like(fn(*inputs))
@@ -88,9 +98,18 @@ def _runner(fn, inputs, grad, backend):
             torch.autograd.grad(fn(*inputs), inputs, grad_out)
     else:
         def call():
-            with torch.no_grad():
-                fn(*inputs)
-    return call if backend is None else _on_backend(call, backend)
+            fn(*inputs)
+    grad_mode = contextlib.nullcontext if grad else torch.no_grad
+
+    def run(n):
+        with grad_mode(), _backend(backend):
+            for _ in range(n):
+                call()
+    return run
+
+
+def _backend(name):
+    return ff.use_backend(name) if name is not None else contextlib.nullcontext()
 
 
 def candidates(device, backends, ops=None):
@@ -112,46 +131,38 @@ def _sync(device):
 
 
 def interleaved(fns, reps, calls, device, seed=0):
-    """{key: [us per call, one per repetition]}: each repetition runs every fn ``calls`` times, the
-    fns in a fresh random order."""
-    for fn in fns.values():  # warm-up: first-call costs (allocator, caches) stay out of the samples
-        for _ in range(3):
-            fn()
+    """({key: [host us per call, one per repetition]}, {key: [device us per call]} on a GPU, else
+    None): each repetition runs every ``fn(calls)``, the fns in a fresh random order."""
+    clock = GpuClock(fns, calls) if torch.device(device).type == "cuda" else None
+    for fn in fns.values():  # warm-up: first-call costs (allocator, caches, JIT) stay out
+        fn(3)
     _sync(device)
-    samples = {key: [] for key in fns}
+    host = {key: [] for key in fns}
+    on_device = {key: [] for key in fns} if clock else None
     order = list(fns)
     rng = random.Random(seed)
     for _ in range(reps):
         rng.shuffle(order)
         for key in order:
-            fn = fns[key]
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[key].append((time.perf_counter() - t0) / calls * 1e6)
-            _sync(device)
-    return samples
-
-
-def _summary(values):
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return {"median": median, "p25": q1, "p75": q3, "n": len(values)}
-
-
-def ratio_rows(samples, unit):
-    """One row per (op, grad, provider) with the median and its ratio to the torch row's."""
-    rows = []
-    for (op, grad, provider), values in samples.items():
-        s = _summary(values) if isinstance(values, list) else {"median": values}
-        base = samples[(op, grad, "torch")]
-        base = _summary(base)["median"] if isinstance(base, list) else base
-        rows.append({"op": op, "grad": grad, "provider": provider, unit: s, "ratio_to_torch": s["median"] / base})
-    return rows
+            if clock:
+                host_s, device_s = clock.time(key, fns[key])
+                on_device[key].append(device_s / calls * 1e6 if device_s is not None else float("nan"))
+            else:
+                t0 = time.perf_counter()
+                fns[key](calls)
+                host_s = time.perf_counter() - t0
+            host[key].append(host_s / calls * 1e6)
+    return host, on_device
 
 
 def run_ops(args):
     fns = candidates(args.device, args.backends, args.ops)
-    return ratio_rows(interleaved(fns, args.reps, args.calls, args.device), "us_per_call")
+    host, on_device = interleaved(fns, args.reps, args.calls, args.device)
+    rows = ratio_rows(host, "us_per_call")
+    if on_device is not None:
+        for row in rows:
+            row["device_us_per_call"] = summary(on_device[(row["op"], row["grad"], row["provider"])])
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,12 +175,10 @@ def callgrind_child(args):
     fns = candidates("cpu", args.backends, args.ops)
     keys = list(fns)
     for fn in fns.values():
-        for _ in range(3):
-            fn()
+        fn(3)
     for key in keys:
         torch._C._valgrind_toggle()
-        for _ in range(args.calls):
-            fns[key]()
+        fns[key](args.calls)
         torch._C._valgrind_toggle_and_dump_stats()
     pathlib.Path(args.callgrind_keys).write_text(json.dumps([list(k) for k in keys]))
 
@@ -219,6 +228,7 @@ def hf_models(layers):
 
 
 def _model_step(model, batch, train, backend):
+    """``run(n)``: n forward passes (eval, no grad) or training steps."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
     def step():
@@ -232,14 +242,11 @@ def _model_step(model, batch, train, backend):
             with torch.no_grad():
                 model(**batch)
 
-    return step if backend is None else _on_backend(step, backend)
-
-
-def _on_backend(fn, backend):
-    def call():
-        with ff.use_backend(backend):
-            fn()
-    return call
+    def run(n):
+        with _backend(backend):
+            for _ in range(n):
+                step()
+    return run
 
 
 def run_models(args):
@@ -253,7 +260,7 @@ def run_models(args):
             fns[(name, train, "torch")] = _model_step(model, batch, train, None)
             for backend in args.backends:
                 fns[(name, train, f"ff-{backend}")] = _model_step(patched, batch, train, backend)
-    samples = interleaved(fns, args.model_reps, 1, "cpu")
+    samples, _ = interleaved(fns, args.model_reps, 1, "cpu")
     rows = ratio_rows({k: [t / 1e3 for t in v] for k, v in samples.items()}, "ms_per_step")
     for r in rows:
         r["model"], r["pass"] = r.pop("op"), "train" if r.pop("grad") else "forward"
@@ -303,47 +310,6 @@ def run_memory(args):
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------------------------
-
-
-def markdown(doc):
-    lines = [f"# Host overhead, {doc['device']}, {doc['date']}", "", doc["method"], ""]
-    wall = {(r["op"], r["grad"], r["provider"]): r for r in doc.get("ops", [])}
-    cg = {(r["op"], r["grad"], r["provider"]): r for r in doc.get("callgrind", [])}
-    keys = [k for k in dict.fromkeys([*wall, *cg]) if k[2] != "torch"]
-    if keys:
-        lines += ["| op | grad | provider | us/call (median, p25-p75) | x torch | instructions/call | x torch |",
-                  "|---|---|---|---|---|---|---|"]
-        for key in keys:
-            t, c = wall.get(key), cg.get(key)
-            us = f"{t['us_per_call']['median']:.1f} ({t['us_per_call']['p25']:.1f}-{t['us_per_call']['p75']:.1f}) | " \
-                 f"{t['ratio_to_torch']:.2f}" if t else "- | -"
-            ins = f"{c['instructions_per_call']['median']:,.0f} | {c['ratio_to_torch']:.2f}" if c else "- | -"
-            lines.append(f"| {key[0]} | {'yes' if key[1] else 'no'} | {key[2]} | {us} | {ins} |")
-        lines += ["", "Median over ops of the x-torch ratio, no grad: " + "; ".join(
-            f"{measure} {provider} {ratio:.2f}" for measure, by_provider in doc["summary"].items()
-            for provider, ratio in by_provider.items()), ""]
-    if doc.get("models"):
-        lines += ["| model | pass | provider | ms/step (median, p25-p75) | x unpatched |", "|---|---|---|---|---|"]
-        for r in doc["models"]:
-            t = r["ms_per_step"]
-            lines.append(f"| {r['model']} | {r['pass']} | {r['provider']} | {t['median']:.1f} ({t['p25']:.1f}-"
-                         f"{t['p75']:.1f}) | {r['ratio_to_torch']:.2f} |")
-        lines.append("")
-    if doc.get("memory"):
-        lines += ["| attention fwd+bwd, B=1 H=8 D=64 | provider | peak MB above baseline | x torch |",
-                  "|---|---|---|---|"]
-        for r in doc["memory"]:
-            lines.append(f"| L={r['L']} | {r['provider']} | {r['peak_mb']:.1f} | {r['ratio_to_torch']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _median_ratios(rows, provider):
-    return statistics.median(r["ratio_to_torch"] for r in rows if r["provider"] == provider and not r["grad"])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", action="append", choices=PARTS, help="repeatable; default: ops, models, memory")
@@ -351,17 +317,25 @@ def main(argv=None):
     p.add_argument("--ops", nargs="+", help="a subset of the ops")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--calls", type=int, help="calls per repetition (default 200; 50 on a GPU, whose launch "
+                   "queue must hold a repetition's kernels behind the sleep)")
     p.add_argument("--model-reps", type=int, default=7)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048])
     p.add_argument("--out", help="directory for <device>-<date>-overhead.json and .md")
+    p.add_argument("--readme", action="store_true", help="only regenerate README.md's CPU table from the newest "
+                   "(or --results) cpu-*-overhead.json")
+    p.add_argument("--results", help="with --readme: the results file")
     p.add_argument("--callgrind-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--callgrind-keys", help=argparse.SUPPRESS)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.readme:
+        return write_readme(args.results)
+    if args.calls is None:
+        args.calls = 50 if torch.device(args.device).type == "cuda" else 200
     torch.set_num_threads(1)
     if args.memory_child:
         return memory_child(args.memory_child, args.lengths[0])
@@ -381,7 +355,7 @@ def main(argv=None):
         doc[part] = runs[part](args)
         print(f"{part}: done", file=sys.stderr)
     # the target's figure: median over ops of each provider's ratio to torch, tiny tensors, no grad
-    doc["summary"] = {measure: {f"ff-{b}": _median_ratios(doc[part], f"ff-{b}") for b in args.backends}
+    doc["summary"] = {measure: {f"ff-{b}": median_ratios(doc[part], f"ff-{b}") for b in args.backends}
                       for measure, part in (("wall", "ops"), ("instructions", "callgrind")) if part in doc}
     text = markdown(doc)
     print(text)

@@ -16,6 +16,8 @@ inside the budget and summary.md names every step cut or killed.
   tests-gpu       the GPU-marked tests, the most informative files first, a timeout per test
   bench-headline  `fusedformer bench --headline` beside the copy and matmul ceilings
   bench-e2e       a patched GPT-2 training step against Hugging Face eager
+  bench-overhead  host and device time per op call on tiny tensors beside torch's (bench_overhead.py;
+                  its table is in check.log): can patched models beat eager at decode shapes?
   tests-rest      the rest of the suite (on a GPU the triton tests run compiled), triton first
   bench-sweep     `fusedformer bench --full`, as far as the time goes
 
@@ -57,7 +59,8 @@ class Step:
 
 STEPS = (Step("probe", 0.04, 15, False), Step("build", 0.20, 20, False), Step("parity", 0.16, 10, False),
          Step("tests-gpu", 0.14, 10, False), Step("bench-headline", 0.28, 20, True), Step("bench-e2e", 0.08, 15, True),
-         Step("tests-rest", 0.05, 10, True), Step("bench-sweep", 0.05, 10, True))
+         Step("bench-overhead", 0.04, 15, True), Step("tests-rest", 0.05, 10, True),
+         Step("bench-sweep", 0.05, 10, True))
 STEP_NAMES = tuple(s.name for s in STEPS)
 # files first in their test step: the CUDA kernels have never run anywhere, the triton ones only
 # interpreted; the model-level tests follow
@@ -214,6 +217,9 @@ class Check:
             return [[*worker, "bench", "--preset", BENCH_STEPS[name], *ops]], (0,)
         if name == "bench-e2e":
             return [[*worker, "e2e", "--script", ROOT / "benchmarks" / "bench_e2e.py"]], (0,)
+        if name == "bench-overhead":
+            return [[py, ROOT / "benchmarks" / "bench_overhead.py", "--part", "ops", "--backends", "triton", "torch",
+                     "--reps", "5"]], (0,)
         gpu = name == "tests-gpu"
         pytest = [py, "-m", "pytest", "-p", "gpu_check_report", "-p", "no:cacheprovider", "-q", "-m",
                   "gpu" if gpu else "not gpu"]

@@ -49,3 +49,11 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_selection():
+    """Tests patch backends and their availability: no test sees another's cached selections."""
+    from fusedformer import backends
+
+    backends.clear_selection_cache()

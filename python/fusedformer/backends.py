@@ -21,7 +21,7 @@ import threading
 
 import torch
 
-from fusedformer._backends.contract import BackendUnavailableError
+from fusedformer._backends.contract import BackendUnavailableError, runs_everything
 from fusedformer._backends.tables import FAMILIES
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
@@ -94,8 +94,9 @@ def requested_backend(backend=None):
     entries = _contexts.entries
     if entries:
         return entries[-1][0]
-    env = os.environ.get("FUSEDFORMER_BACKEND")
+    env = os.environ._data.get(_BACKEND_VARIABLE)  # see _BACKEND_VARIABLE
     if env:
+        env = os.environ.decodevalue(env)
         _check_name(env, "FUSEDFORMER_BACKEND")
         return env
     return "auto"
@@ -188,10 +189,72 @@ def unsupported_reason(name, family, device, args=None):
     return impl.unsupported(*args) if args is not None else None
 
 
+# select()'s decisions. A decision that holds whatever the arguments (the backend runs every input
+# and, for auto, every backend before it cannot run on the device at all: the torch backend's
+# norms, softmax and linear_act on a CPU) is kept by (family, requested name, device): one tuple
+# and one dict lookup. Any other by (family, requested name, device, _features(args)): working one
+# out asks every backend in turn (availability, table, unsupported()), about 20k instructions; the
+# key ~2-3k per tensor argument. The requested name is part of both keys, so a backend= argument,
+# use_backend(...) or FUSEDFORMER_BACKEND of another value takes its own entry. Like availability,
+# entries assume the backends themselves do not change within a process (tests that patch them
+# call clear_selection_cache()). Scalar arguments that vary call by call (varlen's max_seqlen) make
+# new keys: the cache starts over when it reaches _SELECTIONS_MAX.
+_selections = {}
+_SELECTIONS_MAX = 4096
+
+# os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
+# of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
+# always current) answers with one lookup; the value is decoded only when the variable is set.
+_BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
+
+
+def clear_selection_cache():
+    """Forget select()'s decisions (for code that patches backends or their availability)."""
+    _selections.clear()
+
+
+def _features(args):
+    """What a backend's ``unsupported()`` may judge forward ``args`` on, the rest of the selection
+    key: each tensor's dtype, number of dims, last dim and requires_grad, and every other
+    argument's value. A backend judging on more (another dim, strides, alignment) must add it here."""
+    return tuple([(a.dtype, a.ndim, a.shape[-1] if a.ndim else 1, a.requires_grad)
+                  if isinstance(a, torch.Tensor) else a for a in args])
+
+
 def select(family, device, args, backend=None):
-    """The name of the backend that runs ``family`` on forward ``args`` (see module docstring)."""
+    """The name of the backend that runs ``family`` on forward ``args`` (see module docstring);
+    cached (see _selections) outside torch.compile and while nobody observes (fusedformer.explain
+    sees every call)."""
     requested = requested_backend(backend)
-    device = torch.device(device)
+    if observers or torch.compiler.is_compiling():  # compile: traced once per graph, no cache side effects
+        return _select(family, torch.device(device), args, requested)
+    name = _selections.get((family, requested, device))
+    if name is not None:
+        return name
+    key = (family, requested, device, _features(args))
+    name = _selections.get(key)
+    if name is None:
+        device = torch.device(device)
+        name = _select(family, device, args, requested)
+        if len(_selections) >= _SELECTIONS_MAX:
+            _selections.clear()
+        _selections[key[:3] if _holds_for_any_arguments(family, device, requested, name) else key] = name
+    return name
+
+
+def _holds_for_any_arguments(family, device, requested, chosen):
+    """Whether select() answers ``chosen`` whatever the forward arguments: it runs every input,
+    and for ``auto`` each backend before it in the order cannot run on the device at all."""
+    impl, _ = FAMILIES[family].load(chosen)
+    if not runs_everything(impl):
+        return False
+    if requested != "auto":
+        return True
+    order = AUTO_ORDER.get(device.type, ("reference",))
+    return all(unsupported_reason(name, family, device) is not None for name in order[:order.index(chosen)])
+
+
+def _select(family, device, args, requested):
     if requested != "auto":
         chosen = requested if unsupported_reason(requested, family, device, args) is None else None
     else:

@@ -60,6 +60,11 @@ def _runs_everything(*forward_args):
     return None
 
 
+def runs_everything(impl):
+    """Whether a backend's checked family functions left ``unsupported`` out: it runs any input."""
+    return impl.unsupported is _runs_everything
+
+
 def unsupported(params):
     """The optional ``unsupported(*forward_args) -> str | None`` entry: why the backend cannot run
     these forward arguments (dtype, head dim, ...), None when it can. Left out: it runs them all."""

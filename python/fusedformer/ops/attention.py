@@ -11,7 +11,7 @@ import torch
 from fusedformer import backends
 from fusedformer._backends.tables import ATTENTION
 from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
-from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.vocabulary import compute_dtype
 
 OP = ATTENTION.name
@@ -44,7 +44,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
         return _empty_attention(q, v)
     out, lse = ATTENTION.implementation(_runner(backend, q)).attention_forward(
         q, k, v, bias, causal, scale, dropout_p, seed, (window_left, window_right), alibi_slopes)
-    return out.contiguous(), lse.contiguous()
+    return out, lse
 
 
 @attention_fwd.register_fake
@@ -66,8 +66,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dq, dk, dv, dbias = ATTENTION.implementation(_runner(backend, q)).attention_backward(
         grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed,
         (window_left, window_right), alibi_slopes, bias_requires_grad)
-    dbias = dbias.contiguous() if dbias is not None else q.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
 @attention_bwd.register_fake
@@ -121,14 +120,14 @@ def _mask_as_4d(mask, batch_shape, H, Lq, Lk):
         if have not in (1, want):
             raise ValueError(f"attention: attn_mask of shape {tuple(mask.shape)} does not broadcast to the "
                              f"scores' shape {full} (batch..., heads, Lq, Lk)")
-    mask = mask.reshape(shape)
+    mask = reshaped(mask, shape)
     nb = len(batch_shape)
     batch = shape[:nb]
     if all(b == 1 for b in batch):
-        return mask.reshape(1, *shape[nb:])
+        return reshaped(mask, (1, *shape[nb:]))
     if tuple(batch) != tuple(batch_shape):
         mask = mask.expand(*batch_shape, *shape[nb:])
-    return mask.reshape(-1, *shape[nb:])
+    return mask if nb == 1 else mask.reshape(-1, *shape[nb:])
 
 
 def _heads(t):
@@ -143,7 +142,9 @@ def _output_heads(query, key, value, enable_gqa):
     hq, hk, hv = _heads(query), _heads(key), _heads(value)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"attention: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if enable_gqa and (hk != hq or hv != hq):
+    if hk == hq and hv == hq:  # the common case, and broadcast_shapes costs ~25k instructions
+        return hq, hq
+    if enable_gqa:
         for name, h in (("key", hk), ("value", hv)):
             if h == 0 or hq % h:
                 raise ValueError(f"attention: with enable_gqa, query heads ({hq}) must be a multiple of {name} "
@@ -159,6 +160,9 @@ def _output_heads(query, key, value, enable_gqa):
 
 def _batch_shape(query, key, value):
     """The broadcast of the three tensors' dims before (heads, L, E), as torch's matmuls broadcast them."""
+    batch = query.shape[:-3]
+    if key.shape[:-3] == batch and value.shape[:-3] == batch:  # the common case, without broadcast_shapes
+        return tuple(batch)
     try:
         return tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
     except RuntimeError:
@@ -169,8 +173,11 @@ def _batch_shape(query, key, value):
 def _to_heads(t, batch, heads):
     """t (..., h, L, E) as (*batch, heads, L, E): broadcast (a view) when h is 1 or ``heads``,
     else each head repeated heads // h times (enable_gqa with unequal key and value heads)."""
-    if _heads(t) not in (1, heads):
-        t = t.repeat_interleave(heads // _heads(t), dim=-3)
+    h = _heads(t)
+    if h not in (1, heads):
+        t = t.repeat_interleave(heads // h, dim=-3)
+    elif h == heads and t.shape[:-3] == batch:
+        return t  # already that shape: an expand that changes nothing still costs ~15k instructions
     return t.expand(*batch, heads, *t.shape[-2:])
 
 
@@ -250,4 +257,4 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     args = (q, k, v, bias, is_causal, scale, dropout_p, None, (wl, wr), slopes)
     name = backends.select(OP, q.device, args, backend)
     out, _ = _attention_fwd(q, k, v, bias, is_causal, scale, dropout_p, seed, wl, wr, slopes, name)
-    return out.view(out_shape)
+    return reshaped(out, out_shape)

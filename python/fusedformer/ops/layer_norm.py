@@ -7,14 +7,16 @@ import torch
 from fusedformer import backends
 from fusedformer._backends.tables import LAYER_NORM
 from fusedformer.ops._checks import (
+    FLOAT_DTYPES,
     as_rows,
+    as_vector,
     check_float,
     check_number,
     check_same_device,
     check_shape,
     normalized_size,
 )
-from fusedformer.ops._dispatch import call, custom_op, differentiable
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.vocabulary import compute_dtype
 
 OP = LAYER_NORM.name
@@ -31,8 +33,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
         return x.new_empty(x.shape), res, x.new_empty(M, dtype=compute_dtype(x)), x.new_empty(
             M, dtype=compute_dtype(x))
     y, res, mean, rstd = LAYER_NORM.implementation(backend).layer_norm_forward(x, weight, bias, eps, residual)
-    res = res.contiguous() if res is not None else x.new_empty(0)
-    return y.contiguous(), res, mean.contiguous(), rstd.contiguous()
+    return y, res if res is not None else x.new_empty(0), mean, rstd
 
 
 @layer_norm_fwd.register_fake
@@ -55,8 +56,7 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor |
         return dx, dw, db
     dx, dw, db = LAYER_NORM.implementation(backend).layer_norm_backward(
         grad_y, x, weight, bias, mean, rstd, grad_residual_out)
-    return (dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0),
-            db.contiguous() if db is not None else x.new_empty(0))
+    return dx, dw if dw is not None else x.new_empty(0), db if db is not None else x.new_empty(0)
 
 
 @layer_norm_bwd.register_fake
@@ -84,11 +84,38 @@ def _backward(ctx, grad_y, grad_res, grad_mean, grad_rstd):
     return (dx, dw if weight is not None else None, db if bias is not None else None, None, dres, None)
 
 
-_layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward)
+def _inference(x, weight, bias, eps, residual, backend):
+    """layer_norm_fwd for eager calls no gradient flows from: the backend's inference entry, no
+    mean/rstd (None)."""
+    if x.numel() == 0:
+        return layer_norm_fwd.body(x, weight, bias, eps, residual, backend)
+    return (*LAYER_NORM.implementation(backend).layer_norm_inference(x, weight, bias, eps, residual), None, None)
+
+
+_layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward, _inference)
+
+
+def _plain_call(x, normalized_shape, weight, bias, eps, residual):
+    """Whether the call is the common valid one (one normalized dim, float tensors of the right
+    shapes on x's device, eps a float >= 0), told in a few attribute reads: a small norm's checks
+    one by one cost more than its kernel. False sends the call through every check."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or not x.ndim:
+        return False
+    n = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else normalized_shape
+    if type(n) is not int or x.shape[-1] != n or not (eps is None or type(eps) is float and eps >= 0.0):
+        return False
+    device, shape = x.device, (n,)
+    for t, expected in ((weight, shape), (bias, shape), (residual, x.shape)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES and t.shape == expected
+                                  and t.device == device):
+            return False
+    return True
 
 
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
     """Shared by layer_norm and rms_norm: returns the number of normalized (trailing) dims."""
+    if _plain_call(x, normalized_shape, weight, bias, eps, residual):
+        return 1
     check_float(op, "x", x)
     shape, _ = normalized_size(op, x, normalized_shape)
     for name, t in (("weight", weight), ("bias", bias)):
@@ -116,10 +143,9 @@ def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: t
     n_dims = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n_dims)
     r2 = as_rows(residual, n_dims) if residual is not None else None
-    w = weight.reshape(-1) if weight is not None else None
-    b = bias.reshape(-1) if bias is not None else None
+    w, b = as_vector(weight), as_vector(bias)
     name = backends.select(OP, x.device, (x2, w, b, float(eps), r2), backend)
     y, res, _, _ = _layer_norm_fwd(x2, w, b, float(eps), r2, name)
     if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), res.view(x.shape)
+        return reshaped(y, x.shape)
+    return reshaped(y, x.shape), reshaped(res, x.shape)

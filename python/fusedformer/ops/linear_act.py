@@ -6,7 +6,7 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import LINEAR_ACT
-from fusedformer.ops._checks import check_float, check_same_device, check_same_dtype
+from fusedformer.ops._checks import FLOAT_DTYPES, check_float, check_same_device, check_same_dtype
 from fusedformer.ops._dispatch import call, custom_op, differentiable
 from fusedformer.vocabulary import ACTIVATIONS, FUSED_ACTIVATIONS
 
@@ -19,8 +19,11 @@ def output_width(weight, activation):
 
 def rows_backend(backend, x, *weights):
     """The backend that runs x (M, K) against ``weights``: empty inputs go to the reference."""
-    if x.numel() == 0 or any(w.numel() == 0 for w in weights):
+    if x.numel() == 0:
         return "reference"
+    for w in weights:  # a loop, not any(generator): this runs on every call
+        if w.numel() == 0:
+            return "reference"
     return backend
 
 
@@ -30,7 +33,7 @@ def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """x (M, K) -> (y (M, N or N/2), preact (M, N))."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
     y, preact = impl.linear_act_forward(x, weight, bias, activation)
-    return y.contiguous(), preact.contiguous()
+    return y, preact
 
 
 @linear_act_fwd.register_fake
@@ -45,7 +48,7 @@ def linear_act_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """-> (dx, dweight, dbias or an empty tensor)."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
     dx, dw, db = impl.linear_act_backward(grad_y, x, weight, bias, preact, activation)
-    return dx.contiguous(), dw.contiguous(), db.contiguous() if db is not None else x.new_empty(0)
+    return dx, dw, db if db is not None else x.new_empty(0)
 
 
 @linear_act_bwd.register_fake
@@ -69,7 +72,10 @@ def _backward(ctx, grad_y, grad_preact):
 _linear_act_fwd = differentiable(linear_act_fwd, _setup_context, _backward)
 
 
-def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias"):
+def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias", in_features=None):
+    """x (..., K) against weight (N, in_features, x's K by default) and bias (N,)."""
+    if _plain_call(x, weight, bias, activation, in_features):
+        return
     check_float(op, "x", x)
     check_float(op, weight_name, weight)
     check_float(op, bias_name, bias, optional=True)
@@ -84,14 +90,32 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
     if weight.dim() != 2:
         raise ValueError(f"{op}: {weight_name} must be 2-D (out_features, in_features), got shape "
                          f"{tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"{op}: {weight_name} has shape {tuple(weight.shape)} but x has {x.shape[-1]} "
-                         f"features; expected ({weight.shape[0]}, {x.shape[-1]})")
+    features = x.shape[-1] if in_features is None else in_features
+    if weight.shape[1] != features:
+        raise ValueError(f"{op}: {weight_name} has shape {tuple(weight.shape)} but x has {features} "
+                         f"features; expected ({weight.shape[0]}, {features})")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: {bias_name} has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     if ACTIVATIONS[activation].gated and weight.shape[0] % 2:
         raise ValueError(f"{op}: activation {activation!r} needs an even number of {weight_name} rows "
                          f"([gate; up]), got {weight.shape[0]}")
+
+
+def _plain_call(x, weight, bias, activation, in_features):
+    """Whether the call is the common valid one (float tensors of one dtype on x's device, the
+    shapes matching, a known activation), told in a few attribute reads: the checks one by one
+    cost a third of a small GEMM. False sends the call through every check."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and type(activation) is str):
+        return False
+    dtype, device = x.dtype, x.device
+    if (dtype not in FLOAT_DTYPES or weight.dtype is not dtype or weight.ndim != 2 or not x.ndim
+            or activation not in FUSED_ACTIVATIONS or weight.device != device):
+        return False
+    n, k = weight.shape
+    if k != (x.shape[-1] if in_features is None else in_features) or ACTIVATIONS[activation].gated and n % 2:
+        return False
+    return bias is None or (isinstance(bias, torch.Tensor) and bias.dtype is dtype and bias.shape == (n,)
+                            and bias.device == device)
 
 
 @custom_op("linear_act_infer")
@@ -100,7 +124,7 @@ def linear_act_infer(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """x (M, K) -> y alone, for calls that need no gradient: a backend defining the optional
     ``linear_act_inference`` skips writing the (M, N) preact."""
     impl = LINEAR_ACT.implementation(rows_backend(backend, x, weight))
-    return impl.linear_act_inference(x, weight, bias, activation).contiguous()
+    return impl.linear_act_inference(x, weight, bias, activation)
 
 
 @linear_act_infer.register_fake
@@ -131,6 +155,8 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
     cuda cuBLAS and its epilogue kernel."""
     validate_linear(OP, x, weight, bias, activation)
+    if x.ndim == 2:
+        return linear_act_rows(x, weight, bias, activation, backend)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # reshape(-1, K) cannot tell M when K is 0
     y = linear_act_rows(x2, weight, bias, activation, backend)
     return y.view(*x.shape[:-1], y.shape[-1])

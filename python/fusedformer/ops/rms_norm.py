@@ -6,8 +6,8 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import RMS_NORM
-from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.ops._checks import as_rows
+from fusedformer.ops._checks import as_rows, as_vector
+from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.ops.layer_norm import validate_norm
 from fusedformer.vocabulary import compute_dtype
 
@@ -22,8 +22,7 @@ def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
         res = x.new_empty(x.shape, dtype=residual.dtype) if residual is not None else x.new_empty(0)
         return x.new_empty(x.shape), res, x.new_empty(x.shape[0], dtype=compute_dtype(x))
     y, res, rstd = RMS_NORM.implementation(backend).rms_norm_forward(x, weight, eps, residual)
-    res = res.contiguous() if res is not None else x.new_empty(0)
-    return y.contiguous(), res, rstd.contiguous()
+    return y, res if res is not None else x.new_empty(0), rstd
 
 
 @rms_norm_fwd.register_fake
@@ -39,7 +38,7 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | N
     if x.numel() == 0:
         return x.new_empty(x.shape), torch.zeros_like(weight) if weight is not None else x.new_empty(0)
     dx, dw = RMS_NORM.implementation(backend).rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out)
-    return dx.contiguous(), dw.contiguous() if dw is not None else x.new_empty(0)
+    return dx, dw if dw is not None else x.new_empty(0)
 
 
 @rms_norm_bwd.register_fake
@@ -63,7 +62,14 @@ def _backward(ctx, grad_y, grad_res, grad_rstd):
     return dx, dw if weight is not None else None, None, dres, None
 
 
-_rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward)
+def _inference(x, weight, eps, residual, backend):
+    """rms_norm_fwd for eager calls no gradient flows from: the backend's inference entry, no rstd."""
+    if x.numel() == 0:
+        return rms_norm_fwd.body(x, weight, eps, residual, backend)
+    return (*RMS_NORM.implementation(backend).rms_norm_inference(x, weight, eps, residual), None)
+
+
+_rms_norm_fwd = differentiable(rms_norm_fwd, _setup_context, _backward, _inference)
 
 
 def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
@@ -80,9 +86,9 @@ def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: tor
     eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
     x2 = as_rows(x, n_dims)
     r2 = as_rows(residual, n_dims) if residual is not None else None
-    w = weight.reshape(-1) if weight is not None else None
+    w = as_vector(weight)
     name = backends.select(OP, x.device, (x2, w, eps, r2), backend)
     y, res, _ = _rms_norm_fwd(x2, w, eps, r2, name)
     if residual is None:
-        return y.view(x.shape)
-    return y.view(x.shape), res.view(x.shape)
+        return reshaped(y, x.shape)
+    return reshaped(y, x.shape), reshaped(res, x.shape)

@@ -14,7 +14,7 @@ OP = SOFTMAX.name
 def softmax_fwd(x: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return SOFTMAX.implementation(backend).softmax_forward(x, dim).contiguous()
+    return SOFTMAX.implementation(backend).softmax_forward(x, dim)
 
 
 @softmax_fwd.register_fake
@@ -26,7 +26,7 @@ def _(x, dim, backend):
 def softmax_bwd(grad_y: torch.Tensor, y: torch.Tensor, dim: int, backend: str) -> torch.Tensor:
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
-    return SOFTMAX.implementation(backend).softmax_backward(grad_y, y, dim).contiguous()
+    return SOFTMAX.implementation(backend).softmax_backward(grad_y, y, dim)
 
 
 @softmax_bwd.register_fake
@@ -65,8 +65,9 @@ def softmax(x: torch.Tensor, dim: int = -1, *, backend: str | None = None,
             raise TypeError(f"{OP}: dtype {dtype} is not a floating dtype; expected one of {FLOAT_DTYPES}")
         x = x.to(dtype)
     check_float(OP, "x", x)
-    dim = normalize_dim(OP, "dim", dim, x.dim())
-    if x.dim() == 0:
+    ndim = x.ndim
+    dim = normalize_dim(OP, "dim", dim, ndim)
+    if ndim == 0:
         return softmax(x.reshape(1), 0, backend=backend).reshape(())
     name = backends.select(OP, x.device, (x, dim), backend)
     return _softmax_fwd(x, dim, name)

@@ -27,7 +27,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     out, lse = VARLEN_ATTENTION.implementation(backend).varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
         seed, (window_left, window_right), alibi_slopes)
-    return out.contiguous(), lse.contiguous()
+    return out, lse
 
 
 @varlen_attention_fwd.register_fake
@@ -47,7 +47,7 @@ def varlen_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     dq, dk, dv = VARLEN_ATTENTION.implementation(backend).varlen_attention_backward(
         grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, causal, scale,
         dropout_p, seed, (window_left, window_right), alibi_slopes)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return dq, dk, dv
 
 
 @varlen_attention_bwd.register_fake

@@ -85,7 +85,8 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
     q, k, v, mask = _unit_last_stride(q, k, v, mask)
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    # torch's Python binding: the same aten kernel as aten's op overload packet, ~20k instructions less per call
+    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
     _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
     return out, lse
 

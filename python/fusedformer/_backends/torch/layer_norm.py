@@ -15,12 +15,19 @@ from fusedformer.vocabulary import compute_dtype
 def normalized_input(x, residual, *params):
     """(h, residual_out, params): the tensor to normalize, the residual stream's next value (None
     without residual) and the weight/bias in h's dtype. Shared with rms_norm."""
-    if residual is None and all(p is None or p.dtype == x.dtype for p in params):
+    if residual is None and _same_dtype(x.dtype, params):
         return x, None, params
     cd = compute_dtype(x)
     h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
     residual_out = h.to(residual.dtype) if residual is not None else None
     return h, residual_out, tuple(p.to(cd) if p is not None else None for p in params)
+
+
+def _same_dtype(dtype, params):
+    for p in params:  # a loop, not all(generator): this runs on every call
+        if p is not None and p.dtype != dtype:
+            return False
+    return True
 
 
 def backward_dtype(x, grad_y, *params):
@@ -31,25 +38,38 @@ def backward_dtype(x, grad_y, *params):
     return x.dtype if same else cd
 
 
-def _cast(t, dtype):
-    return t.to(dtype) if t is not None else None
+def cast(t, dtype):
+    """t in ``dtype`` (None stays None); t itself when it has it: a .to() that changes nothing
+    still costs ~9k instructions, a third of a small norm's kernel call. Shared with rms_norm."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _native_forward(x, weight, bias, eps, residual):
+    """(y, residual_out, mean (M, 1), rstd (M, 1)) as native_layer_norm gives them."""
+    h, residual_out, (w, b) = normalized_input(x, residual, weight, bias)
+    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
+    return cast(y, x.dtype), residual_out, mean, rstd
 
 
 def layer_norm_forward(x, weight, bias, eps, residual=None):
-    h, residual_out, (w, b) = normalized_input(x, residual, weight, bias)
-    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
+    y, residual_out, mean, rstd = _native_forward(x, weight, bias, eps, residual)
     cd = compute_dtype(x)
-    return y.to(x.dtype), residual_out, mean.view(-1).to(cd), rstd.view(-1).to(cd)
+    return y, residual_out, cast(mean.view(-1), cd), cast(rstd.view(-1), cd)
+
+
+def layer_norm_inference(x, weight, bias, eps, residual=None):
+    """Without the statistics' reshapes and casts (~20k instructions per call)."""
+    return _native_forward(x, weight, bias, eps, residual)[:2]
 
 
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
     dtype = backward_dtype(x, grad_y, weight, bias)
     mask = [True, weight is not None, bias is not None]
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-        grad_y.to(dtype), x.to(dtype), (x.shape[-1],), mean.to(dtype), rstd.to(dtype), _cast(weight, dtype),
-        _cast(bias, dtype), mask)
+        cast(grad_y, dtype), cast(x, dtype), (x.shape[-1],), cast(mean, dtype), cast(rstd, dtype),
+        cast(weight, dtype), cast(bias, dtype), mask)
     if grad_residual_out is not None:
-        dx = dx + grad_residual_out.to(dtype)
-    dw = dw.to(weight.dtype) if weight is not None else None
-    db = db.to(bias.dtype) if bias is not None else None
-    return dx.to(x.dtype), dw, db
+        dx = dx + cast(grad_residual_out, dtype)
+    dw = cast(dw, weight.dtype) if weight is not None else None
+    db = cast(db, bias.dtype) if bias is not None else None
+    return cast(dx, x.dtype), dw, db

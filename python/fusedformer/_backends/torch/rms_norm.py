@@ -4,27 +4,39 @@ decomposition there), so the backward is the closed form in a few fused torch op
 
 import torch
 
-from fusedformer._backends.torch.layer_norm import backward_dtype, normalized_input
+from fusedformer._backends.torch.layer_norm import backward_dtype, cast, normalized_input
 from fusedformer.vocabulary import compute_dtype
 
 
-def rms_norm_forward(x, weight, eps, residual=None):
+def _fused_forward(x, weight, eps, residual):
+    """(y, residual_out, rstd (M, 1)) as _fused_rms_norm gives them."""
     h, residual_out, (w,) = normalized_input(x, residual, weight)
-    y, rstd = torch.ops.aten._fused_rms_norm(h, [h.shape[-1]], w, eps)
-    return y.to(x.dtype), residual_out, rstd.view(-1).to(compute_dtype(x))
+    # torch's Python binding of aten::_fused_rms_norm: ~14k instructions less per call than torch.ops.aten's
+    y, rstd = torch._fused_rms_norm(h, [h.shape[-1]], w, eps)
+    return cast(y, x.dtype), residual_out, rstd
+
+
+def rms_norm_forward(x, weight, eps, residual=None):
+    y, residual_out, rstd = _fused_forward(x, weight, eps, residual)
+    return y, residual_out, cast(rstd.view(-1), compute_dtype(x))
+
+
+def rms_norm_inference(x, weight, eps, residual=None):
+    """Without the statistic's reshape and cast."""
+    return _fused_forward(x, weight, eps, residual)[:2]
 
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     """With xhat = x * rstd and g = dy * weight: dx = rstd * (g - xhat * mean(g * xhat)),
     dweight = sum_rows(dy * xhat)."""
     dtype = backward_dtype(x, grad_y, weight)
-    dy = grad_y.to(dtype)
-    r = rstd.to(dtype)[:, None]
-    xhat = x.to(dtype) * r
-    g = dy * weight.to(dtype) if weight is not None else dy
+    dy = cast(grad_y, dtype)
+    r = cast(rstd, dtype)[:, None]
+    xhat = cast(x, dtype) * r
+    g = dy * cast(weight, dtype) if weight is not None else dy
     dot = torch.linalg.vecdot(g, xhat).unsqueeze(-1).div_(x.shape[-1])
     dx = torch.addcmul(g, xhat, dot, value=-1).mul_(r)
     if grad_residual_out is not None:
-        dx += grad_residual_out.to(dtype)
-    dweight = torch.linalg.vecdot(dy.t(), xhat.t()).to(weight.dtype) if weight is not None else None
-    return dx.to(x.dtype), dweight
+        dx += cast(grad_residual_out, dtype)
+    dweight = cast(torch.linalg.vecdot(dy.t(), xhat.t()), weight.dtype) if weight is not None else None
+    return cast(dx, x.dtype), dweight

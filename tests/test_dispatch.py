@@ -1,0 +1,155 @@
+"""The dispatch path's shortcuts keep its answers: the selection cache follows backend=,
+use_backend and FUSEDFORMER_BACKEND, the eager path skips the autograd.Function only when no
+gradient can flow, and outputs are contiguous on the custom-op path only."""
+
+import sys
+
+import fusedformer as ff
+import pytest
+import torch
+from fusedformer import backends
+from fusedformer._backends.tables import SOFTMAX
+
+softmax_op = sys.modules["fusedformer.ops.softmax"]
+
+
+def _spy_softmax_backends(monkeypatch):
+    """Record which backend's softmax_forward runs each call (loaded implementations wrapped)."""
+    ran = []
+    for name in ("reference", "torch"):
+        impl, _ = SOFTMAX.load(name)
+        spied = SOFTMAX.check(type("module", (), {
+            "softmax_forward": staticmethod(
+                lambda x, dim, _f=impl.softmax_forward, _n=name: ran.append(_n) or _f(x, dim)),
+            "softmax_backward": staticmethod(impl.softmax_backward)}))
+        monkeypatch.setitem(SOFTMAX.loaded, name, (spied, None))
+    return ran
+
+
+def test_selection_follows_argument_context_and_environment(monkeypatch):
+    ran = _spy_softmax_backends(monkeypatch)
+    x = torch.randn(3, 5)
+    ff.softmax(x)  # auto on a CPU: torch, now cached
+    ff.softmax(x, backend="reference")
+    with ff.use_backend("reference"):
+        ff.softmax(x)
+        ff.softmax(x, backend="torch")  # the argument wins over the context
+    ff.softmax(x)
+    monkeypatch.setenv("FUSEDFORMER_BACKEND", "reference")
+    ff.softmax(x)
+    with ff.use_backend("torch"):  # the context wins over the environment
+        ff.softmax(x)
+    monkeypatch.delenv("FUSEDFORMER_BACKEND")
+    ff.softmax(x)
+    assert ran == ["torch", "reference", "reference", "torch", "torch", "reference", "torch", "torch"]
+
+
+def _count_asks(monkeypatch):
+    asked = []
+    real = backends.unsupported_reason
+    monkeypatch.setattr(backends, "unsupported_reason", lambda *a: asked.append(a[0]) or real(*a))
+    return asked
+
+
+def test_selection_is_cached_per_features(monkeypatch):
+    """A decision a backend's unsupported() takes part in is taken once per (family, requested,
+    device, features); inputs it judges otherwise (here: dtype, head dim) get their own."""
+    asked = _count_asks(monkeypatch)
+    q = torch.randn(1, 2, 4, 8)
+    args = lambda q: (q, q, q, None, False, 0.35, 0.0, None, (-1, -1), None)  # noqa: E731
+    for _ in range(3):
+        assert backends.select("attention", q.device, args(q)) == "torch"
+    assert asked == ["torch"]
+    backends.select("attention", q.device, args(q.double()))
+    backends.select("attention", q.device, args(torch.randn(1, 2, 4, 16)))
+    assert asked == ["torch"] * 3
+
+
+def test_selection_for_any_arguments_is_taken_once(monkeypatch):
+    """A backend that runs every input (no unsupported() of its own, first in auto's order) is
+    chosen once per (family, requested, device), whatever the arguments; a backend with an
+    unsupported() is asked again for other features."""
+    asked = _count_asks(monkeypatch)
+    x = torch.randn(3, 5)
+    for t in (x, x.double(), torch.randn(2, 7, 4), x.requires_grad_()):
+        assert backends.select("softmax", x.device, (t, 1)) == "torch"
+    assert asked == ["torch"]
+    impl, _ = SOFTMAX.load("torch")
+    judging = SOFTMAX.check(type("module", (), {
+        "softmax_forward": staticmethod(impl.softmax_forward), "softmax_backward": staticmethod(impl.softmax_backward),
+        "unsupported": staticmethod(lambda x, dim: "no float64" if x.dtype == torch.float64 else None)}))
+    monkeypatch.setitem(SOFTMAX.loaded, "torch", (judging, None))
+    backends.clear_selection_cache()
+    assert backends.select("softmax", x.device, (x, 1)) == "torch"
+    assert backends.select("softmax", x.device, (x.double(), 1)) == "reference"
+    assert backends.select("softmax", x.device, (x, 1)) == "torch"
+
+
+def test_selection_cache_keeps_unsupported_inputs_apart(monkeypatch):
+    """The same family on the same device, once with inputs torch cannot run (dropout) and once
+    without: each call gets the backend its own inputs allow."""
+    q = torch.randn(1, 2, 4, 8)
+    args = lambda p: (q, q, q, None, False, 0.35, p, None, (-1, -1), None)  # noqa: E731
+    assert backends.select("attention", q.device, args(0.0)) == "torch"
+    assert backends.select("attention", q.device, args(0.5)) == "reference"
+    assert backends.select("attention", q.device, args(0.0)) == "torch"
+    with pytest.raises(backends.BackendUnavailableError, match="dropout"):
+        backends.select("attention", q.device, args(0.5), "torch")
+    with pytest.raises(backends.BackendUnavailableError, match="dropout"):  # failures are not cached away
+        backends.select("attention", q.device, args(0.5), "torch")
+
+
+def test_selection_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(backends, "_SELECTIONS_MAX", 4)
+    x = torch.randn(3, 5)
+    for eps in range(10):
+        backends.select("layer_norm", x.device, (x, None, None, float(eps), None))
+    assert 0 < len(backends._selections) <= 4
+
+
+def test_no_grad_calls_skip_the_autograd_function(monkeypatch):
+    """The body alone when nothing requires grad or grad mode is off; the Function (a grad_fn on
+    the output, and a correct gradient) when a gradient can flow."""
+    applied = []
+    real = torch.autograd.Function.apply.__func__
+
+    def spy(cls, *args):
+        applied.append(cls.__name__)
+        return real(cls, *args)
+
+    monkeypatch.setattr(torch.autograd.Function, "apply", classmethod(spy))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert ff.softmax(x).grad_fn is None
+    with torch.no_grad():
+        assert ff.softmax(x.requires_grad_()).grad_fn is None
+    assert applied == []
+    y = ff.softmax(x, 0)
+    assert applied == ["Eager"] and y.grad_fn is not None
+    torch.autograd.gradcheck(lambda t: ff.softmax(t, 0), (x,))
+
+
+def test_custom_op_returns_contiguous_outputs_and_the_eager_body_does_not_copy():
+    """torch's CPU flash kernel writes a transposed lse: the eager body passes it on as it is, the
+    custom op (what graphs see, with contiguous fake outputs) makes it contiguous."""
+    attention_op = sys.modules["fusedformer.ops.attention"]
+    q = torch.randn(2, 3, 4, 8)
+    args = (q, q, q, None, False, 0.35, 0.0, None, -1, -1, None, "torch")
+    _, lse = attention_op.attention_fwd.body(*args)
+    assert not lse.is_contiguous()
+    out, lse = torch.ops.fusedformer.attention_fwd(*args)
+    assert out.is_contiguous() and lse.is_contiguous()
+    x = torch.randn(5, 4).t()
+    assert torch.ops.fusedformer.softmax_fwd(x, 0, "reference").is_contiguous()
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, meta: ff.layer_norm(x, (8,), meta(8)),
+    lambda x, meta: ff.rms_norm(x, (8,), None, residual=meta(3, 8)),
+    lambda x, meta: ff.linear_act(x, meta(4, 8)),
+    lambda x, meta: ff.linear_act(x, torch.randn(4, 8), meta(4)),
+])
+def test_valid_call_shortcuts_still_check_devices(call):
+    """The norms' and linear_act's shortcut for the common valid call tells a tensor on another
+    device (here meta) apart, and the checks name it."""
+    with pytest.raises(ValueError, match="is on meta but x is on cpu"):
+        call(torch.randn(3, 8), lambda *shape: torch.randn(*shape, device="meta"))

@@ -1,0 +1,56 @@
+"""A patched BERT's attention gets the mask Hugging Face's own sdpa path gets: none for an
+all-ones padding mask (a float mask there would take the slower masked kernel and its gradient
+path), the same bool mask with padding."""
+
+import copy
+
+import fusedformer as ff
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from fusedformer.patch import hf as _hf  # noqa: E402
+from transformers.integrations import sdpa_attention  # noqa: E402
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     attn_implementation="sdpa")
+    return transformers.BertModel(config).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_patched_bert_attention_gets_hf_sdpa_mask(monkeypatch, padded):
+    masks = {"sdpa": [], "fusedformer": []}
+    real_ff = _hf.scaled_dot_product_attention
+    real_sdpa = sdpa_attention.torch.nn.functional.scaled_dot_product_attention
+
+    def spy_ff(q, k, v, attn_mask=None, **kwargs):
+        masks["fusedformer"].append(attn_mask)
+        return real_ff(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    def spy_sdpa(q, k, v, attn_mask=None, **kwargs):
+        masks["sdpa"].append(attn_mask)
+        return real_sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(_hf, "scaled_dot_product_attention", spy_ff)
+    monkeypatch.setattr(sdpa_attention.torch.nn.functional, "scaled_dot_product_attention", spy_sdpa)
+    model = _tiny_bert()
+    patched = ff.patch(copy.deepcopy(model))
+    masks["sdpa"].clear()  # the patch's own verification runs both models
+    masks["fusedformer"].clear()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(ids)
+    if padded:
+        attention_mask[1, -3:] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+        got = patched(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+    assert len(masks["sdpa"]) == len(masks["fusedformer"]) == 1
+    (hf_mask,), (ff_mask,) = masks["sdpa"], masks["fusedformer"]
+    if padded:
+        assert ff_mask.dtype == hf_mask.dtype == torch.bool and torch.equal(ff_mask, hf_mask)
+    else:
+        assert ff_mask is None and hf_mask is None
+    torch.testing.assert_close(got, expected)
