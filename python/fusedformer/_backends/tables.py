@@ -61,24 +61,23 @@ VARLEN_ATTENTION = _family(
 SOFTMAX = _family("softmax", Function("softmax_forward", "x, dim", "y"),
                   Function("softmax_backward", "grad_y, y, dim", "dx"), unsupported("x, dim"))
 
-def _norm_inference_from_forward(forward_name):
-    return lambda impl: lambda *args: getattr(impl, forward_name)(*args)[:2]
+
+def _norm_family(name, weights, stats, grads):
+    """LayerNorm and RMSNorm declare one table shape: affine weights, saved statistics, a residual
+    stream; they differ in which weights and statistics."""
+    args = f"x, {weights}, eps, residual"
+    forward = f"{name}_forward"
+    return _family(
+        name, Function(forward, args, f"(y, residual_out, {stats})"),
+        Function(f"{name}_backward", f"grad_y, x, {weights}, {stats}, grad_residual_out", grads),
+        unsupported(args),
+        # y (and the residual stream) alone, for eager calls that need no gradient: no statistics kept
+        Function(f"{name}_inference", args, "(y, residual_out)",
+                 fallback=lambda impl: lambda *a: getattr(impl, forward)(*a)[:2]))
 
 
-LAYER_NORM = _family(
-    "layer_norm", Function("layer_norm_forward", "x, weight, bias, eps, residual", "(y, residual_out, mean, rstd)"),
-    Function("layer_norm_backward", "grad_y, x, weight, bias, mean, rstd, grad_residual_out", "(dx, dweight, dbias)"),
-    unsupported("x, weight, bias, eps, residual"),
-    # y (and the residual stream) alone, for eager calls that need no gradient: no statistics kept
-    Function("layer_norm_inference", "x, weight, bias, eps, residual", "(y, residual_out)",
-             fallback=_norm_inference_from_forward("layer_norm_forward")))
-
-RMS_NORM = _family(
-    "rms_norm", Function("rms_norm_forward", "x, weight, eps, residual", "(y, residual_out, rstd)"),
-    Function("rms_norm_backward", "grad_y, x, weight, rstd, grad_residual_out", "(dx, dweight)"),
-    unsupported("x, weight, eps, residual"),
-    Function("rms_norm_inference", "x, weight, eps, residual", "(y, residual_out)",
-             fallback=_norm_inference_from_forward("rms_norm_forward")))
+LAYER_NORM = _norm_family("layer_norm", "weight, bias", "mean, rstd", "(dx, dweight, dbias)")
+RMS_NORM = _norm_family("rms_norm", "weight", "rstd", "(dx, dweight)")
 
 LINEAR_ACT = _family(
     "linear_act", Function("linear_act_forward", "x, weight, bias, activation", "(y, preact)"),
