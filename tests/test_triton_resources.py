@@ -50,7 +50,8 @@ def label(row):
     c = row["config"]
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
     stages = f" s{c['num_stages']}" if c.get("num_stages") else ""
-    return f"{row['kernel']} sm_{row['arch']} {blocks} w{c['num_warps']}{stages}"
+    split = " split" if c.get("SPLIT_DKDV") else ""  # attention dK/dV in two passes
+    return f"{row['kernel']} sm_{row['arch']} {blocks} w{c['num_warps']}{stages}{split}"
 
 
 def violations(rows):
