@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from fusedformer.kernels import _autotune
+from fusedformer.kernels import attention_common as common
 from fusedformer.kernels import attention_resources as resources
 from fusedformer.kernels.attention_common import (
-    LOG2E,
     _dot,
     _dropout_keep,
     _key_range,
@@ -33,19 +33,8 @@ from fusedformer.kernels.attention_common import (
     _sequence,
     _tile_scores,
     _whole_key_range,
-    bias_strides,
-    block_d,
     descriptors,
-    dropout_args,
-    flags,
-    ieee_dot,
     interpreted,
-    pointer_args,
-    pow2,
-    set_tma_blocks,
-    slope_strides,
-    use_tma,
-    vector_width,
 )
 
 
@@ -144,7 +133,8 @@ def _attn_fwd_kernel(
     i_hi = tl.max(tl.where(row_ok, i_row, -1), 0)
 
     q_rows, d_ok = _row_offsets(q_start, i_row, sq_l, D, BLOCK_D, VEC)
-    q_ptrs = Q + b * sq_b + (q_rows + tl.multiple_of(h_row * sq_h, VEC))[:, None] + tl.arange(0, BLOCK_D)[None, :] * sq_d
+    q_rows += tl.multiple_of(h_row * sq_h, VEC)
+    q_ptrs = Q + b * sq_b + q_rows[:, None] + tl.arange(0, BLOCK_D)[None, :] * sq_d
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     lo, hi = _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
@@ -224,7 +214,8 @@ def _attn_combine_kernel(
 
 def fwd_configs():
     if interpreted():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1, pre_hook=set_tma_blocks)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1,
+                              pre_hook=common.set_tma_blocks)]
     # sized for H100 (sm_90); prune_fwd keeps those that fit the call's dtype, head dims and load
     # path. 128x128 with 8 warps is the D = 128 16-bit tile (each Q row block reused over twice the
     # keys of 128x64): 3 stages with K/V through TMA (the scores stay out of shared memory), 2 with
@@ -233,7 +224,7 @@ def fwd_configs():
     shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3),
               (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1),
               (16, 32, 8, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=set_tma_blocks)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=common.set_tma_blocks)
             for m, n, w, s in shapes]
 
 
@@ -276,9 +267,9 @@ def forward_key(rows, Lk, num_splits, pack_gqa):
     Decode (GQA-packed): the keys each split reads, as a power of two clamped to DECODE_KEY_LK,
     so a KV cache growing to 32k keys meets a handful of keys, not one per power of two."""
     if not pack_gqa:
-        return pow2(rows), pow2(Lk)
+        return common.pow2(rows), common.pow2(Lk)
     lo, hi = DECODE_KEY_LK
-    return pow2(rows), min(max(pow2(triton.cdiv(Lk, num_splits)), lo), hi)
+    return common.pow2(rows), min(max(common.pow2(triton.cdiv(Lk, num_splits)), lo), hi)
 
 
 L2_BYTES = 50 * 1024 * 1024  # an H100's L2 (H200: the same); the CPU stand-in of l2_section
@@ -314,21 +305,22 @@ def forward_launches(q, k, v, out, lse, bias, slopes, causal, scale, window, dro
     heads = H // G if pack_gqa else H
     if section is None:
         section = l2_section(q.device, Lk, D, Dv, k.element_size())
-    tma = use_tma(q.device, cu_q is not None, k, v)
-    meta = dict(flags(bias, causal, window, slopes, dropout_p), VARLEN=cu_q is not None, PACK_GQA=bool(pack_gqa),
-                IEEE_DOT=ieee_dot(q), USE_TMA=tma, VEC=vector_width((q, k, v), (q_strides, k_strides, v_strides, so)),
-                BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    tma = common.use_tma(q.device, cu_q is not None, k, v)
+    meta = dict(common.flags(bias, causal, window, slopes, dropout_p), VARLEN=cu_q is not None, PACK_GQA=bool(pack_gqa),
+                IEEE_DOT=common.ieee_dot(q), USE_TMA=tma,
+                VEC=common.vector_width((q, k, v), (q_strides, k_strides, v_strides, so)),
+                BLOCK_D=common.block_d(D), BLOCK_DV=common.block_d(Dv))
     grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * num_splits * B * heads,)  # noqa: E731
-    args = (q, *descriptors(tma, k, v), o_tensor, l_tensor, *pointer_args(q, bias, slopes, seed, dropout_p),
+    args = (q, *descriptors(tma, k, v), o_tensor, l_tensor, *common.pointer_args(q, bias, slopes, seed, dropout_p),
             cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
-            *q_strides, *k_strides, *v_strides, *so, *sl, *bias_strides(bias), *slope_strides(slopes),
-            B, H, G, Lq, Lk, D, Dv, float(scale) * LOG2E, int(window[0]), int(window[1]),
-            *dropout_args(dropout_p, drop_threshold), int(num_splits), int(section),
+            *q_strides, *k_strides, *v_strides, *so, *sl, *common.bias_strides(bias), *common.slope_strides(slopes),
+            B, H, G, Lq, Lk, D, Dv, float(scale) * common.LOG2E, int(window[0]), int(window[1]),
+            *common.dropout_args(dropout_p, drop_threshold), int(num_splits), int(section),
             *forward_key(rows, Lk, num_splits, pack_gqa))
     launches = [(kernel, grid, args, with_config(meta, config))]
     if num_splits > 1:
         launches.append((_attn_combine_kernel, (R,), (out_part, lse_part, out, lse, R, Dv, int(num_splits)),
-                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=block_d(Dv))))
+                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=common.block_d(Dv))))
     return launches
 
 
@@ -337,7 +329,7 @@ def run(launches):
     TMA block shapes its pre_hook would set under the autotuner."""
     for kernel, grid, args, meta in launches:
         if "BLOCK_N" in meta and "BLOCK_M" in meta:
-            set_tma_blocks({**dict(zip(kernel.arg_names, args)), **meta})
+            common.set_tma_blocks({**dict(zip(kernel.arg_names, args)), **meta})
         kernel[grid](*args, **meta)
 
 

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 
 from fusedformer.kernels import _autotune
+from fusedformer.kernels import attention_common as common
 from fusedformer.kernels import attention_resources as resources
 from fusedformer.kernels._rows import sum_partials
 from fusedformer.kernels.attention import run, with_config
 from fusedformer.kernels.attention_common import (
-    LOG2E,
     _dot,
     _dropout_keep,
     _key_range,
@@ -34,19 +34,8 @@ from fusedformer.kernels.attention_common import (
     _sequence,
     _store_rows,
     _whole_key_range,
-    bias_strides,
-    block_d,
     descriptors,
-    dropout_args,
-    flags,
-    ieee_dot,
     interpreted,
-    pointer_args,
-    pow2,
-    set_tma_blocks,
-    slope_strides,
-    use_tma,
-    vector_width,
 )
 from fusedformer.kernels.attention_dbias import launch_dbias
 
@@ -94,7 +83,8 @@ def _dkdv_tiles(lo, hi, Q, dOut, b, h, q_start, sq_b, sq_h, sq_l, sq_d, sdo_b, s
         i = start_m + offs_m
         qt = tl.trans(_load_rows(Q, b, h, q_start, start_m, Lq_b, sq_b, sq_h, sq_l, sq_d, D, BLOCK_M, BLOCK_D,
                                  USE_TMA, VEC))  # (BLOCK_D, BLOCK_M)
-        do = _load_rows(dOut, b, h, q_start, start_m, Lq_b, sdo_b, sdo_h, sdo_l, sdo_d, Dv, BLOCK_M, BLOCK_DV, USE_TMA, VEC)
+        do = _load_rows(dOut, b, h, q_start, start_m, Lq_b, sdo_b, sdo_h, sdo_l, sdo_d, Dv, BLOCK_M, BLOCK_DV, USE_TMA,
+                        VEC)
         lse2, delta = _load_lse2(Lse, Delta, row_base, i.to(tl.int64), Lq_b)
         pt = _probs_tile(k, qt, lse2, b, h_row, i, j, Lq_b, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes,
                          ss_b, ss_h, qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT,
@@ -122,7 +112,8 @@ def _dkdv_group(dk, dv, heads_lo, heads_hi, hkv, lo, hi, Q, dOut, b, q_start, sq
                 drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                 WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr,
                 IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, VEC: tl.constexpr, DO_DK: tl.constexpr,
-                DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
     """_dkdv_tiles over query heads g in [heads_lo, heads_hi) of kv head hkv's group and the query
     blocks [lo, hi) that see the key block. One loop body, masked throughout: a separate body for
     the blocks that see it whole (as the forward and dQ have) keeps each body's hoisted values live
@@ -295,7 +286,7 @@ def _attn_bwd_dq(
 
 def _config(m, n, warps, stages, **extra):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, **extra}, num_warps=warps, num_stages=stages,
-                         pre_hook=set_tma_blocks)
+                         pre_hook=common.set_tma_blocks)
 
 
 # every tile BWD_16BIT (attention_resources) keeps, then the ones the fp32 / D = 256 rule picks from;
@@ -366,15 +357,17 @@ def launch_backward(do, q, k, v, out, lse, dq, dk, dv, dbias, bias, slopes, caus
     if dL > 0:
         bm = 16 if interpreted() else 64
         _attn_bwd_delta[(triton.cdiv(dL, bm) * dB * H,)](out, do, delta, *strides["out"], *strides["do"], H, dL, Dv,
-                                                       BLOCK_M=bm, BLOCK_DV=block_d(Dv))
-    pointers = pointer_args(q, bias, slopes, seed, dropout_p)
+                                                       BLOCK_M=bm, BLOCK_DV=common.block_d(Dv))
+    pointers = common.pointer_args(q, bias, slopes, seed, dropout_p)
     cu = (cu_q if varlen else q, cu_k if varlen else q)
-    tail = (*bias_strides(bias), *slope_strides(slopes), B, H, G, Lq, Lk, D, Dv, total_q, float(scale),
-            float(scale) * LOG2E, int(window[0]), int(window[1]), *dropout_args(dropout_p, drop_threshold))
-    keys = (pow2(Lq), pow2(Lk))
-    tma = use_tma(q.device, varlen, q, do)  # dK/dV's Q and dO
-    meta = dict(flags(bias, causal, window, slopes, dropout_p), VARLEN=varlen, IEEE_DOT=ieee_dot(q), USE_TMA=tma,
-                VEC=vector_width((q, k, v), strides.values()), BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    tail = (*common.bias_strides(bias), *common.slope_strides(slopes), B, H, G, Lq, Lk, D, Dv, total_q, float(scale),
+            float(scale) * common.LOG2E, int(window[0]), int(window[1]),
+            *common.dropout_args(dropout_p, drop_threshold))
+    keys = (common.pow2(Lq), common.pow2(Lk))
+    tma = common.use_tma(q.device, varlen, q, do)  # dK/dV's Q and dO
+    meta = dict(common.flags(bias, causal, window, slopes, dropout_p), VARLEN=varlen, IEEE_DOT=common.ieee_dot(q),
+                USE_TMA=tma, VEC=common.vector_width((q, k, v), strides.values()), BLOCK_D=common.block_d(D),
+                BLOCK_DV=common.block_d(Dv))
     strided = (*strides["q"], *strides["k"], *strides["v"], *strides["do"])
 
     if not (dk.is_contiguous() and dv.is_contiguous()):

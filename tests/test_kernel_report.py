@@ -81,25 +81,26 @@ def test_attention_report_claims(tmp_path):
     assert not [r for r in rows if r["spill"]], rows
 
 
-_ALIGNED_LOADS = """
+_ALIGNED_LOADS = r"""
 import json, re, sys, torch
 sys.path[:0] = [{tests!r}]
 import triton_resource_jobs as J
 from triton_sm90_compile import compile_kernel
 from fusedformer.kernels import attention as A
+from fusedformer.kernels import attention_common as C
 for D in (40, 72):
     q = torch.empty(2, 4, 64, D, dtype=torch.bfloat16)  # (B, H, L, D) contiguous
     strides = [q.stride()] * 4
-    for vec in (A.vector_width((q, q, q), strides), 1):
+    for vec in (C.vector_width((q, q, q), strides), 1):
         fn = A._attn_fwd_kernel
-        flags = dict(A.flags(None, True, (-1, -1), None, 0.0), VARLEN=False, IEEE_DOT=False, PACK_GQA=False,
-                     USE_TMA=False, VEC=vec, BLOCK_D=A.block_d(D), BLOCK_DV=A.block_d(D), BLOCK_M=64, BLOCK_N=64,
+        flags = dict(C.flags(None, True, (-1, -1), None, 0.0), VARLEN=False, IEEE_DOT=False, PACK_GQA=False,
+                     USE_TMA=False, VEC=vec, BLOCK_D=C.block_d(D), BLOCK_DV=C.block_d(D), BLOCK_M=64, BLOCK_N=64,
                      **J._unit_head_dim(fn))
         # what triton specialises itself: strides divisible by 16 (the token stride D is not)
         aligned = {{f"s{{t}}_{{d}}" for t in "qkvo" for d in "bh"}}
         ptx = compile_kernel(fn, {{**J._ATTN_PTRS, **J._ATTN_SCALARS}}, flags, aligned, 4, 3, 80)["ptx"]
-        print(json.dumps(dict(D=D, vec=vec, cp_async_16=len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x10;", ptx)),
-                              ld_v4="ld.global.v4" in ptx)))
+        cp_async_16 = re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], 0x10[,;]", ptx)
+        print(json.dumps(dict(D=D, vec=vec, cp_async_16=len(cp_async_16), ld_v4="ld.global.v4" in ptx)))
 """
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 from fusedformer.kernels import attention as fwd_kernels  # noqa: E402
 from fusedformer.kernels import attention_backward as bwd_kernels  # noqa: E402
+from fusedformer.kernels import attention_common as common  # noqa: E402
 from fusedformer.kernels import _autotune  # noqa: E402
 from fusedformer.kernels import attention_resources as resources  # noqa: E402
 
@@ -36,8 +37,9 @@ def test_every_dtype_and_head_dim_keeps_a_config(monkeypatch, smem):
                 for tma in (False, True) if elt == 2 and smem == _autotune.SMEM_SM90 else (False,):
                     where = (elt, ieee, d, dropout, tma)
                     assert any(resources.fits_fwd(c, bd, bd, elt, ieee, smem, dropout, tma) for c in fwd), where
-                    assert any(resources.fits_bwd("dkdv", c, bd, bd, elt, ieee, smem, dropout, tma) for c in dkdv), where
-                    assert any(resources.fits_bwd("dq", c, bd, bd, elt, ieee, smem, dropout) for c in dq), where
+                    fits = resources.fits_bwd
+                    assert any(fits("dkdv", c, bd, bd, elt, ieee, smem, dropout, tma) for c in dkdv), where
+                    assert any(fits("dq", c, bd, bd, elt, ieee, smem, dropout) for c in dq), where
 
 
 def _tiles(configs):
@@ -79,7 +81,7 @@ def test_backward_keeps_a_64x128_dkdv_tile_at_d128_through_tma(monkeypatch):
 def _kept(prune, configs, q, D, rows):
     bd = max(16, triton.next_power_of_2(D))
     return prune(configs, {"Q": q, "key_lq": rows}, BLOCK_D=bd, BLOCK_DV=bd, IEEE_DOT=q.dtype == torch.float32,
-                 DROPOUT=False, USE_TMA=fwd_kernels.use_tma(q.device, False, q))
+                 DROPOUT=False, USE_TMA=common.use_tma(q.device, False, q))
 
 
 SHAPES = [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256), (torch.float32, 128)]

@@ -84,7 +84,8 @@ _ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp3
               "LsePart": "*fp32", "OutPart": "*fp32",
               **{n: "*bf16" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
 _ATTN_SCALARS = {"qk_scale": "fp32", "drop_scale": "fp32", "sm_scale": "fp32", "seed": "i64", "drop_threshold": "i64"}
-_ATTN_ALIGNED = {f"s{t}_{d}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for d in "bhl"} | {"D", "Dv"}
+_ATTN_ALIGNED = {f"s{t}_{d}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for d in "bhl"} | {"D", "Dv"} | {
+    "so_s", "sdk_s", "sdv_s"}  # split and chunk strides: 0 or a tensor's size
 
 
 def _unit_head_dim(fn):
@@ -106,7 +107,7 @@ def attention_jobs(arch, dropout_p=0.0, head_dims=(HEAD_DIM,)):
     forward's K/V and dK/dV's Q/dO are TMA descriptors, as the launchers pass aligned inputs."""
     from fusedformer.kernels import attention as A
     from fusedformer.kernels import attention_backward as AB
-    from fusedformer.kernels.attention_common import TMA_ROWS
+    from fusedformer.kernels import attention_common as C
 
     tma = arch >= 90
     pow2 = triton.next_power_of_2
@@ -117,15 +118,15 @@ def attention_jobs(arch, dropout_p=0.0, head_dims=(HEAD_DIM,)):
                     key_lk=pow2(LENGTH))
         # bf16 causal self-attention: the common training / prefill launch
         # VEC: 16 bytes of bf16, as the launchers find every stride and head dim a multiple of 8 here
-        flags = dict(A.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False, VEC=8,
-                     BLOCK_D=A.block_d(head_dim), BLOCK_DV=A.block_d(head_dim))
+        flags = dict(C.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False, VEC=8,
+                     BLOCK_D=C.block_d(head_dim), BLOCK_DV=C.block_d(head_dim))
         fwd_tuner, _ = A._tuned_fwd()
         fwd = dict(flags, PACK_GQA=False, USE_TMA=tma, **_unit_head_dim(A._attn_fwd_kernel))
-        kv = {n: TMA_ROWS[n] for n in ("K", "V")}
+        kv = {n: C.TMA_ROWS[n] for n in ("K", "V")}
         jobs += _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch,
                                 _tma_types(types, kv, head_dim) if tma else None)
         tuner, _ = AB._tuned("dkdv")
-        qdo = {n: TMA_ROWS[n] for n in ("Q", "dOut")}
+        qdo = {n: C.TMA_ROWS[n] for n in ("Q", "dOut")}
         jobs += _autotuned_jobs("attention_bwd", tuner, AB._attn_bwd_dkdv, types, ints,
                                 dict(flags, USE_TMA=tma, **_unit_head_dim(AB._attn_bwd_dkdv)), _ATTN_ALIGNED, arch,
                                 _tma_types(types, qdo, head_dim) if tma else None)
@@ -133,9 +134,9 @@ def attention_jobs(arch, dropout_p=0.0, head_dims=(HEAD_DIM,)):
         jobs += _autotuned_jobs("attention_bwd", tuner, AB._attn_bwd_dq, types, ints,
                                 dict(flags, **_unit_head_dim(AB._attn_bwd_dq)), _ATTN_ALIGNED, arch)
         for job in jobs:  # the head dim in the row's config (and label)
-            job.config.setdefault("BLOCK_D", A.block_d(head_dim))
+            job.config.setdefault("BLOCK_D", C.block_d(head_dim))
     # decode's split-K merge: one program per row, the launcher's fixed split block
-    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=A.block_d(HEAD_DIM))
+    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=C.block_d(HEAD_DIM))
     jobs.append(Job("attention_decode", A._attn_combine_kernel, types, blocks, {"Dv"}, 4, None, arch, blocks))
     return jobs
 
