@@ -6,8 +6,11 @@ delta = rowsum(dO * O):
     dQ = scale * dS K,  dK = scale * dS^T Q,  dbias = dS summed over the bias's broadcast dims.
 Every result is owned by exactly one program, so all of it is deterministic without atomics:
   _attn_bwd_delta   delta, reads Lq*Dv twice per head
-  _attn_bwd_dkdv    one program per (key block, b, kv head), looping over the G query heads of
-                    its group and the query blocks that can see it: dK, dV summed over the group
+  _attn_bwd_dkdv    one program per (key block, b, kv head, chunk of the group's G query heads),
+                    looping over the heads of its chunk and the query blocks that can see it;
+                    with more than one chunk each writes float32 partials, summed in chunk order
+                    (_rows.sum_partials). SPLIT_DKDV tiles accumulate dV, store it, then dK.
+                    On sm_90 Q and dO arrive through TMA descriptors (attention_common.use_tma).
   _attn_bwd_dq      one program per (query block, b, h), looping over its keys (a second
                     recompute of P: the price of a deterministic dQ without atomics)
 and dbias (attention_dbias.py) when the bias needs its gradient.

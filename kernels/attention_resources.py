@@ -26,6 +26,9 @@ pruned ieee tiles (1.4 KB at 32x32 / 4 warps / D = 128, up to 70 KB where ptxas 
 spilled in either kernel, each of the six larger bf16 tiles it prunes at D = 128 did in dK/dV
 (48 B to 1.2 KB); kept fp32 tiles spill at most 148 B (ptxas holds some to 128 registers).
 fp32-ieee backward tiles take 16 query rows: a 32-row one spilled 452 B to 6.7 KB in dK/dV.
+Since issue 18 the 16-bit backward at head dims <= 128 is no longer modelled: BWD_16BIT lists the
+tiles measured spill-free, per kernel, load path (TMA or pointers), head-dim bucket and dropout;
+the model above still rules fp32 and D = 256.
 """
 
 from fusedformer.kernels._autotune import SMEM_SM90

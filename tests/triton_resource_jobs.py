@@ -121,10 +121,11 @@ def attention_jobs(arch, dropout_p=0.0, head_dims=(HEAD_DIM,)):
         flags = dict(C.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False, VEC=8,
                      BLOCK_D=C.block_d(head_dim), BLOCK_DV=C.block_d(head_dim))
         fwd_tuner, _ = A._tuned_fwd()
-        fwd = dict(flags, PACK_GQA=False, USE_TMA=tma, **_unit_head_dim(A._attn_fwd_kernel))
+        fwd_tma = tma and not dropout_p  # the launcher keeps pointers for dropout (see forward_launches)
+        fwd = dict(flags, PACK_GQA=False, USE_TMA=fwd_tma, **_unit_head_dim(A._attn_fwd_kernel))
         kv = {n: C.TMA_ROWS[n] for n in ("K", "V")}
         jobs += _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch,
-                                _tma_types(types, kv, head_dim) if tma else None)
+                                _tma_types(types, kv, head_dim) if fwd_tma else None)
         tuner, _ = AB._tuned("dkdv")
         qdo = {n: C.TMA_ROWS[n] for n in ("Q", "dOut")}
         jobs += _autotuned_jobs("attention_bwd", tuner, AB._attn_bwd_dkdv, types, ints,
