@@ -40,11 +40,12 @@ def family(name):
 
 @family("attention")
 def attention_jobs(arch):
-    """Forward, backward (dK/dV, dQ) and decode-combine configs, plus the forward and both
-    backward kernels with dropout at the first config selectable with dropout (the Philox column)."""
+    """Forward, backward (dK/dV, dQ) and decode-combine configs at head dims 128 and 64, plus the
+    forward and both backward kernels with dropout at the first config selectable with dropout at
+    D = 128 (the Philox column)."""
     import triton_resource_jobs as jobs_module
 
-    jobs = jobs_module.attention_jobs(arch)
+    jobs = jobs_module.attention_jobs(arch, head_dims=(jobs_module.HEAD_DIM, 64))
     with_dropout = jobs_module.attention_jobs(arch, dropout_p=0.1)
     for fn in dict.fromkeys(j.fn for j in with_dropout if j.family in ("attention_fwd", "attention_bwd")):
         first = next(j for j in with_dropout if j.fn is fn)

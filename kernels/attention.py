@@ -17,49 +17,40 @@ recompiles the kernel; its autotune key buckets the keys per split (see decode_k
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
 from fusedformer.kernels import _autotune
+from fusedformer.kernels import attention_common as common
 from fusedformer.kernels import attention_resources as resources
 from fusedformer.kernels.attention_common import (
-    LOG2E,
     _dot,
     _dropout_keep,
     _key_range,
-    _load_seed,
-    _seq_bounds,
+    _load_rows,
+    _row_offsets,
+    _sequence,
     _tile_scores,
     _whole_key_range,
-    bias_strides,
-    block_d,
-    dropout_args,
-    flags,
-    ieee_dot,
+    descriptors,
     interpreted,
-    pointer_args,
-    pow2,
-    slope_strides,
 )
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi, b, b_drop, h_row, i_row, row_ok,
-               Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right,
-               seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, b, hkv, k_start, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, lo, hi, b_drop,
+               h_row, i_row, row_ok, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale,
+               win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-               IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr):
+               IEEE_DOT: tl.constexpr, MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr, VEC: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(lo, hi, BLOCK_N):
         j = start_n + offs_n
-        j64 = j.to(tl.int64)
-        kt = tl.load(k_base + j64[None, :] * sk_l + offs_d[:, None] * sk_d,
-                     mask=(j[None, :] < Lk_b) & (offs_d[:, None] < D), other=0.0)
-        qk = _dot(q, kt, IEEE_DOT)
+        k = _load_rows(K, b, hkv, k_start, start_n, Lk_b, sk_b, sk_h, sk_l, sk_d, D, BLOCK_N, BLOCK_D, USE_TMA, VEC)
+        qk = _dot(q, tl.trans(k), IEEE_DOT)
         s = _tile_scores(qk, b, h_row, i_row, row_ok, j, Lk_b, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
                          qk_scale, win_left, win_right, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
                          MASK_KEYS)
@@ -72,8 +63,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
         if DROPOUT:
             keep = _dropout_keep(seed, b_drop, h_row, i_row, start_n, H, Lq_b, Lk_b, drop_threshold, BLOCK_N)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + j64[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                    mask=(j[:, None] < Lk_b) & (offs_dv[None, :] < Dv), other=0.0)
+        v = _load_rows(V, b, hkv, k_start, start_n, Lk_b, sv_b, sv_h, sv_l, sv_d, Dv, BLOCK_N, BLOCK_DV, USE_TMA, VEC)
         acc += _dot(p.to(v.dtype), v, IEEE_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -81,9 +71,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, hi,
 
 # Lk and the split count change as a KV cache grows: no value specialisation on them (nor on the
 # autotune-only bucket arguments), so decoding compiles one kernel, not one per length class
-@triton.jit(do_not_specialize=["Lk", "num_splits", "key_lq", "key_lk"])
+@triton.jit(do_not_specialize=["Lk", "num_splits", "section", "key_lq", "key_lk"])
 def _attn_fwd_kernel(
-    Q, K, V,  # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); varlen: (total, H, D) with batch stride 0
+    Q, K, V,  # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv); varlen: (total, H, D) with batch stride 0;
+              # USE_TMA: K and V are tensor descriptors of block (1, 1, BLOCK_N, BLOCK_D|BLOCK_DV)
     Out,  # (B, H, Lq, Dv) in q's dtype, or with num_splits > 1 the float32 partials (S, B, H, Lq, Dv)
     Lse,  # (B, H, Lq) float32 natural-log lse, or the partials' (S, B, H, Lq)
     Bias, Slopes, Seed,  # see _tile_scores; Seed: the dropout seed, (1,) int64
@@ -98,29 +89,33 @@ def _attn_fwd_kernel(
     qk_scale, win_left, win_right,  # qk_scale = scale * log2(e)
     drop_threshold, drop_scale,  # dropout: keep iff philox >= drop_threshold, scale 1/(1-p)
     num_splits,  # S key splits (1: out/lse written directly)
+    section,  # (b, head) pairs per launch section (see l2_section)
     key_lq, key_lk,  # autotune buckets (see forward_key)
     BIAS_KIND: tl.constexpr, CAUSAL: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
     HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, PACK_GQA: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     n_heads = H // G if PACK_GQA else H
     rows_max = G * Lq if PACK_GQA else Lq  # varlen: Lq is max_seqlen_q
     num_m = tl.cdiv(rows_max, BLOCK_M)
-    pid_m = pid % num_m
-    rest = pid // num_m
+    # programs walk sections of `section` (b, head) pairs whose K/V fit in L2 together; inside a
+    # section heads (and splits) vary fastest and row blocks slowest, so with causal masking the
+    # longest rows (the last row blocks) of each head launch first and short ones fill the tail
+    per_section = section * num_splits * num_m
+    first = pid // per_section * section
+    width = tl.minimum(section, B * n_heads - first)  # the last section may be narrower
+    within = pid % per_section
+    bh = first + within % width
+    rest = within // width
     split = rest % num_splits  # int64, for the partials' offsets
-    bh = rest // num_splits
+    pid_m = rest // num_splits
     b = bh // n_heads
     head = bh % n_heads
     if CAUSAL:
-        pid_m = num_m - 1 - pid_m  # longest rows first: better tail balance
-    q_start, Lq_b, k_start, Lk_b = _seq_bounds(CuQ, CuK, b, Lq, Lk, VARLEN)
-    seed = 0
-    if DROPOUT:
-        seed = _load_seed(Seed, b, VARLEN)
-    b_drop = b * 0 if VARLEN else b
+        pid_m = num_m - 1 - pid_m
+    q_start, Lq_b, k_start, Lk_b, seed, b_drop = _sequence(CuQ, CuK, Seed, b, Lq, Lk, DROPOUT, VARLEN)
 
     r = (pid_m * BLOCK_M).to(tl.int32) + tl.arange(0, BLOCK_M)  # row indices stay int32: cheaper masks
     if PACK_GQA:
@@ -137,13 +132,10 @@ def _attn_fwd_kernel(
     i_lo = tl.min(tl.where(row_ok, i_row, Lq_b), 0)  # no valid row: i_lo = Lq_b > i_hi = -1, nothing to do
     i_hi = tl.max(tl.where(row_ok, i_row, -1), 0)
 
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    i64 = i_row.to(tl.int64)
-    q_ptrs = Q + b * sq_b + (q_start + i64[:, None]) * sq_l + h_row[:, None] * sq_h + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    k_base = K + b * sk_b + hkv * sk_h + k_start * sk_l
-    v_base = V + b * sv_b + hkv * sv_h + k_start * sv_l
+    q_rows, d_ok = _row_offsets(q_start, i_row, sq_l, D, BLOCK_D, VEC)
+    q_ptrs = (Q + b * sq_b + (q_rows + tl.multiple_of(h_row * sq_h, VEC))[:, None]
+              + tl.arange(0, BLOCK_D)[None, :] * sq_d)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     lo, hi = _key_range(i_lo, i_hi, Lk_b, win_left, win_right, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, BLOCK_N)
     if num_splits > 1:
@@ -157,31 +149,24 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) whole
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, lo, full_lo, b, b_drop, h_row,
-                               i_row, row_ok, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                               qk_scale, win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL,
-                               WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D,
-                               BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, full_lo, full_hi, b, b_drop,
-                               h_row, i_row, row_ok, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b,
-                               ss_h, qk_scale, win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL,
-                               WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, False, BLOCK_N, BLOCK_D,
-                               BLOCK_DV)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, sk_l, sk_d, sv_l, sv_d, full_hi, hi, b, b_drop, h_row,
-                               i_row, row_ok, Lq_b, Lk_b, H, D, Dv, Bias, sb_b, sb_h, sb_i, sb_j, Slopes, ss_b, ss_h,
-                               qk_scale, win_left, win_right, seed, drop_threshold, drop_scale, BIAS_KIND, CAUSAL,
-                               WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI, DROPOUT, IEEE_DOT, True, BLOCK_N, BLOCK_D,
-                               BLOCK_DV)
+    for part in tl.static_range(3):  # [lo, full_lo) and [full_hi, hi) masked, [full_lo, full_hi) whole
+        first = lo if part == 0 else full_lo if part == 1 else full_hi
+        last = full_lo if part == 0 else full_hi if part == 1 else hi
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, hkv, k_start, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l,
+                                   sv_d, first, last, b_drop, h_row, i_row, row_ok, Lq_b, Lk_b, H, D, Dv, Bias, sb_b,
+                                   sb_h, sb_i, sb_j, Slopes, ss_b, ss_h, qk_scale, win_left, win_right, seed,
+                                   drop_threshold, drop_scale, BIAS_KIND, CAUSAL, WINDOW_LEFT, WINDOW_RIGHT, HAS_ALIBI,
+                                   DROPOUT, IEEE_DOT, part != 1, USE_TMA, VEC, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = (Out + b * so_b + (q_start + i64[:, None]) * so_l + h_row[:, None] * so_h + split * so_s
-              + offs_dv[None, :] * so_d)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
-    tl.store(Lse + b * sl_b + (q_start + i64) * sl_l + h_row * sl_h + split * sl_s, lse, mask=row_ok)
+    o_rows, dv_ok = _row_offsets(q_start, i_row, so_l, Dv, BLOCK_DV, VEC)
+    o_ptrs = (Out + b * so_b + split * so_s + (o_rows + tl.multiple_of(h_row * so_h, VEC))[:, None]
+              + tl.arange(0, BLOCK_DV)[None, :] * so_d)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(Lse + b * sl_b + (q_start + i_row.to(tl.int64)) * sl_l + h_row * sl_h + split * sl_s, lse, mask=row_ok)
 
 
 # the splits the combine kernel reads at a time: one compiled kernel for every split count
@@ -229,15 +214,17 @@ def _attn_combine_kernel(
 
 def fwd_configs():
     if interpreted():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # sized for H100 (sm_90); prune_fwd keeps those that fit the call's dtype and head dims. 128x128
-    # with 8 warps and 2 stages is the D = 128 16-bit tile (each Q row block reused over twice the
-    # keys of 128x64). Smaller tiles win for short or decode-like shapes; 8-warp 32x32 and 16x32 are
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1,
+                              pre_hook=common.set_tma_blocks)]
+    # sized for H100 (sm_90); prune_fwd keeps those that fit the call's dtype, head dims and load
+    # path. 128x128 with 8 warps is the D = 128 16-bit tile (each Q row block reused over twice the
+    # keys of 128x64): 3 stages with K/V through TMA (the scores stay out of shared memory), 2 with
+    # pointers. Smaller tiles win for short or decode-like shapes; 8-warp 32x32 and 16x32 are
     # for fp32 "ieee" dots, and the last fits every dtype at D = 256 (the untuned fallback of prune_fwd).
     shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 3), (64, 64, 4, 3),
-              (64, 32, 4, 2), (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1),
-              (16, 32, 8, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+              (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1), (16, 32, 8, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=common.set_tma_blocks)
+            for m, n, w, s in shapes]
 
 
 def prune_fwd(configs, named_args, **meta):
@@ -247,11 +234,12 @@ def prune_fwd(configs, named_args, **meta):
     q = named_args["Q"]
     elt, smem = q.element_size(), _autotune.smem_limit(q.device)
     kept = [c for c in configs if resources.fits_fwd(c, meta["BLOCK_D"], meta["BLOCK_DV"], elt, meta["IEEE_DOT"], smem,
-                                                     meta.get("DROPOUT", False))]
+                                                     meta.get("DROPOUT", False), meta.get("USE_TMA", False))]
     return [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, rows)] or kept or configs[-1:]
 
 
-_AUTOTUNE_KEY = ["key_lq", "key_lk", "BLOCK_D", "BLOCK_DV", "BIAS_KIND", "CAUSAL", "DROPOUT", "VARLEN", "PACK_GQA"]
+_AUTOTUNE_KEY = ["key_lq", "key_lk", "BLOCK_D", "BLOCK_DV", "BIAS_KIND", "CAUSAL", "DROPOUT", "VARLEN", "PACK_GQA",
+                 "USE_TMA"]
 
 
 @functools.cache
@@ -278,19 +266,29 @@ def forward_key(rows, Lk, num_splits, pack_gqa):
     Decode (GQA-packed): the keys each split reads, as a power of two clamped to DECODE_KEY_LK,
     so a KV cache growing to 32k keys meets a handful of keys, not one per power of two."""
     if not pack_gqa:
-        return pow2(rows), pow2(Lk)
+        return common.pow2(rows), common.pow2(Lk)
     lo, hi = DECODE_KEY_LK
-    return pow2(rows), min(max(pow2(triton.cdiv(Lk, num_splits)), lo), hi)
+    return common.pow2(rows), min(max(common.pow2(triton.cdiv(Lk, num_splits)), lo), hi)
+
+
+L2_BYTES = 50 * 1024 * 1024  # an H100's L2 (H200: the same); the CPU stand-in of l2_section
+
+
+def l2_section(device, Lk, D, Dv, elt):
+    """(b, head) pairs per forward launch section: as many as keep their K and V in half of L2,
+    so the row blocks of a section reread them from L2 however they are ordered."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else L2_BYTES
+    return max(1, l2 // 2 // max(1, Lk * (D + Dv) * elt))
 
 
 def forward_launches(q, k, v, out, lse, bias, slopes, causal, scale, window, dropout_p, seed, drop_threshold,
                      q_strides, k_strides, v_strides, o_strides, l_strides, B, H, G, Lq, Lk,
-                     cu_q=None, cu_k=None, pack_gqa=False, num_splits=1, out_part=None, lse_part=None):
+                     cu_q=None, cu_k=None, pack_gqa=False, num_splits=1, out_part=None, lse_part=None, section=None):
     """The forward's launches as (kernel, grid, args, meta), in order, without launching. Strides
     are (batch, head, token, dim) of each tensor as the kernel reads them (varlen: batch stride 0).
     With num_splits > 1 the kernel writes the float32 partials ``out_part`` (S, B*H*Lq, Dv) /
     ``lse_part`` (S, B*H*Lq), contiguous, and a combine kernel merges them into out / lse, which
-    must then be contiguous."""
+    must then be contiguous. ``section``: (b, head) pairs per launch section, None for l2_section's."""
     D, Dv = q.shape[-1], v.shape[-1]
     kernel, config = _tuned_fwd()
     R = B * H * Lq
@@ -304,24 +302,34 @@ def forward_launches(q, k, v, out, lse, bias, slopes, causal, scale, window, dro
         sl = (*l_strides[:3], 0)
     rows = G * Lq if pack_gqa else Lq
     heads = H // G if pack_gqa else H
-    meta = dict(flags(bias, causal, window, slopes, dropout_p), VARLEN=cu_q is not None, PACK_GQA=bool(pack_gqa),
-                IEEE_DOT=ieee_dot(q), BLOCK_D=block_d(D), BLOCK_DV=block_d(Dv))
+    if section is None:
+        section = l2_section(q.device, Lk, D, Dv, k.element_size())
+    # with dropout K/V keep pointer loads: triton 3.6's ptxas crashed on the TMA build (128x64 / 8 warps)
+    tma = common.use_tma(q.device, cu_q is not None, k, v) and dropout_p == 0
+    meta = dict(common.flags(bias, causal, window, slopes, dropout_p), VARLEN=cu_q is not None, PACK_GQA=bool(pack_gqa),
+                IEEE_DOT=common.ieee_dot(q), USE_TMA=tma,
+                VEC=common.vector_width((q, k, v), (q_strides, k_strides, v_strides, so)),
+                BLOCK_D=common.block_d(D), BLOCK_DV=common.block_d(Dv))
     grid = lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * num_splits * B * heads,)  # noqa: E731
-    args = (q, k, v, o_tensor, l_tensor, *pointer_args(q, bias, slopes, seed, dropout_p),
+    args = (q, *descriptors(tma, k, v), o_tensor, l_tensor, *common.pointer_args(q, bias, slopes, seed, dropout_p),
             cu_q if cu_q is not None else q, cu_k if cu_k is not None else q,
-            *q_strides, *k_strides, *v_strides, *so, *sl, *bias_strides(bias), *slope_strides(slopes),
-            B, H, G, Lq, Lk, D, Dv, float(scale) * LOG2E, int(window[0]), int(window[1]),
-            *dropout_args(dropout_p, drop_threshold), int(num_splits), *forward_key(rows, Lk, num_splits, pack_gqa))
+            *q_strides, *k_strides, *v_strides, *so, *sl, *common.bias_strides(bias), *common.slope_strides(slopes),
+            B, H, G, Lq, Lk, D, Dv, float(scale) * common.LOG2E, int(window[0]), int(window[1]),
+            *common.dropout_args(dropout_p, drop_threshold), int(num_splits), int(section),
+            *forward_key(rows, Lk, num_splits, pack_gqa))
     launches = [(kernel, grid, args, with_config(meta, config))]
     if num_splits > 1:
         launches.append((_attn_combine_kernel, (R,), (out_part, lse_part, out, lse, R, Dv, int(num_splits)),
-                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=block_d(Dv))))
+                         dict(BLOCK_S=COMBINE_BLOCK_S, BLOCK_DV=common.block_d(Dv))))
     return launches
 
 
 def run(launches):
-    """Launch each (kernel, grid, args, meta) in order."""
+    """Launch each (kernel, grid, args, meta) in order; a fixed config (the interpreter's) gets the
+    TMA block shapes its pre_hook would set under the autotuner."""
     for kernel, grid, args, meta in launches:
+        if "BLOCK_N" in meta and "BLOCK_M" in meta:
+            common.set_tma_blocks({**dict(zip(kernel.arg_names, args)), **meta})
         kernel[grid](*args, **meta)
 
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedformer.kernels.matmul_act import USE_TMA as TMA_ENABLED
+
 LOG2E = 1.4426950408889634
 
 # bias kinds
@@ -53,6 +55,46 @@ def _by_key(x, TRANSPOSED: tl.constexpr):
         return x[:, None]
     else:
         return x[None, :]
+
+
+@triton.jit
+def _row_offsets(row0, r, s_l, D, BLOCK_D: tl.constexpr, VEC: tl.constexpr):
+    """(offsets of rows row0 + r, column mask d < D): with VEC > 1 the host found every row stride
+    and head dim a multiple of VEC elements (16 bytes), so each row starts 16-byte aligned and the
+    mask is constant over VEC columns: the loads stay 16-byte vectors (and cp.async) at head dims
+    like 40 or 72 that Triton's own specialisation (multiples of 16) does not see."""
+    rows = tl.multiple_of((row0 + r.to(tl.int64)) * s_l, VEC)
+    cols = tl.max_constancy(tl.arange(0, BLOCK_D) < D, VEC)
+    return rows, cols
+
+
+@triton.jit
+def _load_rows(src, b, h, row0, start, end, s_b, s_h, s_l, s_d, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               USE_TMA: tl.constexpr, VEC: tl.constexpr):
+    """Rows start .. start + BLOCK_R - 1 of head h of sequence b, (BLOCK_R, BLOCK_D), zero at rows
+    >= end and columns >= D: of a (B, H, L, D) tensor by strides, or varlen of a (T, H, D) one whose
+    sequence begins at token row0 (s_b = 0). USE_TMA (dense only): ``src`` is a tensor descriptor of
+    the (B, H, L, D) tensor, block (1, 1, BLOCK_R, BLOCK_D), whose bounds zero-fill the rows past L
+    and the columns past D: the copy engine computes the addresses, so no address or mask registers.
+    VEC: see _row_offsets."""
+    if USE_TMA:
+        tile = src.load([b.to(tl.int32), h.to(tl.int32), (row0 + start).to(tl.int32), 0])
+        return tile.reshape(BLOCK_R, BLOCK_D)
+    else:
+        r = start + tl.arange(0, BLOCK_R)
+        rows, cols = _row_offsets(row0, r, s_l, D, BLOCK_D, VEC)
+        ptrs = src + b * s_b + h * s_h + rows[:, None] + tl.arange(0, BLOCK_D)[None, :] * s_d
+        return tl.load(ptrs, mask=(r[:, None] < end) & cols[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(dst, b, h, row0, start, end, s_b, s_h, s_l, s_d, D, tile, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr, VEC: tl.constexpr):
+    """The mirror of _load_rows' pointer path: ``tile`` into those rows, in dst's dtype."""
+    r = start + tl.arange(0, BLOCK_R)
+    rows, cols = _row_offsets(row0, r, s_l, D, BLOCK_D, VEC)
+    ptrs = dst + b * s_b + h * s_h + rows[:, None] + tl.arange(0, BLOCK_D)[None, :] * s_d
+    tl.store(ptrs, tile.to(dst.dtype.element_ty), mask=(r[:, None] < end) & cols[None, :])
 
 
 @triton.jit
@@ -132,6 +174,18 @@ def _seq_bounds(CuQ, CuK, b, Lq, Lk, VARLEN: tl.constexpr):
         k_start = b * 0
         Lk_b = Lk
     return q_start, Lq_b, k_start, Lk_b
+
+
+@triton.jit
+def _sequence(CuQ, CuK, Seed, b, Lq, Lk, DROPOUT: tl.constexpr, VARLEN: tl.constexpr):
+    """(q_start, Lq_b, k_start, Lk_b, seed, b_drop) of sequence b: _seq_bounds, the dropout seed
+    (0 without dropout) and the batch index of its dropout stream (varlen: 0, see the legend)."""
+    q_start, Lq_b, k_start, Lk_b = _seq_bounds(CuQ, CuK, b, Lq, Lk, VARLEN)
+    seed = 0
+    if DROPOUT:
+        seed = _load_seed(Seed, b, VARLEN)
+    b_drop = b * 0 if VARLEN else b
+    return q_start, Lq_b, k_start, Lk_b, seed, b_drop
 
 
 @triton.jit
@@ -229,6 +283,61 @@ def seed_tensor(seed, device):
     if isinstance(seed, torch.Tensor):
         return seed.to(device=device, dtype=torch.int64).reshape(1)
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+# K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors: which kernel argument takes
+# which tile rows; the config's pre_hook (or run(), for a fixed config) sets the block shape
+TMA_ROWS = {"Q": "BLOCK_M", "dOut": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}
+
+
+def tma_capable(device):
+    """TMA descriptors are used on sm_90+ unless FUSEDFORMER_TMA=0 (the GEMM's switch)."""
+    return TMA_ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_eligible(t):
+    """A (B, H, L, D) tensor a descriptor can read: 16-bit, non-empty, unit last stride, 16-byte
+    aligned base and strides (size-1 dims are never stepped: any stride)."""
+    es = t.element_size()
+    return (t.dtype in (torch.float16, torch.bfloat16) and t.numel() > 0 and t.stride(-1) == 1
+            and t.data_ptr() % 16 == 0
+            and all(s > 0 and (s * es) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1))
+
+
+def use_tma(device, varlen, *tensors):
+    """Decided on the host: descriptors for dense (B, H, L, D) tensors on a TMA-capable device when
+    every one is eligible; varlen keeps pointers (a descriptor would read past a sequence's end
+    into the next sequence rather than zeros)."""
+    return not varlen and tma_capable(device) and all(tma_eligible(t) for t in tensors)
+
+
+def descriptors(tma, *tensors):
+    """Each tensor as a TMA descriptor of block (1, 1, rows, BLOCK_D) when ``tma``, else itself; the
+    rows are the config's (set_tma_blocks)."""
+    if not tma:
+        return tensors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def strides(t):  # a size-1 dim is never stepped: any 16-byte multiple will do
+        return [s if n > 1 else 16 // t.element_size() for n, s in zip(t.shape[:-1], t.stride()[:-1])] + [1]
+
+    return tuple(TensorDescriptor(t, list(t.shape), strides(t), [1, 1, 16, block_d(t.shape[-1])]) for t in tensors)
+
+
+def set_tma_blocks(nargs):
+    """pre_hook of every attention config: a descriptor argument's block rows are the config's tile."""
+    for name, rows in TMA_ROWS.items():
+        desc = nargs.get(name)
+        if hasattr(desc, "block_shape"):
+            desc.block_shape = [1, 1, nargs[rows], desc.block_shape[3]]
+
+
+def vector_width(tensors, strides):
+    """VEC for the kernels: elements per 16 bytes when every head dim and every (batch, head, token)
+    stride the kernels step by is a multiple of it, else 1 (see _row_offsets)."""
+    vec = 16 // tensors[0].element_size()
+    dims = [t.shape[-1] for t in tensors] + [s for group in strides for s in group[:3]]
+    return vec if all(n % vec == 0 for n in dims) else 1
 
 
 def pointer_args(q, bias, slopes, seed, dropout_p):

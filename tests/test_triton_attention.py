@@ -205,13 +205,14 @@ def compile_for(kernel, consts, arch):
 
 
 flags = dict(BIAS_KIND=2, CAUSAL=True, WINDOW_LEFT=True, WINDOW_RIGHT=True, HAS_ALIBI=True, DROPOUT=True,
-             IEEE_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=64)
-fwd = dict(flags, VARLEN=False, PACK_GQA=True, Lq=1, sq_d=1)  # decode: Lq = 1 is specialised
+             IEEE_DOT=False, VEC=8, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=64)
+fwd = dict(flags, VARLEN=False, PACK_GQA=True, USE_TMA=False, Lq=1, sq_d=1)  # decode: Lq = 1 is specialised
 assert "cubin" in compile_for(A._attn_fwd_kernel, fwd, 90).asm
 compile_for(A._attn_combine_kernel, dict(BLOCK_S=16, BLOCK_DV=64), 90)
-compile_for(AB._attn_bwd_dkdv, dict(flags, VARLEN=True), 90)
+compile_for(AB._attn_bwd_dkdv, dict(flags, VARLEN=True, USE_TMA=False, SPLIT_DKDV=True), 90)
 compile_for(AB._attn_bwd_dq, dict(flags, VARLEN=False), 90)
-compile_for(AD._attn_bwd_dbias, dict(flags, ROW_BCAST=True, COL_BCAST=False), 90)
+dbias = {name: value for name, value in flags.items() if name != "VEC"}  # its loads keep the bias's own layout
+compile_for(AD._attn_bwd_dbias, dict(dbias, ROW_BCAST=True, COL_BCAST=False), 90)
 print("ok")
 '''
 

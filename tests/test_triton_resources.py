@@ -50,7 +50,8 @@ def label(row):
     c = row["config"]
     blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
     stages = f" s{c['num_stages']}" if c.get("num_stages") else ""
-    return f"{row['kernel']} sm_{row['arch']} {blocks} w{c['num_warps']}{stages}"
+    split = " split" if c.get("SPLIT_DKDV") else ""  # attention dK/dV in two passes
+    return f"{row['kernel']} sm_{row['arch']} {blocks} w{c['num_warps']}{stages}{split}"
 
 
 def violations(rows):
@@ -68,18 +69,9 @@ def violations(rows):
 # The autotune lists and prune rules of kernels/ must drop them (issue 15); until then they are
 # the only violations tolerated, and an entry that no longer spills must be removed from here.
 KNOWN_SPILLS = {
-    "_attn_fwd_kernel sm_90 128x64 w4 s4", "_attn_fwd_kernel sm_80 128x64 w4 s4", "_attn_fwd_kernel sm_80 128x32 w4 s3",
-    # the forward's 64x32 sm_80 spill (4 B) was hidden while a job error kept the attention rows
-    # from compiling; issue 18's 128x128 / 8 warps / 2 stages spills 4 B on sm_80 only
-    "_attn_fwd_kernel sm_80 64x32 w4 s2", "_attn_fwd_kernel sm_80 128x128 w8 s2",
-    *(f"_attn_bwd_dkdv sm_{arch} {tile}" for arch in (90, 80) for tile in (
-        "128x64 w8 s2", "64x128 w8 s2", "64x64 w8 s2", "64x64 w4 s3", "64x32 w4 s2", "32x64 w4 s2", "16x32 w4 s1")),
-    "_attn_bwd_dkdv sm_90 32x32 w4 s2",  # the transposed dK/dV (issue 18) no longer spills it on sm_80
-    "_attn_bwd_dq sm_90 64x128 w8 s2", "_attn_bwd_dq sm_90 32x32 w4 s2", "_attn_bwd_dq sm_90 16x32 w4 s1",
-    "_attn_bwd_dq sm_80 128x64 w8 s2", "_attn_bwd_dq sm_80 64x128 w8 s2", "_attn_bwd_dq sm_80 64x64 w4 s3",
-    # left after the dtype pruning rule (kernels/attention_resources.py), which was calibrated on
-    # sm_90a only: 4 bytes on sm_80's forward
-    "_attn_fwd_kernel sm_80 64x32 w4 s2",
+    # attention (labels: BLOCK_M x BLOCK_N x BLOCK_D): the forward's 2-stage 128x128 tile at D = 128
+    # on sm_80 only (sm_90a takes K/V through TMA, no spill); no backward tile spills since issue 18
+    "_attn_fwd_kernel sm_80 128x128x128 w8 s2",
 }
 
 

@@ -71,7 +71,7 @@ def _autotuned_jobs(family, tuner, fn, types, ints, constexprs, aligned, arch, d
         consts.update(heuristic_values(tuner, {**named, **consts}))
         job_types = describe(config) if describe else types
         jobs.append(Job(family, fn, job_types, consts, aligned, config.num_warps, config.num_stages, arch,
-                        config.kwargs))
+                        dict(config.kwargs)))
     return jobs
 
 
@@ -84,7 +84,8 @@ _ATTN_PTRS = {"Lse": "*fp32", "Delta": "*fp32", "Bias": "*bf16", "Slopes": "*fp3
               "LsePart": "*fp32", "OutPart": "*fp32",
               **{n: "*bf16" for n in ("Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV", "dBias")}}
 _ATTN_SCALARS = {"qk_scale": "fp32", "drop_scale": "fp32", "sm_scale": "fp32", "seed": "i64", "drop_threshold": "i64"}
-_ATTN_ALIGNED = {f"s{t}_{d}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for d in "bhl"} | {"D", "Dv"}
+_ATTN_ALIGNED = {f"s{t}_{d}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv") for d in "bhl"} | {"D", "Dv"} | {
+    "so_s", "sdk_s", "sdv_s"}  # split and chunk strides: 0 or a tensor's size
 
 
 def _unit_head_dim(fn):
@@ -93,26 +94,50 @@ def _unit_head_dim(fn):
     return {n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("_d")}
 
 
-def attention_jobs(arch, dropout_p=0.0):
+def _tma_types(types, rows, head_dim):
+    """``describe`` for _autotuned_jobs: the arguments in ``rows`` (name -> the config's block
+    constexpr) as the tensor descriptors the launcher passes on sm_90."""
+    block_d = triton.next_power_of_2(head_dim)
+    return lambda config: {**types, **{n: f"tensordesc<bf16[1, 1, {config.kwargs[r]}, {block_d}]>"
+                                       for n, r in rows.items()}}
+
+
+def attention_jobs(arch, dropout_p=0.0, head_dims=(HEAD_DIM,)):
+    """Forward, backward and decode-combine jobs at each head dim (bf16 causal); on sm_90 the
+    forward's K/V and dK/dV's Q/dO are TMA descriptors, as the launchers pass aligned inputs."""
     from fusedformer.kernels import attention as A
     from fusedformer.kernels import attention_backward as AB
+    from fusedformer.kernels import attention_common as C
 
+    tma = arch >= 90
     pow2 = triton.next_power_of_2
-    ints = dict(B=BATCH, H=HEADS, G=1, Lq=LENGTH, Lk=LENGTH, D=HEAD_DIM, Dv=HEAD_DIM, key_lq=pow2(LENGTH),
-                key_lk=pow2(LENGTH))
-    # bf16 causal self-attention, head dim 128: the common training / prefill launch
-    flags = dict(A.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False,
-                 BLOCK_D=A.block_d(HEAD_DIM), BLOCK_DV=A.block_d(HEAD_DIM))
     types = {**_ATTN_PTRS, **_ATTN_SCALARS, "Seed": "*i64"}
-    fwd_tuner, _ = A._tuned_fwd()
-    fwd = dict(flags, PACK_GQA=False, **_unit_head_dim(A._attn_fwd_kernel))
-    jobs = _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch)
-    for name, fn in (("dkdv", AB._attn_bwd_dkdv), ("dq", AB._attn_bwd_dq)):
-        tuner, _ = AB._tuned(name)
-        jobs += _autotuned_jobs("attention_bwd", tuner, fn, types, ints, dict(flags, **_unit_head_dim(fn)),
-                                _ATTN_ALIGNED, arch)
+    jobs = []
+    for head_dim in head_dims:
+        ints = dict(B=BATCH, H=HEADS, G=1, Lq=LENGTH, Lk=LENGTH, D=head_dim, Dv=head_dim, key_lq=pow2(LENGTH),
+                    key_lk=pow2(LENGTH))
+        # bf16 causal self-attention: the common training / prefill launch
+        # VEC: 16 bytes of bf16, as the launchers find every stride and head dim a multiple of 8 here
+        flags = dict(C.flags(None, True, (-1, -1), None, dropout_p), VARLEN=False, IEEE_DOT=False, VEC=8,
+                     BLOCK_D=C.block_d(head_dim), BLOCK_DV=C.block_d(head_dim))
+        fwd_tuner, _ = A._tuned_fwd()
+        fwd_tma = tma and not dropout_p  # the launcher keeps pointers for dropout (see forward_launches)
+        fwd = dict(flags, PACK_GQA=False, USE_TMA=fwd_tma, **_unit_head_dim(A._attn_fwd_kernel))
+        kv = {n: C.TMA_ROWS[n] for n in ("K", "V")}
+        jobs += _autotuned_jobs("attention_fwd", fwd_tuner, A._attn_fwd_kernel, types, ints, fwd, _ATTN_ALIGNED, arch,
+                                _tma_types(types, kv, head_dim) if fwd_tma else None)
+        tuner, _ = AB._tuned("dkdv")
+        qdo = {n: C.TMA_ROWS[n] for n in ("Q", "dOut")}
+        jobs += _autotuned_jobs("attention_bwd", tuner, AB._attn_bwd_dkdv, types, ints,
+                                dict(flags, USE_TMA=tma, **_unit_head_dim(AB._attn_bwd_dkdv)), _ATTN_ALIGNED, arch,
+                                _tma_types(types, qdo, head_dim) if tma else None)
+        tuner, _ = AB._tuned("dq")
+        jobs += _autotuned_jobs("attention_bwd", tuner, AB._attn_bwd_dq, types, ints,
+                                dict(flags, **_unit_head_dim(AB._attn_bwd_dq)), _ATTN_ALIGNED, arch)
+        for job in jobs:  # the head dim in the row's config (and label)
+            job.config.setdefault("BLOCK_D", C.block_d(head_dim))
     # decode's split-K merge: one program per row, the launcher's fixed split block
-    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=A.block_d(HEAD_DIM))
+    blocks = dict(BLOCK_S=A.COMBINE_BLOCK_S, BLOCK_DV=C.block_d(HEAD_DIM))
     jobs.append(Job("attention_decode", A._attn_combine_kernel, types, blocks, {"Dv"}, 4, None, arch, blocks))
     return jobs
 
@@ -235,4 +260,5 @@ def jobs(plant=False):
     """Every compile job, biggest first (so the shards finish together)."""
     if plant:
         return [job for arch in ARCHS for job in gemm_jobs(arch, plant=True)]
-    return [job for arch in ARCHS for job in attention_jobs(arch) + gemm_jobs(arch) + row_jobs(arch)]
+    return [job for arch in ARCHS for job in attention_jobs(arch, head_dims=(HEAD_DIM, 64)) + gemm_jobs(arch)
+            + row_jobs(arch)]

@@ -21,17 +21,22 @@ DECODE_MAX_ROWS = 64
 DECODE_MAX_LQ = 16
 
 
-def unsupported(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
-    """Why the triton kernels cannot run these forward arguments, or None."""
+def unsupported_inputs(q, v, op="attention"):
+    """Why the triton kernels cannot take these dtypes and head dims, or None (both ops' rule)."""
     if q.dtype not in DTYPES:
-        return f"triton attention supports float16, bfloat16 and float32, not {q.dtype} (use the reference backend)"
+        return f"triton {op} supports float16, bfloat16 and float32, not {q.dtype} (use the reference backend)"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"triton attention supports head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
+        return f"triton {op} supports head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
         return "bfloat16 attention needs an sm_80 or newer GPU"
+    return None
+
+
+def unsupported(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
+    """Why the triton kernels cannot run these forward arguments, or None."""
     if bias is not None and bias.dim() != 4:
         return f"attention bias must be 4-D (B|1, H|1, Lq|1, Lk|1), got {bias.dim()}-D"
-    return None
+    return unsupported_inputs(q, v)
 
 
 def _clamp_window(window, Lq, Lk):
@@ -69,6 +74,15 @@ def decode_splits(B, Hkv, G, Lq, Lk, device):
     # enough splits to fill every SM twice over, each split at least 256 keys long, at most 64
     want = -(-2 * n_sm // max(programs, 1))
     return max(1, min(want, -(-Lk // 256), 64))
+
+
+def gqa_chunks(B, Hkv, G, Lk, device):
+    """How many chunks the G query heads of a group are split in for dK/dV (a divisor of G): the
+    fewest that give every SM two programs of 128 keys; 1 when the kv heads alone do. Each chunk
+    beyond the first costs a float32 partial of dK and dV (see kernels/attention_backward.py)."""
+    want = 2 * _sm_count(torch.device(device))
+    programs = B * Hkv * -(-Lk // 128)
+    return next((c for c in range(1, G + 1) if G % c == 0 and programs * c >= want), G)
 
 
 def _plan_forward(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes, pack_gqa, num_splits):
@@ -138,5 +152,6 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     strides = {"q": q.stride(), "k": k.stride(), "v": v.stride(), "do": grad_out.stride(), "out": out.stride(),
                "dq": dq.stride(), "dk": dk.stride(), "dv": dv.stride()}
     bwd_kernels.launch_backward(grad_out, q, k, v, out, lse, dq, dk, dv, dbias, bias, _slopes(alibi_slopes), causal,
-                                scale, window, dropout_p, seed, threshold, strides, B, H, G, Lq, Lk)
+                                scale, window, dropout_p, seed, threshold, strides, B, H, G, Lq, Lk,
+                                head_chunks=gqa_chunks(B, Hkv, G, Lk, q.device))
     return dq, dk, dv, dbias

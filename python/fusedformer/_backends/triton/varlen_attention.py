@@ -7,7 +7,7 @@ cu_seqlens; grids are sized by max_seqlen, and programs past a sequence's end do
 
 import torch
 
-from fusedformer._backends.triton.attention import DTYPES, MAX_HEAD_DIM, _clamp_window
+from fusedformer._backends.triton.attention import _clamp_window, gqa_chunks, unsupported_inputs
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
 from fusedformer.vocabulary import dropout_threshold
@@ -16,13 +16,7 @@ from fusedformer.vocabulary import dropout_threshold
 def unsupported(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p=0.0,
                 seed=None, window=(-1, -1), alibi_slopes=None):
     """Why the triton kernels cannot run these forward arguments, or None."""
-    if q.dtype not in DTYPES:
-        return f"triton varlen attention supports float16, bfloat16 and float32, not {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"triton varlen attention supports head dims up to {MAX_HEAD_DIM}"
-    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
-        return "bfloat16 attention needs an sm_80 or newer GPU"
-    return None
+    return unsupported_inputs(q, v, "varlen attention")
 
 
 def _bhld(t):
@@ -82,5 +76,6 @@ def varlen_attention_backward(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, max
     bwd_kernels.launch_backward(grad_out, q, k, v, out, lse.to(torch.float32).contiguous(), dq, dk, dv, None, None,
                                 slopes, causal, scale, window, dropout_p, seed, threshold, strides, B, H, H // Hkv,
                                 max_seqlen_q, max_seqlen_k, total_q=total_q, cu_q=_offsets(cu_seqlens_q),
-                                cu_k=_offsets(cu_seqlens_k))
+                                cu_k=_offsets(cu_seqlens_k),
+                                head_chunks=gqa_chunks(B, Hkv, H // Hkv, max_seqlen_k, q.device))
     return dq, dk, dv
