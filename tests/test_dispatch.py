@@ -153,3 +153,49 @@ def test_valid_call_shortcuts_still_check_devices(call):
     device (here meta) apart, and the checks name it."""
     with pytest.raises(ValueError, match="is on meta but x is on cpu"):
         call(torch.randn(3, 8), lambda *shape: torch.randn(*shape, device="meta"))
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ran.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_fills_no_zero_gradient_for_unused_outputs():
+    """feed_forward's preact and hidden (M x d_ff each) and the norms' statistics are outputs of
+    the autograd.Function nobody uses: no zero gradient is filled for them."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w1, w2 = torch.randn(32, 8, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    with _AtenOps() as ops:
+        y = ff.feed_forward(x, w1, None, w2, None, "swiglu", backend="torch")
+        y = ff.layer_norm(y, (8,), w, backend="torch")
+        torch.autograd.grad(y.sum(), (x, w1, w2, w))
+    assert not {"zeros", "zeros_like", "zero_", "fill_"} & set(ops.ran), ops.ran
+
+
+@pytest.mark.parametrize("use_out", [False, True])
+def test_norm_residual_stream_alone_gets_its_gradient(use_out):
+    """With the normalized output unused (only the residual stream h = x + residual), the
+    backward still gets a gradient for it (zeros) and the inputs theirs, as torch's."""
+    x, r = (torch.randn(5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    for norm, torch_norm in ((ff.layer_norm, torch.nn.functional.layer_norm),
+                             (ff.rms_norm, torch.nn.functional.rms_norm)):
+        out, h = norm(x, (8,), w, residual=r)
+        loss = (h * h).sum() + (out.sum() if use_out else 0)
+        got = torch.autograd.grad(loss, (x, r, w), allow_unused=True)
+        h_ref = x + r
+        loss_ref = (h_ref * h_ref).sum() + (torch_norm(h_ref, (8,), w).sum() if use_out else 0)
+        expected = torch.autograd.grad(loss_ref, (x, r, w), allow_unused=True)
+        for g, e in zip(got, expected):
+            if e is None:
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, e)
