@@ -199,3 +199,37 @@ def test_norm_residual_stream_alone_gets_its_gradient(use_out):
                 assert g is None or not g.any()
             else:
                 torch.testing.assert_close(g, e)
+
+
+LEAN_CALLS = {
+    "softmax": lambda t: ff.softmax(t["x"], -1),
+    "layer_norm": lambda t: ff.layer_norm(t["x3"], (8,), t["w"], t["b"], 1e-3),
+    "layer_norm_strided": lambda t: ff.layer_norm(t["xt"], (8,), t["w"], None, 1e-5),
+    "layer_norm_residual": lambda t: ff.layer_norm(t["x3"], (8,), t["w"], t["b"], 1e-5, residual=t["r3"]),
+    "rms_norm": lambda t: ff.rms_norm(t["x3"], (8,), t["w"]),
+    "rms_norm_residual": lambda t: ff.rms_norm(t["x"], (8,), None, 1e-6, residual=t["r"]),
+    "linear_act": lambda t: ff.linear_act(t["x3"], t["w1"], t["b1"], "gelu"),
+    "linear_act_swiglu": lambda t: ff.linear_act(t["x"], t["w1"], None, "swiglu"),
+    "feed_forward": lambda t: ff.feed_forward(t["x3"], t["w1"], t["b1"], t["w2"], None, "swiglu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEAN_CALLS))
+def test_lean_path_is_taken_and_gives_the_full_paths_answer(monkeypatch, name):
+    """A no-grad eager call whose selection is cached takes the lean path (no select()), and
+    answers what the full path (the same call with grad mode on) answers, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(*shape, generator=g, dtype=torch.float64) for k, shape in {
+        "x": (5, 8), "x3": (2, 3, 8), "r": (5, 8), "r3": (2, 3, 8), "w": (8,), "b": (8,), "w1": (6, 8),
+        "b1": (6,), "w2": (8, 3)}.items()}
+    t["xt"] = torch.randn(8, 5, generator=g, dtype=torch.float64).t()
+    call = LEAN_CALLS[name]
+    full = call(t)  # grad mode on: the full path, which also fills the selection cache
+    selected = []
+    real = backends.select
+    monkeypatch.setattr(backends, "select", lambda *a, **k: selected.append(a[0]) or real(*a, **k))
+    with torch.no_grad():
+        lean = call(t)
+    assert selected == []
+    for got, expected in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (lean, full))):
+        assert got.shape == expected.shape and torch.equal(got, expected)

@@ -242,6 +242,27 @@ def select(family, device, args, backend=None):
     return name
 
 
+def lean_choice(family, device, backend=None):
+    """The backend for the ops' lean path: an eager call with grad mode off whose selection holds
+    for any arguments (see _selections), taken from the cache alone. None sends the call down the
+    op's full path (grad mode on, torch.compile, nothing cached yet, another kind of decision, an
+    observer, FUSEDFORMER_BACKEND set, a backend= that is no str). One function, as it runs on
+    every such call: on tiny tensors each Python call (~1.2k instructions) counts."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if backend is None:
+        entries = _contexts.entries
+        if entries:
+            backend = entries[-1][0]
+        elif _BACKEND_VARIABLE in os.environ._data:  # rare: select() reads and checks it
+            return None
+        else:
+            backend = "auto"
+    elif type(backend) is not str:
+        return None
+    return _selections.get((family, backend, device)) if not observers else None
+
+
 def _holds_for_any_arguments(family, device, requested, chosen):
     """Whether select() answers ``chosen`` whatever the forward arguments: it runs every input,
     and for ``auto`` each backend before it in the order cannot run on the device at all."""
