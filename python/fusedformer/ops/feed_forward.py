@@ -111,10 +111,10 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     x's dtype. ``recompute=True`` keeps no M x F activation for the backward and recomputes it
     there (one more x @ w1^T GEMM). Backends: as linear_act (both GEMMs are linear_act's)."""
     if type(x) is torch.Tensor and type(recompute) is bool:  # the lean path (see backends.lean_choice)
-        name = backends.lean_choice(LINEAR_ACT.name, x.device, backend)
-        if (name is not None and plain_call(x, w1, b1, activation) and x.numel() and w1.numel()
+        impl = backends.lean_choice(LINEAR_ACT.name, x.device, backend)
+        if (impl is not None and plain_call(x, w1, b1, activation) and x.numel() and w1.numel()
                 and plain_call(x, w2, b2, "identity", output_width(w1, activation)) and w2.numel()):
-            return lean_rows(_inference, x, LINEAR_ACT.implementation(name), w1, b1, w2, b2, activation)
+            return lean_rows(_inference, x, impl, w1, b1, w2, b2, activation)
     validate_linear(OP, x, w1, b1, activation, "w1", "b1")
     hidden_width = output_width(w1, activation)
     if isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] != hidden_width:

@@ -164,9 +164,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
     cuda cuBLAS and its epilogue kernel."""
     if type(x) is torch.Tensor:  # the lean path (see backends.lean_choice)
-        name = backends.lean_choice(OP, x.device, backend)
-        if name is not None and plain_call(x, weight, bias, activation) and x.numel() and weight.numel():
-            return lean_rows(LINEAR_ACT.implementation(name).linear_act_inference, x, weight, bias, activation)
+        impl = backends.lean_choice(OP, x.device, backend)
+        if impl is not None and plain_call(x, weight, bias, activation) and x.numel() and weight.numel():
+            return lean_rows(impl.linear_act_inference, x, weight, bias, activation)
     validate_linear(OP, x, weight, bias, activation)
     if x.ndim == 2:
         return linear_act_rows(x, weight, bias, activation, backend)

@@ -83,10 +83,10 @@ def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: tor
     Backends: reference and torch any float dtype; triton float32/float16/bfloat16; cuda
     float32/float16/bfloat16 with the residual in x's dtype."""
     if type(x) is torch.Tensor:  # the lean path (see backends.lean_choice)
-        name = backends.lean_choice(OP, x.device, backend)
-        if name is not None and plain_call(x, normalized_shape, weight, None, eps, residual) and x.numel():
+        impl = backends.lean_choice(OP, x.device, backend)
+        if impl is not None and plain_call(x, normalized_shape, weight, None, eps, residual) and x.numel():
             eps = torch.finfo(compute_dtype(x)).eps if eps is None else eps
-            return lean_norm(x, residual, RMS_NORM.implementation(name).rms_norm_inference, weight, eps)
+            return lean_norm(x, residual, impl.rms_norm_inference, weight, eps)
     n_dims = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
     eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
     x2 = as_rows(x, n_dims)
