@@ -11,6 +11,7 @@ from fusedformer import backends
 from fusedformer._backends.tables import SOFTMAX
 
 softmax_op = sys.modules["fusedformer.ops.softmax"]
+_dispatch = sys.modules["fusedformer.ops._dispatch"]
 
 
 def _spy_softmax_backends(monkeypatch):
@@ -211,25 +212,29 @@ LEAN_CALLS = {
     "linear_act": lambda t: ff.linear_act(t["x3"], t["w1"], t["b1"], "gelu"),
     "linear_act_swiglu": lambda t: ff.linear_act(t["x"], t["w1"], None, "swiglu"),
     "feed_forward": lambda t: ff.feed_forward(t["x3"], t["w1"], t["b1"], t["w2"], None, "swiglu"),
+    "attention": lambda t: ff.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
+    "attention_causal_gqa": lambda t: ff.scaled_dot_product_attention(t["q"], t["kg"], t["vg"], is_causal=True,
+                                                                      scale=0.3, enable_gqa=True),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LEAN_CALLS))
 def test_lean_path_is_taken_and_gives_the_full_paths_answer(monkeypatch, name):
-    """A no-grad eager call whose selection is cached takes the lean path (no select()), and
+    """A no-grad eager call takes the lean path (no _mode: neither the custom op nor its body), and
     answers what the full path (the same call with grad mode on) answers, bit for bit."""
     g = torch.Generator().manual_seed(0)
     t = {k: torch.randn(*shape, generator=g, dtype=torch.float64) for k, shape in {
         "x": (5, 8), "x3": (2, 3, 8), "r": (5, 8), "r3": (2, 3, 8), "w": (8,), "b": (8,), "w1": (6, 8),
-        "b1": (6,), "w2": (8, 3)}.items()}
+        "b1": (6,), "w2": (8, 3), "q": (2, 4, 5, 8), "k": (2, 4, 7, 8), "v": (2, 4, 7, 8), "kg": (2, 2, 3, 8),
+        "vg": (2, 2, 3, 8)}.items()}
     t["xt"] = torch.randn(8, 5, generator=g, dtype=torch.float64).t()
     call = LEAN_CALLS[name]
     full = call(t)  # grad mode on: the full path, which also fills the selection cache
-    selected = []
-    real = backends.select
-    monkeypatch.setattr(backends, "select", lambda *a, **k: selected.append(a[0]) or real(*a, **k))
+    modes = []
+    real = _dispatch._mode
+    monkeypatch.setattr(_dispatch, "_mode", lambda args: modes.append(1) or real(args))
     with torch.no_grad():
         lean = call(t)
-    assert selected == []
+    assert modes == []
     for got, expected in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (lean, full))):
         assert got.shape == expected.shape and torch.equal(got, expected)

@@ -269,6 +269,14 @@ def lean_choice(family, device, backend=None):
     return _lean_modules.get((family, backend, device)) if not observers else None
 
 
+def lean_select(family, device, args, backend=None):
+    """select() for an op's lean path whose decision depends on the arguments (attention): None
+    when grad mode is on or torch.compile traces (the full path then runs)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return select(family, device, args, backend)
+
+
 def _holds_for_any_arguments(family, device, requested, chosen):
     """Whether select() answers ``chosen`` whatever the forward arguments: it runs every input,
     and for ``auto`` each backend before it in the order cannot run on the device at all."""
