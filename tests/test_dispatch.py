@@ -11,6 +11,7 @@ from fusedformer import backends
 from fusedformer._backends.tables import SOFTMAX
 
 softmax_op = sys.modules["fusedformer.ops.softmax"]
+_dispatch = sys.modules["fusedformer.ops._dispatch"]
 
 
 def _spy_softmax_backends(monkeypatch):
@@ -153,3 +154,87 @@ def test_valid_call_shortcuts_still_check_devices(call):
     device (here meta) apart, and the checks name it."""
     with pytest.raises(ValueError, match="is on meta but x is on cpu"):
         call(torch.randn(3, 8), lambda *shape: torch.randn(*shape, device="meta"))
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that run (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ran = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ran.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_fills_no_zero_gradient_for_unused_outputs():
+    """feed_forward's preact and hidden (M x d_ff each) and the norms' statistics are outputs of
+    the autograd.Function nobody uses: no zero gradient is filled for them."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w1, w2 = torch.randn(32, 8, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    with _AtenOps() as ops:
+        y = ff.feed_forward(x, w1, None, w2, None, "swiglu", backend="torch")
+        y = ff.layer_norm(y, (8,), w, backend="torch")
+        torch.autograd.grad(y.sum(), (x, w1, w2, w))
+    assert not {"zeros", "zeros_like", "zero_", "fill_"} & set(ops.ran), ops.ran
+
+
+@pytest.mark.parametrize("use_out", [False, True])
+def test_norm_residual_stream_alone_gets_its_gradient(use_out):
+    """With the normalized output unused (only the residual stream h = x + residual), the
+    backward still gets a gradient for it (zeros) and the inputs theirs, as torch's."""
+    x, r = (torch.randn(5, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    for norm, torch_norm in ((ff.layer_norm, torch.nn.functional.layer_norm),
+                             (ff.rms_norm, torch.nn.functional.rms_norm)):
+        out, h = norm(x, (8,), w, residual=r)
+        loss = (h * h).sum() + (out.sum() if use_out else 0)
+        got = torch.autograd.grad(loss, (x, r, w), allow_unused=True)
+        h_ref = x + r
+        loss_ref = (h_ref * h_ref).sum() + (torch_norm(h_ref, (8,), w).sum() if use_out else 0)
+        expected = torch.autograd.grad(loss_ref, (x, r, w), allow_unused=True)
+        for g, e in zip(got, expected):
+            if e is None:
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, e)
+
+
+LEAN_CALLS = {
+    "softmax": lambda t: ff.softmax(t["x"], -1),
+    "layer_norm": lambda t: ff.layer_norm(t["x3"], (8,), t["w"], t["b"], 1e-3),
+    "layer_norm_strided": lambda t: ff.layer_norm(t["xt"], (8,), t["w"], None, 1e-5),
+    "layer_norm_residual": lambda t: ff.layer_norm(t["x3"], (8,), t["w"], t["b"], 1e-5, residual=t["r3"]),
+    "rms_norm": lambda t: ff.rms_norm(t["x3"], (8,), t["w"]),
+    "rms_norm_residual": lambda t: ff.rms_norm(t["x"], (8,), None, 1e-6, residual=t["r"]),
+    "linear_act": lambda t: ff.linear_act(t["x3"], t["w1"], t["b1"], "gelu"),
+    "linear_act_swiglu": lambda t: ff.linear_act(t["x"], t["w1"], None, "swiglu"),
+    "feed_forward": lambda t: ff.feed_forward(t["x3"], t["w1"], t["b1"], t["w2"], None, "swiglu"),
+    "attention": lambda t: ff.scaled_dot_product_attention(t["q"], t["k"], t["v"]),
+    "attention_causal_gqa": lambda t: ff.scaled_dot_product_attention(t["q"], t["kg"], t["vg"], is_causal=True,
+                                                                      scale=0.3, enable_gqa=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LEAN_CALLS))
+def test_lean_path_is_taken_and_gives_the_full_paths_answer(monkeypatch, name):
+    """A no-grad eager call takes the lean path (no _mode: neither the custom op nor its body), and
+    answers what the full path (the same call with grad mode on) answers, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(*shape, generator=g, dtype=torch.float64) for k, shape in {
+        "x": (5, 8), "x3": (2, 3, 8), "r": (5, 8), "r3": (2, 3, 8), "w": (8,), "b": (8,), "w1": (6, 8),
+        "b1": (6,), "w2": (8, 3), "q": (2, 4, 5, 8), "k": (2, 4, 7, 8), "v": (2, 4, 7, 8), "kg": (2, 2, 3, 8),
+        "vg": (2, 2, 3, 8)}.items()}
+    t["xt"] = torch.randn(8, 5, generator=g, dtype=torch.float64).t()
+    call = LEAN_CALLS[name]
+    full = call(t)  # grad mode on: the full path, which also fills the selection cache
+    modes = []
+    real = _dispatch._mode
+    monkeypatch.setattr(_dispatch, "_mode", lambda args: modes.append(1) or real(args))
+    with torch.no_grad():
+        lean = call(t)
+    assert modes == []
+    for got, expected in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (lean, full))):
+        assert got.shape == expected.shape and torch.equal(got, expected)

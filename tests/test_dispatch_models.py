@@ -54,3 +54,54 @@ def test_patched_bert_attention_gets_hf_sdpa_mask(monkeypatch, padded):
     else:
         assert ff_mask is None and hf_mask is None
     torch.testing.assert_close(got, expected)
+
+
+def _tiny_llama_mlp():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_attention_heads=2, mlp_bias=True)
+    torch.manual_seed(0)
+    return LlamaMLP(config).eval()
+
+
+def test_patched_gated_mlp_keeps_its_stacked_weight_and_follows_every_update(monkeypatch):
+    """A patched gated MLP stacks [gate; up] once for no-grad calls, and its output follows the
+    parameters through an in-place update (an optimizer step), load_state_dict, a replaced
+    parameter and .to(); with grad the gradients reach gate and up as the unpatched module's."""
+    from fusedformer.patch import mlp as mlp_rule
+
+    model = _tiny_llama_mlp()
+    patched = ff.patch(copy.deepcopy(model))
+    cats = []
+    real_cat = mlp_rule._cat
+    monkeypatch.setattr(mlp_rule, "_cat", lambda *a: cats.append(1) or real_cat(*a))
+    x = torch.randn(3, 16)
+
+    def agree():
+        with torch.no_grad():
+            torch.testing.assert_close(patched(x), model(x))
+
+    agree()
+    agree()
+    assert len(cats) == 1
+    with torch.no_grad():
+        for m in (model, patched):
+            m.gate_proj.weight.add_(0.5)
+            m.up_proj.bias.mul_(-2.0)
+    agree()
+    state = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    patched.load_state_dict(state)
+    agree()
+    for m in (model, patched):
+        m.up_proj.weight = torch.nn.Parameter(torch.ones_like(m.up_proj.weight))
+    agree()
+    model.double(), patched.double()
+    x = x.double()
+    agree()
+    assert len(cats) == 5
+    xg = x.clone().requires_grad_()
+    grads = [torch.autograd.grad(m(xg).sum(), (xg, m.gate_proj.weight, m.up_proj.weight, m.up_proj.bias))
+             for m in (model, patched)]
+    for got, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, expected)

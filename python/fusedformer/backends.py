@@ -201,6 +201,8 @@ def unsupported_reason(name, family, device, args=None):
 # new keys: the cache starts over when it reaches _SELECTIONS_MAX.
 _selections = {}
 _SELECTIONS_MAX = 4096
+# the implementation module of each decision kept without the features key, for lean_choice
+_lean_modules = {}
 
 # os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
 # of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
@@ -211,6 +213,7 @@ _BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
 def clear_selection_cache():
     """Forget select()'s decisions (for code that patches backends or their availability)."""
     _selections.clear()
+    _lean_modules.clear()
 
 
 def _features(args):
@@ -237,9 +240,41 @@ def select(family, device, args, backend=None):
         device = torch.device(device)
         name = _select(family, device, args, requested)
         if len(_selections) >= _SELECTIONS_MAX:
-            _selections.clear()
-        _selections[key[:3] if _holds_for_any_arguments(family, device, requested, name) else key] = name
+            clear_selection_cache()
+        if _holds_for_any_arguments(family, device, requested, name):
+            key = key[:3]
+            _lean_modules[key] = FAMILIES[family].implementation(name)
+        _selections[key] = name
     return name
+
+
+def lean_choice(family, device, backend=None):
+    """The backend module (the family's implementation) for the ops' lean path: an eager call with grad mode off whose selection holds
+    for any arguments (see _selections), taken from the cache alone. None sends the call down the
+    op's full path (grad mode on, torch.compile, nothing cached yet, another kind of decision, an
+    observer, FUSEDFORMER_BACKEND set, a backend= that is no str). One function, as it runs on
+    every such call: on tiny tensors each Python call (~1.2k instructions) counts."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if backend is None:
+        entries = _contexts.entries
+        if entries:
+            backend = entries[-1][0]
+        elif _BACKEND_VARIABLE in os.environ._data:  # rare: select() reads and checks it
+            return None
+        else:
+            backend = "auto"
+    elif type(backend) is not str:
+        return None
+    return _lean_modules.get((family, backend, device)) if not observers else None
+
+
+def lean_select(family, device, args, backend=None):
+    """select() for an op's lean path whose decision depends on the arguments (attention): None
+    when grad mode is on or torch.compile traces (the full path then runs)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return select(family, device, args, backend)
 
 
 def _holds_for_any_arguments(family, device, requested, chosen):

@@ -74,7 +74,10 @@ def differentiable(op, setup_context, backward, inference=None):
     return a callable that runs, in eager mode, the body alone when no gradient can flow and the
     same body and formula through an autograd.Function when one can; ``op`` otherwise.
     ``inference``, if given, replaces the body when no gradient can flow: the same arguments and
-    outputs, except that those only the backward reads may be None (a backend's inference entry)."""
+    outputs, except that those only the backward reads may be None (a backend's inference entry).
+    ``backward`` always gets the first output's gradient; any other output's is None when that
+    output was not used (the norms' residual stream, which their backends take as optional, and
+    the backward's own outputs: statistics, preact, hidden)."""
     op.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
@@ -82,11 +85,19 @@ def differentiable(op, setup_context, backward, inference=None):
         def forward(ctx, *args):
             output = op.body(*args)
             setup_context(ctx, args, output)
+            # autograd would fill a zero gradient for every output nobody used (an (M, d_ff) fill for
+            # feed_forward's preact and hidden per call); only the first output's is filled, if needed
+            ctx.set_materialize_grads(False)
+            first = output[0] if isinstance(output, tuple) else output
+            ctx.first_output = (first.shape, first.dtype, first.device)
             return output
 
         @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+        def backward(ctx, grad, *grads):
+            if grad is None:  # the first output unused, another one (the norms' residual stream) used
+                shape, dtype, device = ctx.first_output
+                grad = torch.zeros(shape, dtype=dtype, device=device)
+            return backward(ctx, grad, *grads)
 
     def apply(*args):
         mode = _mode(args)

@@ -10,7 +10,13 @@ import torch
 
 from fusedformer import backends
 from fusedformer._backends.tables import ATTENTION
-from fusedformer.ops._checks import check_attention_options, check_float, check_same_device, check_same_dtype
+from fusedformer.ops._checks import (
+    FLOAT_DTYPES,
+    check_attention_options,
+    check_float,
+    check_same_device,
+    check_same_dtype,
+)
 from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.vocabulary import compute_dtype
 
@@ -206,6 +212,25 @@ def _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_
     return batch, H, Hkv
 
 
+def _plain_call(query, key, value, dropout_p, is_causal, scale, enable_gqa):
+    """Whether the call (without mask, window and ALiBi) is the common valid one: q, k, v plain
+    4-D tensors of one float dtype on one device, of one batch and head dim, k and v of one length
+    and head count (q's, or with enable_gqa a divisor of it), Dv = D, nothing empty, no dropout,
+    is_causal a bool, scale None or a float. Told in a few attribute reads: the checks one by one
+    (_validate) cost as much as torch's whole call. False sends the call through every check."""
+    if not (type(key) is torch.Tensor and type(value) is torch.Tensor and type(is_causal) is bool
+            and type(enable_gqa) is bool and type(dropout_p) in (float, int) and dropout_p == 0
+            and (scale is None or type(scale) is float)):
+        return False
+    dtype, device = query.dtype, query.device
+    if (dtype not in FLOAT_DTYPES or key.dtype is not dtype or value.dtype is not dtype or query.ndim != 4
+            or key.ndim != 4 or value.ndim != 4 or key.device != device or value.device != device):
+        return False
+    (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = query.shape, key.shape, value.shape
+    return (b == bk == bv and d == dk == dv and lk == lv and hk == hv and (h == hk or enable_gqa and h % hk == 0)
+            and b * h * lq * lk * d > 0)
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
@@ -231,6 +256,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     everything in float32/float16/bfloat16, head dims up to 256; cuda float16/bfloat16, head dims
     64 and 128, masks, causal and GQA (no dropout, window, ALiBi or float-mask gradient).
     """
+    if (type(query) is torch.Tensor and attn_mask is None and window_size is None and alibi_slopes is None
+            and _plain_call(query, key, value, dropout_p, is_causal, scale, enable_gqa)):  # the lean path
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        args = (query, key, value, None, is_causal, scale, 0.0, None, (-1, -1), None)
+        name = backends.lean_select(OP, query.device, args, backend)
+        if name is not None:
+            return ATTENTION.implementation(name).attention_forward(*args)[0]
     batch_shape, H, Hkv = _validate(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                     window_size, alibi_slopes)
     if dropout_p == 1.0:  # torch's dropout of every weight: zeros (NaN stays NaN), zero gradients

@@ -95,26 +95,30 @@ def _inference(x, weight, bias, eps, residual, backend):
 _layer_norm_fwd = differentiable(layer_norm_fwd, _setup_context, _backward, _inference)
 
 
-def _plain_call(x, normalized_shape, weight, bias, eps, residual):
+def plain_call(x, normalized_shape, weight, bias, eps, residual):
     """Whether the call is the common valid one (one normalized dim, float tensors of the right
-    shapes on x's device, eps a float >= 0), told in a few attribute reads: a small norm's checks
-    one by one cost more than its kernel. False sends the call through every check."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or not x.ndim:
+    shapes on x's device, weight and bias in x's dtype, eps a float >= 0 or None), told in a few
+    attribute reads: a small norm's checks one by one cost more than its kernel. False sends the
+    call through every check."""
+    if not isinstance(x, torch.Tensor):
         return False
+    dtype = x.dtype
     n = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else normalized_shape
-    if type(n) is not int or x.shape[-1] != n or not (eps is None or type(eps) is float and eps >= 0.0):
+    if (dtype not in FLOAT_DTYPES or not x.ndim or type(n) is not int or x.shape[-1] != n
+            or not (eps is None or type(eps) is float and eps >= 0.0)):
         return False
     device, shape = x.device, (n,)
-    for t, expected in ((weight, shape), (bias, shape), (residual, x.shape)):
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES and t.shape == expected
+    for t in (weight, bias):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is dtype and t.shape == shape
                                   and t.device == device):
             return False
-    return True
+    return residual is None or (isinstance(residual, torch.Tensor) and residual.dtype in FLOAT_DTYPES
+                                and residual.shape == x.shape and residual.device == device)
 
 
 def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
     """Shared by layer_norm and rms_norm: returns the number of normalized (trailing) dims."""
-    if _plain_call(x, normalized_shape, weight, bias, eps, residual):
+    if plain_call(x, normalized_shape, weight, bias, eps, residual):
         return 1
     check_float(op, "x", x)
     shape, _ = normalized_size(op, x, normalized_shape)
@@ -129,6 +133,17 @@ def validate_norm(op, x, normalized_shape, weight, bias, eps, residual):
     return len(shape)
 
 
+def lean_norm(x, residual, inference, *params):
+    """A norm's lean path, the call told valid by plain_call: ``inference(rows, *params,
+    residual rows)``, its outputs in x's shape. x is not empty (backends may assume rows)."""
+    if residual is None and x.ndim == 2 and x.is_contiguous():  # rows already: no shape round trip (~7k)
+        return inference(x, *params, None)[0]
+    y, res = inference(as_rows(x, 1), *params, as_rows(residual, 1) if residual is not None else None)
+    if residual is None:
+        return reshaped(y, x.shape)
+    return reshaped(y, x.shape), reshaped(res, x.shape)
+
+
 def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, *, residual: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +154,10 @@ def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: t
 
     Backends: reference and torch any float dtype; triton float32/float16/bfloat16 (residual of any
     of them); cuda float32/float16/bfloat16 with the residual in x's dtype."""
+    if type(x) is torch.Tensor and type(eps) is float:  # the lean path (see backends.lean_choice)
+        impl = backends.lean_choice(OP, x.device, backend)
+        if impl is not None and plain_call(x, normalized_shape, weight, bias, eps, residual) and x.numel():
+            return lean_norm(x, residual, impl.layer_norm_inference, weight, bias, eps)
     check_number(OP, "eps", eps)  # no default epsilon here (rms_norm's None): None is refused, as torch
     n_dims = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n_dims)

@@ -74,7 +74,7 @@ _linear_act_fwd = differentiable(linear_act_fwd, _setup_context, _backward)
 
 def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_name="bias", in_features=None):
     """x (..., K) against weight (N, in_features, x's K by default) and bias (N,)."""
-    if _plain_call(x, weight, bias, activation, in_features):
+    if plain_call(x, weight, bias, activation, in_features):
         return
     check_float(op, "x", x)
     check_float(op, weight_name, weight)
@@ -101,7 +101,7 @@ def validate_linear(op, x, weight, bias, activation, weight_name="weight", bias_
                          f"([gate; up]), got {weight.shape[0]}")
 
 
-def _plain_call(x, weight, bias, activation, in_features):
+def plain_call(x, weight, bias, activation, in_features=None):
     """Whether the call is the common valid one (float tensors of one dtype on x's device, the
     shapes matching, a known activation), told in a few attribute reads: the checks one by one
     cost a third of a small GEMM. False sends the call through every check."""
@@ -144,6 +144,15 @@ def linear_act_rows(x2, weight, bias, activation, backend):
     return _linear_act_fwd(x2, weight, bias, activation, name)[0]
 
 
+def lean_rows(run, x, *args):
+    """``run(rows, *args)`` on x (..., K) as 2-D rows, the result in x's leading shape: the lean
+    path's shape adapter (shared with feed_forward)."""
+    if x.ndim == 2:
+        return run(x, *args)
+    y = run(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), *args)  # reshape(-1, K) cannot tell M when K is 0
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu", *,
                backend: str | None = None) -> torch.Tensor:
     """act(x @ weight^T + bias) for x (..., K), weight (N, K), bias (N,). Activations: relu,
@@ -154,6 +163,10 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     Backends: reference and torch any float dtype; triton float16/bfloat16 through its GEMM with
     the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
     cuda cuBLAS and its epilogue kernel."""
+    if type(x) is torch.Tensor:  # the lean path (see backends.lean_choice)
+        impl = backends.lean_choice(OP, x.device, backend)
+        if impl is not None and plain_call(x, weight, bias, activation) and x.numel() and weight.numel():
+            return lean_rows(impl.linear_act_inference, x, weight, bias, activation)
     validate_linear(OP, x, weight, bias, activation)
     if x.ndim == 2:
         return linear_act_rows(x, weight, bias, activation, backend)

@@ -8,7 +8,7 @@ from fusedformer import backends
 from fusedformer._backends.tables import RMS_NORM
 from fusedformer.ops._checks import as_rows, as_vector
 from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
-from fusedformer.ops.layer_norm import validate_norm
+from fusedformer.ops.layer_norm import lean_norm, plain_call, validate_norm
 from fusedformer.vocabulary import compute_dtype
 
 OP = RMS_NORM.name
@@ -82,6 +82,11 @@ def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: tor
 
     Backends: reference and torch any float dtype; triton float32/float16/bfloat16; cuda
     float32/float16/bfloat16 with the residual in x's dtype."""
+    if type(x) is torch.Tensor:  # the lean path (see backends.lean_choice)
+        impl = backends.lean_choice(OP, x.device, backend)
+        if impl is not None and plain_call(x, normalized_shape, weight, None, eps, residual) and x.numel():
+            eps = torch.finfo(compute_dtype(x)).eps if eps is None else eps
+            return lean_norm(x, residual, impl.rms_norm_inference, weight, eps)
     n_dims = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
     eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
     x2 = as_rows(x, n_dims)

@@ -57,9 +57,10 @@ class MlpMatch:
     drop_at: str | None = None  # where that dropout sits: 'hidden', 'output' or None (not found)
 
 
-def _weights(module, names):
+def _weights(module, names, stacked):
     """(w1, b1, w2, b2) for the fused op (gated: w1 stacks [gate; up]), None where the
-    projections cannot be fused as they are now; single projections give (w1, b1, None, None)."""
+    projections cannot be fused as they are now; single projections give (w1, b1, None, None).
+    ``stacked`` is the module's StackedGate."""
     layers = [linear_weight(getattr(module, n)) for n in names]
     if any(layer is None for layer in layers):
         return None
@@ -71,15 +72,45 @@ def _weights(module, names):
     (wg, bg), (wu, bu) = ins
     if (bg is None) != (bu is None):
         return None
-    # [gate; up]: one GEMM for both, the op's gated layout
-    return torch.cat([wg, wu]), (torch.cat([bg, bu]) if bg is not None else None), w2, b2
+    return (*stacked(wg, bg, wu, bu), w2, b2)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class StackedGate:
+    """A gated MLP's [gate; up] weight (and bias) for the op's one GEMM: a cat where a gradient
+    flows to the parameters (it is their autograd path) or under torch.compile (the graph sees it);
+    otherwise the cat of an earlier call, as long as each parameter is the same tensor with the
+    same version and storage (an optimizer step, load_state_dict or .to() changes one of those).
+    Rebuilding it per call copied both weights on every forward: at decode shapes more memory
+    traffic than the GEMM itself. The price: one more copy of the gate and up weights while kept."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, wg, bg, wu, bu):
+        tensors = (wg, bg, wu, bu) if bg is not None else (wg, wu)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
+            return _cat(wg, bg, wu, bu)
+        if any(type(t) not in _PLAIN for t in tensors):  # sharded or fake parameters: no storage to tell by
+            return _cat(wg, bg, wu, bu)
+        key = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
+        if self.key is None or self.key[0] != key or any(a is not b for a, b in zip(self.key[1], tensors)):
+            self.key, self.value = (key, tensors), _cat(wg, bg, wu, bu)
+        return self.value
+
+
+def _cat(wg, bg, wu, bu):
+    return torch.cat([wg, wu]), (torch.cat([bg, bu]) if bg is not None else None)
 
 
 def mlp_forward(match, backend):
     """Instance forward of a matched MLP; closures never capture the module itself."""
+    stacked = StackedGate()
 
     def forward(self, hidden_states, *args, **kwargs):
-        weights = _weights(self, match.names)
+        weights = _weights(self, match.names, stacked)
         drop = getattr(self, match.drop_name) if match.drop_name is not None else None
         drawn = drop is not None and drop.training and drop.p > 0
         if (args or kwargs or weights is None or any(w is not None and w.dtype != hidden_states.dtype

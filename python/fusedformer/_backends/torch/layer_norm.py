@@ -58,7 +58,11 @@ def layer_norm_forward(x, weight, bias, eps, residual=None):
 
 
 def layer_norm_inference(x, weight, bias, eps, residual=None):
-    """Without the statistics' reshapes and casts (~20k instructions per call)."""
+    """Without the statistics' reshapes and casts (~20k instructions per call); torch.layer_norm
+    itself when nothing needs casting (~10k less than the general path, a third of a small call)."""
+    dtype = x.dtype
+    if residual is None and (weight is None or weight.dtype is dtype) and (bias is None or bias.dtype is dtype):
+        return torch.layer_norm(x, (x.shape[-1],), weight, bias, eps), None
     return _native_forward(x, weight, bias, eps, residual)[:2]
 
 

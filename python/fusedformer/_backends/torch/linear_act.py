@@ -1,7 +1,8 @@
 """torch linear_act: F.linear (addmm) and torch's activation kernels with their aten backward
 (what autograd runs for F.linear followed by the activation); same contract as reference.py.
 
-Gated activations split the preact into [gate; up] and return act(gate) * up, as reference.py.
+Gated activations split the preact into [gate; up] and return act(gate) * up, as reference.py;
+their backward writes both halves of dL/dpreact into one tensor (a cat of the two would copy them).
 """
 
 import functools
@@ -24,13 +25,15 @@ _ACTIVATIONS = {
     "swiglu": (F.silu, aten.silu_backward),
     "geglu": (F.gelu, aten.gelu_backward),
 }
+# gated names: the gate's backward writing into a given tensor (``grad_input=``)
+_GATE_BACKWARD_INTO = {"swiglu": aten.silu_backward.grad_input, "geglu": aten.gelu_backward.grad_input}
 
 
 def _activate(h, activation):
     act, _ = _ACTIVATIONS[activation]
     if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
+        return act(gate).mul_(up)  # act(gate) is a fresh tensor: no second allocation
     return act(h)
 
 
@@ -38,7 +41,11 @@ def _activation_grad(grad_y, h, activation):
     act, act_grad = _ACTIVATIONS[activation]
     if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
-        return torch.cat([act_grad(grad_y * up, gate), grad_y * act(gate)], dim=-1)
+        dh = torch.empty_like(h)
+        dgate, dup = dh.chunk(2, dim=-1)
+        _GATE_BACKWARD_INTO[activation](grad_y * up, gate, grad_input=dgate)
+        torch.mul(grad_y, act(gate), out=dup)
+        return dh
     return act_grad(grad_y, h)
 
 
