@@ -41,7 +41,7 @@ def test_gemm_uses_wgmma_and_tma_without_spills(tmp_path):
     rows = {r["family"]: r for r in map(json.loads, (line for line in out.stdout.splitlines() if line[:1] == "{"))}
     assert set(rows) == {"matmul_act forward", "matmul_act forward gated", "matmul_act recompute dh gated",
                          "matmul_act split-K partials"}
-    for family, row in rows.items():
+    for row in rows.values():
         assert row["wgmma"] and row["tma"] and row["spill"] == 0, row
     for family in ("matmul_act forward", "matmul_act forward gated"):
         assert rows[family]["store"] == "-", rows[family]  # y and the preact leave through TMA stores

@@ -110,7 +110,8 @@ def test_instance_forward_wrapper_is_left_and_survives(inner):
     d = 8
     module = {"LayerNorm": lambda: torch.nn.LayerNorm(d), "RMSLike": lambda: RMSLike(d),
               "MLP": lambda: MLP(d, hidden_dropout=False).eval(),
-              "EncoderLayer": lambda: torch.nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True)}[inner]()
+              "EncoderLayer": lambda: torch.nn.TransformerEncoderLayer(d, 2, 12, dropout=0.0, batch_first=True),
+              }[inner]()
     model, cls = Wrapped(module), type(module)
     wrapper = module.forward
     _, report = ff.patch(model, backend="reference", return_report=True)

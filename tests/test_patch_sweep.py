@@ -1,11 +1,12 @@
 """ff.patch(verify=True) swept over transformers model classes built from tiny configs (nothing
 downloaded): encoders, decoders, encoder-decoders and vision models with their causal LM, masked
-LM, classification and multiple-choice heads, loaded in float32, bfloat16 and float16, patched for the reference backend and for ``auto`` (the
-torch backend on a CPU). Each one is patched with outputs equal to the unpatched model's (low
-precision: within 2x of the unpatched model's own error against its float32 twin) and, in
-float32, an identical greedy ``generate`` (in low precision the fused ops' float32 math may round
-a near tie the other way: GPT-J in bfloat16 picks another third token), or refused with a clear ValueError naming ``example_inputs``;
-never a crash from inside the library. Unpatch restores every module's class and attributes.
+LM, classification and multiple-choice heads, loaded in float32, bfloat16 and float16, patched
+for the reference backend and for ``auto`` (the torch backend on a CPU). Each one is patched with
+outputs equal to the unpatched model's (low precision: within 2x of the unpatched model's own
+error against its float32 twin) and, in float32, an identical greedy ``generate`` (in low
+precision the fused ops' float32 math may round a near tie the other way: GPT-J in bfloat16 picks
+another third token), or refused with a clear ValueError naming ``example_inputs``; never a crash
+from inside the library. Unpatch restores every module's class and attributes.
 
 By default one head per family in float32 on the reference backend, a few bfloat16 and float16
 loads and a few ``auto`` patches run (about 30 s); ``FUSEDFORMER_FULL_SWEEP=1`` runs every case."""
@@ -88,7 +89,8 @@ FULL = os.environ.get("FUSEDFORMER_FULL_SWEEP") == "1"
 
 
 def _in_ci(family, first_head, dtype, backend):
-    return first_head and (dtype == torch.float32 and backend == "reference" or family in IN_CI.get((dtype, backend), ()))
+    in_default_run = dtype == torch.float32 and backend == "reference"
+    return first_head and (in_default_run or family in IN_CI.get((dtype, backend), ()))
 
 
 CASES = [pytest.param(family, head, dtype, backend, id=f"{head}-{str(dtype)[6:]}-{backend}",

@@ -12,8 +12,8 @@ from fusedformer import backends
 # Every provider name the results format (benchmarks/results/README.md) allows, in the order the reports list them.
 # torch-matmul: the op's GEMMs alone (no bias, no activation), the ceiling a fused GEMM op aims at.
 PROVIDERS = ("fusedformer-triton", "fusedformer-cuda", "fusedformer-reference", "fusedformer-torch", "torch-eager",
-             "torch-compile", "torch-matmul", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn", "torch-sdpa-math",
-             "flex-attention", "liger", "flash-attn")
+             "torch-compile", "torch-matmul", "torch-sdpa-flash", "torch-sdpa-efficient", "torch-sdpa-cudnn",
+             "torch-sdpa-math", "flex-attention", "liger", "flash-attn")
 
 # The GPU check's headline for the row-wise ops (softmax, layer / RMS norm): hidden 1024 / 4096 /
 # 16384 over 8192 rows, and one decode-sized batch (launch overhead shows there), against eager,
