@@ -137,3 +137,24 @@ def test_eager_calls_skip_the_custom_op_dispatcher():
     with Record() as seen:
         OPS.softmax_fwd(x, 1, "reference")
     assert any(op.startswith("fusedformer.softmax_fwd") for op in seen.ops), seen.ops
+
+
+def test_compiled_no_grad_calls_keep_the_custom_op():
+    """The ops' lean path (cached backend called directly) must stay out of graphs: dynamo traces
+    the custom op even with grad mode off and the lean cache warm."""
+    x, w, b = r(5, 7), r(7), r(7)
+    ops = {"softmax_fwd": lambda x: ff.softmax(x, -1),
+           "layer_norm_fwd": lambda x: ff.layer_norm(x, (7,), w, b)}
+    for name, fn in ops.items():
+        graphs = []
+
+        def capture(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            fn(x)  # warms the lean path's cache
+            torch.compile(fn, fullgraph=True, backend=capture)(x)
+        targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+        assert any(f"fusedformer.{name}" in t for t in targets), (name, targets)

@@ -255,7 +255,10 @@ def lean_choice(family, device, backend=None):
     op's full path (grad mode on, torch.compile, nothing cached yet, another kind of decision, an
     observer, FUSEDFORMER_BACKEND set, a backend= that is no str). One function, as it runs on
     every such call: on tiny tensors each Python call (~1.2k instructions) counts."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # is_dynamo_compiling, not is_compiling: dynamo reads both as True while tracing, and this one
+    # is one Python call, not two (~0.7k instructions). is_compiling's other case, non-strict
+    # export, traces FakeTensors, which every caller's `type(x) is torch.Tensor` already refuses.
+    if torch.is_grad_enabled() or torch.compiler.is_dynamo_compiling():
         return None
     if backend is None:
         entries = _contexts.entries
