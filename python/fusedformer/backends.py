@@ -251,10 +251,10 @@ def select(family, device, args, backend=None):
 def lean_choice(family, device, backend=None):
     """The backend module (the family's implementation) for the ops' lean path: an eager call
     with grad mode off whose selection holds for any arguments (see _selections), taken from the
-    cache alone. None sends the call down the
-    op's full path (grad mode on, torch.compile, nothing cached yet, another kind of decision, an
-    observer, FUSEDFORMER_BACKEND set, a backend= that is no str). One function, as it runs on
-    every such call: on tiny tensors each Python call (~1.2k instructions) counts."""
+    cache alone. None sends the call down the op's full path (grad mode on, torch.compile,
+    nothing cached yet, another kind of decision, an observer, FUSEDFORMER_BACKEND set, a backend=
+    that is no str). One function, as it runs on every such call: on tiny tensors each Python call
+    (~1.2k instructions) counts."""
     # is_dynamo_compiling, not is_compiling: dynamo reads both as True while tracing, and this one
     # is one Python call, not two (~0.7k instructions). is_compiling's other case, non-strict
     # export, traces FakeTensors, which every caller's `type(x) is torch.Tensor` already refuses.
