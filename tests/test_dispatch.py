@@ -238,3 +238,67 @@ def test_lean_path_is_taken_and_gives_the_full_paths_answer(monkeypatch, name):
     assert modes == []
     for got, expected in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (lean, full))):
         assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+REFUSED_CALLS = {
+    "softmax_int": lambda: ff.softmax(torch.arange(6).reshape(2, 3)),
+    "softmax_complex": lambda: ff.softmax(torch.randn(2, 3, dtype=torch.complex64)),
+    "softmax_dim": lambda: ff.softmax(torch.randn(2, 3), 2),
+    "layer_norm_int": lambda: ff.layer_norm(torch.arange(8).reshape(1, 8), (8,)),
+    "layer_norm_weight_shape": lambda: ff.layer_norm(torch.randn(2, 8), (8,), torch.randn(7)),
+    "layer_norm_weight_device": lambda: ff.layer_norm(torch.randn(2, 8), (8,), torch.randn(8, device="meta")),
+    "layer_norm_shape": lambda: ff.layer_norm(torch.randn(2, 8), (4,)),
+    "layer_norm_negative_eps": lambda: ff.layer_norm(torch.randn(2, 8), (8,), eps=-1.0),
+    "layer_norm_weight_list": lambda: ff.layer_norm(torch.randn(2, 8), (8,), [1.0] * 8),
+    "rms_norm_complex": lambda: ff.rms_norm(torch.randn(2, 8, dtype=torch.complex64), (8,)),
+    "rms_norm_float8": lambda: ff.rms_norm(torch.randn(2, 8).to(torch.float8_e4m3fn), (8,)),
+    "rms_norm_weight_dtype": lambda: ff.rms_norm(torch.randn(2, 8), (8,), torch.ones(8, dtype=torch.int32)),
+    "rms_norm_negative_eps": lambda: ff.rms_norm(torch.randn(2, 8), (8,), eps=-1e-6),
+    # the torch backend's kernel is a CPU one: its lean entry refuses another device itself
+    "attention_torch_off_cpu": lambda: ff.scaled_dot_product_attention(
+        *(torch.randn(1, 2, 3, 4, device="meta"),) * 3, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_CALLS))
+def test_lean_path_refusals_get_the_full_paths_error(name):
+    """The lean entries run unchecked (torch's own checks): whatever they refuse, or compute where
+    the op refuses, ends in the full path's error, the same with grad mode off as on."""
+    call = REFUSED_CALLS[name]
+    with pytest.raises((TypeError, ValueError, IndexError, RuntimeError)) as full:
+        call()
+    for backend in ("auto", "torch"):
+        with torch.no_grad(), ff.use_backend(backend), pytest.raises(type(full.value)) as lean:
+            call()
+        assert str(lean.value) == str(full.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lean_norms_mix_low_precision_input_and_float32_weights_as_the_full_path(dtype):
+    """torch's norms take a 16-bit x with float32 weights themselves; the lean path's answer is
+    the full path's, bit for bit, in x's dtype."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, generator=g).to(dtype)
+    w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    for call in (lambda: ff.layer_norm(x, (16,), w, b), lambda: ff.rms_norm(x, (16,), w),
+                 lambda: ff.rms_norm(x, (16,), w, 1e-3)):
+        full = call()
+        with torch.no_grad():
+            lean = call()
+        assert lean.dtype == dtype and torch.equal(lean, full)
+
+
+def test_lean_path_only_on_backends_with_a_lean_entry(monkeypatch):
+    """The reference (the oracle, never the fast path) has no lean entry: its no-grad calls take
+    the full path; the torch backend's take its lean entry."""
+    x = torch.randn(4, 8, dtype=torch.float64)
+    modes = []
+    real = _dispatch._mode
+    monkeypatch.setattr(_dispatch, "_mode", lambda args: modes.append(1) or real(args))
+    with torch.no_grad():
+        ff.softmax(x, backend="reference")
+        assert modes == [1]
+        ff.softmax(x, backend="torch")
+        assert modes == [1]
+    assert backends.lean_choice("softmax", x, "reference") is None
+    assert backends.lean_choice("softmax", x, "no-such-backend") is None

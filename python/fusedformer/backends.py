@@ -94,7 +94,7 @@ def requested_backend(backend=None):
     entries = _contexts.entries
     if entries:
         return entries[-1][0]
-    env = os.environ._data.get(_BACKEND_VARIABLE)  # see _BACKEND_VARIABLE
+    env = _ENVIRONMENT.get(_BACKEND_VARIABLE)  # see _BACKEND_VARIABLE
     if env:
         env = os.environ.decodevalue(env)
         _check_name(env, "FUSEDFORMER_BACKEND")
@@ -201,19 +201,26 @@ def unsupported_reason(name, family, device, args=None):
 # new keys: the cache starts over when it reaches _SELECTIONS_MAX.
 _selections = {}
 _SELECTIONS_MAX = 4096
-# the implementation module of each decision kept without the features key, for lean_choice
-_lean_modules = {}
+# The ops' lean path (lean_choice): (family, requested name, None for a CPU tensor or else its
+# device) -> the implementation whose lean entry answers that path's calls there, or None.
+_lean_implementations = {}
+_UNKNOWN = object()
 
 # os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
 # of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
 # always current) answers with one lookup; the value is decoded only when the variable is set.
 _BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
+_ENVIRONMENT = os.environ._data
+# module-level names: each saves lean_choice two attribute lookups per call. Dynamo still knows
+# them for what they are (it recognizes the function objects, not the names).
+_grad_enabled = torch.is_grad_enabled
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 
 def clear_selection_cache():
     """Forget select()'s decisions (for code that patches backends or their availability)."""
     _selections.clear()
-    _lean_modules.clear()
+    _lean_implementations.clear()
 
 
 def _features(args):
@@ -240,45 +247,62 @@ def select(family, device, args, backend=None):
         device = torch.device(device)
         name = _select(family, device, args, requested)
         if len(_selections) >= _SELECTIONS_MAX:
-            clear_selection_cache()
+            _selections.clear()
         if _holds_for_any_arguments(family, device, requested, name):
             key = key[:3]
-            _lean_modules[key] = FAMILIES[family].implementation(name)
         _selections[key] = name
     return name
 
 
-def lean_choice(family, device, backend=None):
-    """The backend module (the family's implementation) for the ops' lean path: an eager call
-    with grad mode off whose selection holds for any arguments (see _selections), taken from the
-    cache alone. None sends the call down the op's full path (grad mode on, torch.compile,
-    nothing cached yet, another kind of decision, an observer, FUSEDFORMER_BACKEND set, a backend=
-    that is no str). One function, as it runs on every such call: on tiny tensors each Python call
-    (~1.2k instructions) counts."""
+def lean_choice(family, x, backend=None):
+    """The implementation whose lean entry (``<family>_lean``, see contract.lean) answers an op's
+    lean path for tensor ``x``'s device, or None: the op then takes its full path. Not None only
+    for an eager call with grad mode off, nobody observing, no FUSEDFORMER_BACKEND, when the
+    backend asked for (``backend=``, use_backend, else ``auto``'s first available on the device)
+    has a lean entry; anything that entry cannot answer, it refuses by raising. One function
+    with one cached lookup: it runs on every such call, and on tiny tensors every Python call
+    (~1k instructions) and tensor attribute (~0.5k) counts."""
     # is_dynamo_compiling, not is_compiling: dynamo reads both as True while tracing, and this one
     # is one Python call, not two (~0.7k instructions). is_compiling's other case, non-strict
     # export, traces FakeTensors, which every caller's `type(x) is torch.Tensor` already refuses.
-    if torch.is_grad_enabled() or torch.compiler.is_dynamo_compiling():
+    if _grad_enabled() or _dynamo_compiling():
         return None
     if backend is None:
         entries = _contexts.entries
         if entries:
             backend = entries[-1][0]
-        elif _BACKEND_VARIABLE in os.environ._data:  # rare: select() reads and checks it
+        elif _BACKEND_VARIABLE in _ENVIRONMENT:  # rare: the full path reads and checks it
             return None
         else:
             backend = "auto"
     elif type(backend) is not str:
         return None
-    return _lean_modules.get((family, backend, device)) if not observers else None
-
-
-def lean_select(family, device, args, backend=None):
-    """select() for an op's lean path whose decision depends on the arguments (attention): None
-    when grad mode is on or torch.compile traces (the full path then runs)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if observers:
         return None
-    return select(family, device, args, backend)
+    # x.is_cpu, not x.device, on a CPU: a torch.device is a new object per read and hashes slowly
+    key = (family, backend, None if x.is_cpu else x.device)
+    impl = _lean_implementations.get(key, _UNKNOWN)
+    if impl is _UNKNOWN:
+        impl = _lean_implementation(family, backend, x.device)
+        if backend in BACKENDS or backend == "auto":  # only the valid names: the cache stays small
+            _lean_implementations[key] = impl
+    return impl
+
+
+def _lean_implementation(family, requested, device):
+    if requested == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            reason = unsupported_reason(name, family, device)
+            if reason is None:
+                break
+            if device.type == "cuda":
+                _report_pass_over(family, name, reason)
+    elif requested in BACKENDS and unsupported_reason(requested, family, device) is None:
+        name = requested
+    else:
+        return None
+    impl, _ = FAMILIES[family].load(name)
+    return impl if getattr(impl, f"{family}_lean") is not None else None
 
 
 def _holds_for_any_arguments(family, device, requested, chosen):

@@ -71,6 +71,17 @@ def unsupported(params):
     return Function("unsupported", params, "str | None", fallback=lambda impl: _runs_everything)
 
 
+def lean(name, params, returns):
+    """An optional ``<family>_lean`` entry: the op's whole answer to an eager call with grad mode
+    off, for the ops' lean path (``backends.lean_choice``). It takes what the op's lean path
+    checked (the table says what, per family) and must raise, any exception, on every other call
+    the op's full path would refuse or answer otherwise: the op then takes its full path, whose
+    checks name the argument (and whose selection may pick another backend). So only a backend
+    whose own checks are torch's (the torch backend) defines it; left out, it is None and the op
+    always takes its full path on that backend."""
+    return Function(name, params, returns, fallback=lambda impl: None)
+
+
 class Family:
     """An op family's backend table: its ``functions`` (those with a fallback are optional, the
     others required) and where each backend's module is (``modules``: backend -> dotted name)."""

@@ -9,7 +9,7 @@ against its table when first loaded (fusedformer._backends.contract), and only t
 this file imports no backend.
 """
 
-from fusedformer._backends.contract import Family, Function, unsupported
+from fusedformer._backends.contract import Family, Function, lean, unsupported
 
 # The reference backend implements every family in one module, the oracle of every test.
 REFERENCE = "fusedformer.reference"
@@ -48,7 +48,9 @@ ATTENTION = _family(
     "attention", Function("attention_forward", _ATTENTION_ARGS, "(out, lse)"),
     Function("attention_backward", "grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p, seed, window, "
              "alibi_slopes, bias_requires_grad", "(dq, dk, dv, dbias or None)"),
-    unsupported(_ATTENTION_ARGS))
+    unsupported(_ATTENTION_ARGS),
+    # no mask, dropout, window or ALiBi; q, k, v 4-D, valid and non-empty (ops/attention's _plain_call)
+    lean("attention_lean", "q, k, v, causal, scale", "out"))
 
 _VARLEN_ARGS = ("q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, "
                 "window, alibi_slopes")
@@ -59,7 +61,9 @@ VARLEN_ATTENTION = _family(
     unsupported(_VARLEN_ARGS))
 
 SOFTMAX = _family("softmax", Function("softmax_forward", "x, dim", "y"),
-                  Function("softmax_backward", "grad_y, y, dim", "dx"), unsupported("x, dim"))
+                  Function("softmax_backward", "grad_y, y, dim", "dx"), unsupported("x, dim"),
+                  # any tensor and int dim, unchecked (torch.softmax's own checks)
+                  lean("softmax_lean", "x, dim", "y"))
 
 
 def _norm_family(name, weights, stats, grads):
@@ -73,7 +77,9 @@ def _norm_family(name, weights, stats, grads):
         unsupported(args),
         # y (and the residual stream) alone, for eager calls that need no gradient: no statistics kept
         Function(f"{name}_inference", args, "(y, residual_out)",
-                 fallback=lambda impl: lambda *a: getattr(impl, forward)(*a)[:2]))
+                 fallback=lambda impl: lambda *a: getattr(impl, forward)(*a)[:2]),
+        # the public call without residual, unchecked but for eps (a float >= 0): torch's own checks
+        lean(f"{name}_lean", f"x, normalized_shape, {weights}, eps", "y"))
 
 
 LAYER_NORM = _norm_family("layer_norm", "weight, bias", "mean, rstd", "(dx, dweight, dbias)")
@@ -87,6 +93,8 @@ LINEAR_ACT = _family(
     Function("linear_act_inference", "x, weight, bias, activation", "y", fallback=_infer_from_forward),
     # the backward without a saved preact (feed_forward's recompute=True), also returning y = act(h)
     Function("linear_act_recompute", "grad_y, x, weight, bias, activation", "(dx, dweight, dbias, y)",
-             fallback=_recompute_from_forward))
+             fallback=_recompute_from_forward),
+    # x (..., K) of any rank, the call valid and non-empty (ops/linear_act's plain_call)
+    lean("linear_act_lean", "x, weight, bias, activation", "y"))
 
 FAMILIES = {f.name: f for f in (ATTENTION, SOFTMAX, LAYER_NORM, RMS_NORM, LINEAR_ACT, VARLEN_ATTENTION)}

@@ -17,7 +17,7 @@ import torch
 from fusedformer import backends
 from fusedformer._backends.tables import LINEAR_ACT
 from fusedformer.ops._dispatch import call, custom_op, differentiable
-from fusedformer.ops.linear_act import lean_rows, output_width, plain_call, rows_backend, validate_linear
+from fusedformer.ops.linear_act import output_width, plain_call, rows_backend, validate_linear
 
 OP = "feed_forward"
 
@@ -98,11 +98,6 @@ def _backward(ctx, grad_y, grad_hidden, grad_preact):
 _feed_forward_fwd = differentiable(feed_forward_fwd, _setup_context, _backward)
 
 
-def _inference(x, impl, w1, b1, w2, b2, activation):
-    """The lean path's two GEMMs on rows x: the hidden activation without its preact."""
-    return impl.linear_act_inference(impl.linear_act_inference(x, w1, b1, activation), w2, b2, "identity")
-
-
 def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                  b2: torch.Tensor | None, activation: str = "gelu", *, backend: str | None = None,
                  recompute: bool = False) -> torch.Tensor:
@@ -111,10 +106,10 @@ def feed_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
     x's dtype. ``recompute=True`` keeps no M x F activation for the backward and recomputes it
     there (one more x @ w1^T GEMM). Backends: as linear_act (both GEMMs are linear_act's)."""
     if type(x) is torch.Tensor and type(recompute) is bool:  # the lean path (see backends.lean_choice)
-        impl = backends.lean_choice(LINEAR_ACT.name, x.device, backend)
+        impl = backends.lean_choice(LINEAR_ACT.name, x, backend)
         if (impl is not None and plain_call(x, w1, b1, activation) and x.numel() and w1.numel()
                 and plain_call(x, w2, b2, "identity", output_width(w1, activation)) and w2.numel()):
-            return lean_rows(_inference, x, impl, w1, b1, w2, b2, activation)
+            return impl.linear_act_lean(impl.linear_act_lean(x, w1, b1, activation), w2, b2, "identity")
     validate_linear(OP, x, w1, b1, activation, "w1", "b1")
     hidden_width = output_width(w1, activation)
     if isinstance(w2, torch.Tensor) and w2.dim() == 2 and w2.shape[1] != hidden_width:

@@ -154,10 +154,16 @@ def layer_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: t
 
     Backends: reference and torch any float dtype; triton float32/float16/bfloat16 (residual of any
     of them); cuda float32/float16/bfloat16 with the residual in x's dtype."""
-    if type(x) is torch.Tensor and type(eps) is float:  # the lean path (see backends.lean_choice)
-        impl = backends.lean_choice(OP, x.device, backend)
-        if impl is not None and plain_call(x, normalized_shape, weight, bias, eps, residual) and x.numel():
-            return lean_norm(x, residual, impl.layer_norm_inference, weight, bias, eps)
+    if type(x) is torch.Tensor and type(eps) is float and eps >= 0.0:  # the lean path (see backends.lean_choice)
+        impl = backends.lean_choice(OP, x, backend)
+        if impl is not None:
+            if residual is None:
+                try:
+                    return impl.layer_norm_lean(x, normalized_shape, weight, bias, eps)
+                except Exception:  # refused: the full path's checks name the argument
+                    pass
+            elif plain_call(x, normalized_shape, weight, bias, eps, residual) and x.numel():
+                return lean_norm(x, residual, impl.layer_norm_inference, weight, bias, eps)
     check_number(OP, "eps", eps)  # no default epsilon here (rms_norm's None): None is refused, as torch
     n_dims = validate_norm(OP, x, normalized_shape, weight, bias, eps, residual)
     x2 = as_rows(x, n_dims)

@@ -144,15 +144,6 @@ def linear_act_rows(x2, weight, bias, activation, backend):
     return _linear_act_fwd(x2, weight, bias, activation, name)[0]
 
 
-def lean_rows(run, x, *args):
-    """``run(rows, *args)`` on x (..., K) as 2-D rows, the result in x's leading shape: the lean
-    path's shape adapter (shared with feed_forward)."""
-    if x.ndim == 2:
-        return run(x, *args)
-    y = run(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), *args)  # reshape(-1, K) cannot tell M when K is 0
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
 def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str = "gelu", *,
                backend: str | None = None) -> torch.Tensor:
     """act(x @ weight^T + bias) for x (..., K), weight (N, K), bias (N,). Activations: relu,
@@ -164,9 +155,9 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     the epilogue fused (needs triton >= 3.4), float32 through cuBLAS and a fused epilogue kernel;
     cuda cuBLAS and its epilogue kernel."""
     if type(x) is torch.Tensor:  # the lean path (see backends.lean_choice)
-        impl = backends.lean_choice(OP, x.device, backend)
+        impl = backends.lean_choice(OP, x, backend)
         if impl is not None and plain_call(x, weight, bias, activation) and x.numel() and weight.numel():
-            return lean_rows(impl.linear_act_inference, x, weight, bias, activation)
+            return impl.linear_act_lean(x, weight, bias, activation)
     validate_linear(OP, x, weight, bias, activation)
     if x.ndim == 2:
         return linear_act_rows(x, weight, bias, activation, backend)

@@ -93,6 +93,17 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     return out, lse
 
 
+def attention_lean(q, k, v, causal, scale):
+    """attention_forward's out for the ops' lean call (no mask, dropout, window or ALiBi; the op
+    checked the rest), without its support check: only the device is left to refuse."""
+    if not q.is_cpu:
+        raise ValueError(f"attention (torch): {unsupported(q, k, v, None, causal, scale)}")
+    q, k, v = _unit_last_stride(q, k, v)
+    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    _fix_rows_without_scores(q, k, out, lse, None, causal, scale)
+    return out
+
+
 def _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias):
     """dbias: dS = P * (dP - rowsum(dP * P)) (torch's softmax backward) summed to the bias's shape,
     with P = softmax(S) rebuilt from the scores (0 in rows with no key) and dP = dO V^T. dS is the

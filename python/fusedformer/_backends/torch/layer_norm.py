@@ -66,6 +66,13 @@ def layer_norm_inference(x, weight, bias, eps, residual=None):
     return _native_forward(x, weight, bias, eps, residual)[:2]
 
 
+def layer_norm_lean(x, normalized_shape, weight, bias, eps):
+    """F.layer_norm itself: torch refuses what ff.layer_norm refuses (a non-float x, weights of
+    another shape, device or a dtype it cannot mix, a normalized_shape not a sequence of ints),
+    and computes the rest as the full path does (low-precision x with float32 weights too)."""
+    return torch.layer_norm(x, normalized_shape, weight, bias, eps)
+
+
 def layer_norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out=None):
     dtype = backward_dtype(x, grad_y, weight, bias)
     mask = [True, weight is not None, bias is not None]

@@ -61,6 +61,10 @@ def linear_act_inference(x, weight, bias, activation):
     return _activate(F.linear(x, weight, bias), activation)
 
 
+# the lean entry: F.linear and the activations take x (..., K) of any rank, no rows needed
+linear_act_lean = linear_act_inference
+
+
 def linear_act_backward(grad_y, x, weight, bias, preact, activation):
     if preact is None:
         preact = F.linear(x, weight, bias)

@@ -28,6 +28,15 @@ def rms_norm_inference(x, weight, eps, residual=None):
     return _fused_forward(x, weight, eps, residual)[:2]
 
 
+def rms_norm_lean(x, normalized_shape, weight, eps):
+    """F.rms_norm itself when x is a float tensor and the weight (if any) shares its dtype: torch
+    takes complex x and integer weights, which the op refuses, and warns on a mixed float weight,
+    which the full path casts quietly (eps None is float32's epsilon for 16-bit x in both)."""
+    if not x.is_floating_point() or weight is not None and weight.dtype is not x.dtype:
+        raise TypeError("rms_norm: the full path checks or casts these dtypes")
+    return torch.rms_norm(x, normalized_shape, weight, eps)
+
+
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
     """With xhat = x * rstd and g = dy * weight: dx = rstd * (g - xhat * mean(g * xhat)),
     dweight = sum_rows(dy * xhat)."""
