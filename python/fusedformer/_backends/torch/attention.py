@@ -54,7 +54,9 @@ def _kernel_mask(q, k, bias, causal, window, alibi_slopes):
 def _fix_rows_without_scores(q, k, out, lse, mask, causal, scale):
     """Give rows the kernel wrote as empty (lse exactly 0) their contract values: lse = -inf when
     no key is allowed, out and lse NaN when the scores are NaN. In place."""
-    if lse.all():  # no zero: one reduction and one host read, the common case (~10k instructions less than ==, any)
+    # no zero, the common case: one reduction and one host read. count_nonzero costs half of all()
+    # (10k instructions against 21k on a tiny lse) and a third of == then any()
+    if lse.count_nonzero().item() == lse.numel():
         return
     suspects = lse == 0
     b, h, i = suspects.nonzero(as_tuple=True)
