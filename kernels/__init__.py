@@ -14,7 +14,10 @@ def interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-if interpreted():
+# Only as fusedformer.kernels: run from the repository root, this folder is also found as a top-level
+# `kernels` (transformers imports that name to probe for Hugging Face's kernels package), and
+# importing fusedformer from there, while transformers is half-imported, breaks its registration.
+if interpreted() and __name__ == "fusedformer.kernels":
     from fusedformer.kernels import _interpreter
 
     _interpreter.install()
