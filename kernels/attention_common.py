@@ -12,22 +12,17 @@ int64 device tensor, never from a host integer, so a captured CUDA graph that dr
 the device before the kernel gets a fresh mask on every replay.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fusedformer.kernels import interpreted  # noqa: F401 (the attention kernels import it from here)
 from fusedformer.kernels.matmul_act import USE_TMA as TMA_ENABLED
 
 LOG2E = 1.4426950408889634
 
 # bias kinds
 BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
-
-
-def interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -16,11 +16,10 @@ Activations: the ACT code of their elementwise function (fusedformer.vocabulary'
 GATED. Math runs in float32 (float64 for float64 inputs).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from fusedformer.kernels import interpreted
 from fusedformer.vocabulary import ACTIVATIONS, ELEMENTWISE
 
 # the ACT constexpr of the switch in act_fn / act_grad_fn: vocabulary's kernel ids
@@ -40,10 +39,6 @@ _INV_SQRT_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_TANH_C = tl.constexpr(0.044715)
-
-
-def interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

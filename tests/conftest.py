@@ -2,8 +2,8 @@
 
 TRITON_INTERPRET must be set before triton is imported, so it is set here at collection time
 whenever no GPU is visible. The package makes the interpreter compute bf16 as the GPU does
-(fusedformer/_backends/triton/_interpreter.py); here every interpreted load and store is also
-checked to stay inside the kernel's tensor arguments.
+(kernels/_interpreter.py, installed by importing fusedformer.kernels); here every interpreted load
+and store is also checked to stay inside the kernel's tensor arguments.
 """
 
 import os
@@ -14,7 +14,7 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    from fusedformer._backends.triton._interpreter import BOUNDS_ENV
+    from fusedformer.kernels._interpreter import BOUNDS_ENV
 
     os.environ.setdefault(BOUNDS_ENV, "1")
 

@@ -1,4 +1,4 @@
-"""The Triton interpreter as the package patches it (fusedformer/_backends/triton/_interpreter.py):
+"""The Triton interpreter as the package patches it (kernels/_interpreter.py):
 bounds-checked loads and stores, bf16 tl.dot and fp32 -> bf16 rounding as on the GPU, also in a
 plain script that never sees this test suite's conftest."""
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fusedformer._backends.triton import _interpreter  # noqa: E402
+from fusedformer.kernels import _interpreter  # noqa: E402
 from triton.runtime.errors import InterpreterError  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def test_bf16_dot_multiplies_values_not_bit_patterns():
 _PLAIN_SCRIPT = textwrap.dedent("""
     import torch
     from fusedformer import parity
-    from fusedformer._backends.triton import _interpreter
+    from fusedformer.kernels import _interpreter
     from triton.runtime.interpreter import InterpreterBuilder
 
     cases = [c for c in parity.default_cases() if c.op == "attention" or c.shape.get("activation") == "gelu"]

@@ -9,8 +9,8 @@ flight, and stops by itself when ``--seconds`` run out, listing what it did not 
 Lines: {"header": {device, versions, ceilings?, preset?}}, then {"parity": row}, {"agreement": row},
 {"bench": row} and {"skipped_providers": {op: {provider: reason}}}.
 
-Under the Triton interpreter (a CPU) the triton backend corrects the interpreter's own bf16 bugs
-itself (fusedformer._backends.triton._interpreter), so the parity rows judge the kernels.
+Under the Triton interpreter (a CPU) the kernel layer corrects the interpreter's own bf16 bugs
+itself (fusedformer.kernels._interpreter), so the parity rows judge the kernels.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Triton's CPU interpreter (TRITON_INTERPRET=1) made faithful to the GPU and strict about memory.
 
-``install()`` patches triton 3.6's interpreter once per process (the triton backend calls it when
-it runs interpreted):
+``install()`` patches triton 3.6's interpreter once per process (importing fusedformer.kernels calls
+it when triton runs interpreted, so before any kernel of the package can launch):
 
 - bf16 ``tl.dot``: the interpreter holds bf16 as uint16 and multiplies those integers; the operands
   are widened to float32 (exact) first, as the tensor cores multiply them.
