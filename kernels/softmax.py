@@ -239,7 +239,14 @@ def _softmax_bwd_cols_kernel(
 def collapse(shape, dim, *tensors):
     """Describe every tensor (all of ``shape``) as (n_a, n_b, N) with per-tensor strides
     ((s_a, s_b, s_c), ...): the dims other than ``dim`` merge where every tensor allows it.
-    Returns (n_a, n_b, N, strides) or None when more than two row groups remain."""
+    Returns (n_a, n_b, N, strides) or None when more than two row groups remain. ``dim`` may be
+    negative, as torch's; every tensor must have ``shape`` (the kernels index them all by it)."""
+    if not -len(shape) <= dim < len(shape):
+        raise ValueError(f"softmax: dim {dim} is out of range for a {len(shape)}-D tensor")
+    dim %= len(shape)
+    for t in tensors:
+        if t.shape != shape:
+            raise ValueError(f"softmax: every tensor must have shape {tuple(shape)}, got {tuple(t.shape)}")
     strides = [t.stride() for t in tensors]
     groups = []  # [size, [stride per tensor]]
     for d, size in enumerate(shape):

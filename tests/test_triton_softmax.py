@@ -83,6 +83,22 @@ def test_strided_inputs_are_read_in_place():
     assert ksoftmax.collapse(t.shape, 3, t, torch.empty(t.shape)) is None
 
 
+def test_launchers_take_negative_dims_and_refuse_other_shapes(device):
+    """The kernel launchers, called directly: a negative dim counts from the end, as torch's (it
+    once indexed out of bounds), and a dim out of range or a tensor of another shape is refused
+    before any launch."""
+    x = torch.randn(5, 37, device=device)
+    y = ksoftmax.softmax_fwd(x, torch.empty_like(x), -1)
+    torch.testing.assert_close(y, torch.softmax(x, -1))
+    dy, y = torch.randn_like(x), torch.softmax(x, -2)
+    dx = ksoftmax.softmax_bwd(dy, y, torch.empty_like(x), -2)
+    torch.testing.assert_close(dx, torch._softmax_backward_data(dy, y, -2, x.dtype))
+    with pytest.raises(ValueError, match="dim 2 is out of range"):
+        ksoftmax.softmax_fwd(x, torch.empty_like(x), 2)
+    with pytest.raises(ValueError, match="every tensor must have shape"):
+        ksoftmax.softmax_fwd(x, torch.empty(5, 36, device=device), 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 16385), (2, 65536)], ids=str)
 def test_long_rows_loop(shape, dtype, device):
