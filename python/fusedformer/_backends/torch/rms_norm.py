@@ -8,11 +8,24 @@ from fusedformer._backends.torch.layer_norm import backward_dtype, cast, normali
 from fusedformer.vocabulary import compute_dtype
 
 
+def _decomposed_rms_norm(x, normalized_shape, weight, eps):
+    """aten::_fused_rms_norm as torch decomposes it (torch/_decomp), for the torch versions
+    without the op: (y in x's dtype, rstd (M, 1) in the compute dtype). Last dimension only."""
+    xc = cast(x, compute_dtype(x))
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    y = xc * rstd
+    return cast(y * weight if weight is not None else y, x.dtype), rstd
+
+
+# torch's Python binding of aten::_fused_rms_norm: ~14k instructions less per call than torch.ops.aten's.
+# torch 2.5 has no such op (2.8 has).
+_fused_rms_norm = getattr(torch, "_fused_rms_norm", _decomposed_rms_norm)
+
+
 def _fused_forward(x, weight, eps, residual):
     """(y, residual_out, rstd (M, 1)) as _fused_rms_norm gives them."""
     h, residual_out, (w,) = normalized_input(x, residual, weight)
-    # torch's Python binding of aten::_fused_rms_norm: ~14k instructions less per call than torch.ops.aten's
-    y, rstd = torch._fused_rms_norm(h, [h.shape[-1]], w, eps)
+    y, rstd = _fused_rms_norm(h, [h.shape[-1]], w, eps)
     return cast(y, x.dtype), residual_out, rstd
 
 
@@ -24,7 +37,7 @@ def rms_norm_forward(x, weight, eps, residual=None):
 def rms_norm_inference(x, weight, eps, residual=None):
     """Without the statistic's reshape and cast; the kernel alone when nothing needs casting."""
     if residual is None and (weight is None or weight.dtype == x.dtype):
-        return torch._fused_rms_norm(x, [x.shape[-1]], weight, eps)[0], None
+        return _fused_rms_norm(x, [x.shape[-1]], weight, eps)[0], None
     return _fused_forward(x, weight, eps, residual)[:2]
 
 
