@@ -89,8 +89,10 @@ gpu-check: $(STAMP)
 info: $(STAMP)
 	$(VPY) -m fusedformer info
 
+# ruff pinned: a new release's rules would fail a tree nobody changed
+RUFF_PIN := ruff==0.17.6
 lint: $(STAMP)
-	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check python kernels tests benchmarks setup.py
+	$(VPY) -m pip install -q $(RUFF_PIN) && $(VPY) -m ruff check python kernels tests benchmarks setup.py
 
 clean:
 	rm -rf build $(VENV) $(OLDEST_VENV) python/fusedformer/_C*.so python/fusedformer/_build.json python/*.egg-info

@@ -17,7 +17,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.kernels.matmul_act import USE_TMA as TMA_ENABLED
 
 LOG2E = 1.4426950408889634

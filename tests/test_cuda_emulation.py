@@ -9,13 +9,12 @@
   and the memory model faults on out-of-bounds and misaligned accesses as a GPU would.
 """
 
+import _attention_emulator
+import _mma_emulator as isa
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import _attention_emulator
-import _mma_emulator as isa
 from _device_memory import EXACT_CODE
 from _emulated_c import EmulatedC, emulated_cuda_attention, exact_attention_backward, exact_attention_forward
 from fusedformer import parity, reference, vocabulary

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+
 from conftest import HAS_GPU
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
