@@ -58,7 +58,10 @@ def _train(model, loss_fn, ids, after_backward=lambda loss: loss):
 
 
 def _fsdp_worker(rank, world, out_dir):
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5: FSDP2 not yet public
+        from torch.distributed._composable.fsdp import fully_shard
 
     def mean_over_ranks(loss):
         torch.distributed.all_reduce(loss)
