@@ -9,10 +9,10 @@ import types
 
 import pytest
 import torch
+from _testing import skip_below_triton_floor
 from fusedformer import reference
 from fusedformer._backends.contract import BackendContractError, BackendUnavailableError, Family
 from fusedformer._backends.tables import FAMILIES, LINEAR_ACT, SOFTMAX
-from fusedformer._backends.triton_floors import floor_reason
 
 BACKENDS_DIR = pathlib.Path(__file__).resolve().parents[1] / "python" / "fusedformer" / "_backends"
 
@@ -76,10 +76,7 @@ def test_optional_entries_get_their_fallbacks(monkeypatch):
 def test_every_backend_module_fits_its_table(family, backend):
     """Loads each module named in a table (the triton ones run under the interpreter here, the
     cuda ones import without a GPU): a contract break fails here, not on the first GPU call."""
-    if backend == "triton":
-        triton = pytest.importorskip("triton")
-        if floor := floor_reason(family, triton.__version__):
-            pytest.skip(f"the triton backend declines {family} here: {floor}")
+    skip_below_triton_floor(backend, family)
     impl, reason = FAMILIES[family].load(backend)
     assert impl is not None, reason
 
