@@ -19,7 +19,8 @@ SHELL := /bin/bash
 # build of torch by its local version (+cpu): a plain torch==2.13.0 from PyPI is the CUDA build
 # on Linux. pip looks for it in its configured indexes first, then in PyTorch's CPU index.
 TORCH_VERSION := 2.13.0
-TORCH_PIN := torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
+CPU_BUILD := $(if $(filter Linux,$(shell uname -s)),+cpu)
+TORCH_PIN := torch==$(TORCH_VERSION)$(CPU_BUILD)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 CPU_PINS := triton==3.6.0 "numpy<2.3"
 TEST_DEPS ?= pytest pytest-timeout pybind11 ninja "transformers>=4.50" expecttest
@@ -63,12 +64,20 @@ test: $(STAMP)
 	$(VPY) -m pytest tests $(PYTEST_ARGS)
 
 # The suite on the oldest torch / triton pair the README claims, in its own venv (.venv-oldest).
-# PyPI's Linux torch 2.5.1 is a CUDA build (about 3 GB with its nvidia-* wheels); it runs on a CPU.
+# torch's CPU build, as for .venv (PyPI's Linux torch 2.5.1 is a CUDA build, about 3 GB with its
+# nvidia-* wheels); a torch 2.5.1 the venv already has, either build, is kept. triton 3.1's
+# interpreter predates numpy 2's type promotion (its kernels compute garbage under numpy 2.2), and
+# transformers 5 wants torch >= 2.6: both pinned below those.
 OLDEST_VENV ?= .venv-oldest
-OLDEST_PINS := torch==2.5.1 triton==3.1.0 "numpy<2.3"
+OLDEST_TORCH := 2.5.1
+OLDEST_PINS := triton==3.1.0 "numpy<2"
+OLDEST_TEST_DEPS := $(filter-out "transformers>=4.50",$(TEST_DEPS)) "transformers>=4.50,<5"
 test-oldest:
 	@[ -x $(OLDEST_VENV)/bin/pip ] || $(PYTHON) -m venv --clear $(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q $(BUILD_DEPS) $(OLDEST_PINS) $(TEST_DEPS)
+	@$(OLDEST_VENV)/bin/python -c "import torch; assert torch.__version__.startswith('$(OLDEST_TORCH)')" 2>/dev/null || \
+	  $(OLDEST_VENV)/bin/python -m pip install -q "torch==$(OLDEST_TORCH)$(CPU_BUILD)" 2>/dev/null || \
+	  $(OLDEST_VENV)/bin/python -m pip install -q "torch==$(OLDEST_TORCH)$(CPU_BUILD)" --extra-index-url $(TORCH_CPU_INDEX)
+	$(OLDEST_VENV)/bin/python -m pip install -q $(BUILD_DEPS) $(OLDEST_PINS) $(OLDEST_TEST_DEPS)
 	FUSEDFORMER_BUILD_CUDA=0 $(OLDEST_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	$(OLDEST_VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
@@ -89,8 +98,10 @@ gpu-check: $(STAMP)
 info: $(STAMP)
 	$(VPY) -m fusedformer info
 
+# ruff pinned: a new release's rules would fail a tree nobody changed
+RUFF_PIN := ruff==0.17.6
 lint: $(STAMP)
-	$(VPY) -m pip install -q ruff && $(VPY) -m ruff check python kernels tests benchmarks setup.py
+	$(VPY) -m pip install -q $(RUFF_PIN) && $(VPY) -m ruff check python kernels tests benchmarks setup.py
 
 clean:
 	rm -rf build $(VENV) $(OLDEST_VENV) python/fusedformer/_C*.so python/fusedformer/_build.json python/*.egg-info

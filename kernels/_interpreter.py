@@ -135,9 +135,18 @@ def _recording_launch(original):
     return init_args_hst
 
 
-def _describe_launch(kernel, named_args):
-    from triton.runtime.interpreter import TensorDescriptor, _unwrap_tensor
+def _unwrap_tensor(arg):
+    """The tensor under a reinterpreting TensorWrapper (triton's own helper is newer than 3.1)."""
+    from triton.runtime.jit import TensorWrapper
 
+    return arg.base if isinstance(arg, TensorWrapper) else arg
+
+
+def _describe_launch(kernel, named_args):
+    from triton.runtime import interpreter
+
+    # host tensor descriptors are newer than triton 3.1: before them no argument is one
+    TensorDescriptor = getattr(interpreter, "TensorDescriptor", ())
     storages = {}  # start address -> [end address, argument names]
 
     def visit(name, arg):

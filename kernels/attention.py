@@ -20,7 +20,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.kernels import _autotune
 from fusedformer.kernels import attention_common as common
 from fusedformer.kernels import attention_resources as resources

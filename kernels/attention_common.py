@@ -15,7 +15,6 @@ the device before the kernel gets a fresh mask on every replay.
 import torch
 import triton
 import triton.language as tl
-
 from fusedformer.kernels import interpreted  # noqa: F401 (the attention kernels import it from here)
 from fusedformer.kernels.matmul_act import USE_TMA as TMA_ENABLED
 

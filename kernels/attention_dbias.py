@@ -8,7 +8,6 @@ saved lse as in the dK/dV and dQ kernels. Deterministic: each element has one ow
 
 import triton
 import triton.language as tl
-
 from fusedformer.kernels.attention_common import (
     LOG2E,
     _dot,

@@ -40,9 +40,16 @@ import triton
 import triton.language as tl
 
 from . import _autotune
+from .bias_act import (
+    act_fn,
+    act_grad_fn,
+    bias_act_backward,
+    bias_act_forward,
+    gated_grad,
+    interpreted,
+    kernel_activation,
+)
 from .matmul_act_configs import DH_BLOCK_M, configs, prune, set_tma_blocks, split_k
-from .bias_act import (act_fn, act_grad_fn, bias_act_backward, bias_act_forward, gated_grad, interpreted,
-                       kernel_activation)
 
 # fp32 operands: full-precision products unless allowed (parity with torch's default, which
 # keeps torch.backends.cuda.matmul.allow_tf32 off)

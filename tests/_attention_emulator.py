@@ -12,9 +12,8 @@ code waits before every read), FTZ and the approximate exp2f/log2f of --use_fast
 import types
 
 import numpy as np
-
-from _mma_emulator import LANES, ldmatrix, mma_m16n8k16, shfl_xor
 from _device_memory import SharedMemory
+from _mma_emulator import LANES, ldmatrix, mma_m16n8k16, shfl_xor
 
 # attention.cu: kBM, kBN, kWarps, kThreads, kLog2e, kLn2
 kBM, kBN, kWarps = 64, 64, 4

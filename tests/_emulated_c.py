@@ -14,13 +14,12 @@ import types
 from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
 from _attention_emulator import attn_bwd_delta_kernel, attn_bwd_kernel, attn_fwd_kernel, kBM, kBN
 from _device_memory import EXACT_CODE, DeviceMemory, Numerics
 from fusedformer._backends.cuda import _common
 from fusedformer._backends.cuda import attention as cuda_attention
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class _RecordTensors(TorchDispatchMode):

@@ -55,3 +55,15 @@ def skip_unless_triton(*families):
     """Skip unless the triton backend runs every one of these op families here."""
     reasons = [f"triton {f}: {r}" for f in families if (r := backends.unsupported_reason("triton", f, "cpu"))]
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
+
+
+def skip_below_triton_floor(backend, family):
+    """Skip when ``backend`` is triton and the installed triton is older than ``family``'s floor
+    (make test-oldest): the triton backend declines the family there, and says why."""
+    if backend != "triton":
+        return
+    triton = pytest.importorskip("triton")
+    from fusedformer._backends.triton_floors import floor_reason
+
+    if reason := floor_reason(family, triton.__version__):
+        pytest.skip(f"the triton backend declines {family} here: {reason}")

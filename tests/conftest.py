@@ -22,8 +22,9 @@ if not HAS_GPU:
 # The test files of each Triton kernel family whose kernels import what an older triton lacks: not
 # collected below the family's floor (make test-oldest), where the triton backend declines it too.
 TRITON_FAMILY_TESTS = {
-    "attention": ["test_triton_attention*.py", "test_triton_autotune.py", "test_triton_resources.py"],
-    "linear_act": ["test_triton_linear_act.py"],
+    "attention": ["test_triton_attention*.py", "test_triton_autotune.py", "test_triton_resources.py",
+                  "test_kernel_report.py"],
+    "linear_act": ["test_triton_linear_act.py", "test_triton_split_k.py", "test_kernel_report_gemm.py"],
 }
 
 

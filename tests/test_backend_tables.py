@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from _testing import skip_below_triton_floor
 from fusedformer import reference
 from fusedformer._backends.contract import BackendContractError, BackendUnavailableError, Family
 from fusedformer._backends.tables import FAMILIES, LINEAR_ACT, SOFTMAX
@@ -75,8 +76,7 @@ def test_optional_entries_get_their_fallbacks(monkeypatch):
 def test_every_backend_module_fits_its_table(family, backend):
     """Loads each module named in a table (the triton ones run under the interpreter here, the
     cuda ones import without a GPU): a contract break fails here, not on the first GPU call."""
-    if backend == "triton":
-        pytest.importorskip("triton")
+    skip_below_triton_floor(backend, family)
     impl, reason = FAMILIES[family].load(backend)
     assert impl is not None, reason
 

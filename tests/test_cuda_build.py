@@ -5,9 +5,9 @@ the cuda backend's Python-side checks (unsupported(), alignment, mask strides) b
 import importlib
 import importlib.util
 
+import _cuda_build
 import pytest
 import torch
-import _cuda_build
 from _cuda_build import NVCC, ROOT, build_extension
 from fusedformer import backends
 

@@ -9,6 +9,7 @@ import os
 import fusedformer as ff
 import pytest
 import torch
+import torch.distributed.fsdp
 import torch.nn.functional as F
 from _models_testing import random_ids, run_in_processes
 from fusedformer.models import GPT, GPTConfig
@@ -79,6 +80,8 @@ def _fsdp_worker(rank, world, out_dir):
         torch.save(results, os.path.join(out_dir, "fsdp.pt"))
 
 
+@pytest.mark.skipif(not hasattr(torch.distributed.fsdp, "fully_shard"),
+                    reason=f"torch {torch.__version__}'s FSDP2 is not public yet and needs CUDA streams")
 def test_fsdp2_two_processes_match_single_process(tmp_path):
     run_in_processes(_fsdp_worker, 2, str(tmp_path))
     sharded = torch.load(tmp_path / "fsdp.pt")

@@ -337,9 +337,8 @@ def test_parity_worker_fails_its_step_on_a_row_outside_the_rule(tmp_path, monkey
     import types
 
     from fusedformer import backends, reference
-    from fusedformer.bench import check
-
     from fusedformer._backends.tables import SOFTMAX
+    from fusedformer.bench import check
 
     wrong = types.SimpleNamespace(softmax_forward=lambda x, dim: reference.softmax_forward(x, dim) * 1.001,
                                   softmax_backward=lambda grad_y, y, dim: reference.softmax_backward(grad_y, y, dim))

@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 import torch
+from _testing import skip_below_triton_floor
+
 from conftest import HAS_GPU
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")
@@ -131,6 +133,8 @@ def test_plain_script_gets_correct_bf16_from_the_interpreter(tmp_path):
     """No conftest in a user's script: the package itself must make bf16 GEMM and attention right
     (linear_act gelu and plain attention, forward and backward, within the parity rule), and
     installing its shims again changes nothing."""
+    for family in ("linear_act", "attention"):
+        skip_below_triton_floor("triton", family)
     env = {k: v for k, v in os.environ.items() if k != _interpreter.BOUNDS_ENV}
     env.update(TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run([sys.executable, "-c", _PLAIN_SCRIPT], env=env, capture_output=True, text=True,

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from conftest import HAS_GPU
 
 pytestmark = pytest.mark.skipif(HAS_GPU, reason="checks the CPU interpreter")

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from _nn_testing import close
 from fusedformer.reference import attention_forward
 
-
 # --------------------------------------------------------------------------------------------
 # building blocks against their formulas
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from _nn_testing import close, compare, key_padding_mask, random_attn_mask, twin
 from _testing import skip_unless_triton
 
-
 # --------------------------------------------------------------------------------------------
 # norms
 # --------------------------------------------------------------------------------------------

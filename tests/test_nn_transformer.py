@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from _nn_testing import close, compare, key_padding_mask, random_attn_mask, twin
 
-
 # --------------------------------------------------------------------------------------------
 # encoder / decoder layers and stacks
 # --------------------------------------------------------------------------------------------

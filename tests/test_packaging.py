@@ -263,8 +263,9 @@ def test_the_floors_name_what_the_kernels_use():
 
 
 def test_test_files_of_a_family_below_its_floor_are_not_collected(monkeypatch):
-    import conftest
     import triton
+
+    import conftest
 
     assert all(list((ROOT / "tests").glob(g)) for globs in conftest.TRITON_FAMILY_TESTS.values() for g in globs)
     monkeypatch.setattr(triton, "__version__", "3.3.1")

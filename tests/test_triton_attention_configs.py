@@ -10,10 +10,10 @@ from _attention_cases import assert_parity, case
 pytest.importorskip("triton")
 
 import triton  # noqa: E402
+from fusedformer.kernels import _autotune  # noqa: E402
 from fusedformer.kernels import attention as fwd_kernels  # noqa: E402
 from fusedformer.kernels import attention_backward as bwd_kernels  # noqa: E402
 from fusedformer.kernels import attention_common as common  # noqa: E402
-from fusedformer.kernels import _autotune  # noqa: E402
 from fusedformer.kernels import attention_resources as resources  # noqa: E402
 
 HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 256)

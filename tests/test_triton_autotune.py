@@ -7,8 +7,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
-from fusedformer.kernels import _autotune  # noqa: E402
-from fusedformer.kernels import matmul_act  # noqa: E402
+from fusedformer.kernels import _autotune, matmul_act  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _testing import skip_below_triton_floor
 from fusedformer.vocabulary import (
     ACTIVATIONS,
     FUSED_ACTIVATIONS,
@@ -116,6 +117,9 @@ def test_dropout_uses_all_four_philox_outputs_in_key_order():
 
 
 def test_philox_matches_triton_randint():
+    # the attention kernels' dropout draws with tl.randint: below their floor (triton 3.1, whose
+    # randint gives other numbers) no kernel does
+    skip_below_triton_floor("triton", "attention")
     triton = pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs a GPU or the triton interpreter")

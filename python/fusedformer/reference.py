@@ -16,8 +16,15 @@ D head dim (Dv for values), M rows, N row length, K/F GEMM inner/outer sizes.
 
 import torch
 
-from fusedformer.vocabulary import (ACTIVATIONS, attention_dropout_keep, attention_mask_bias, compute_dtype, expand_kv,
-                                    varlen_slopes, varlen_spans)
+from fusedformer.vocabulary import (
+    ACTIVATIONS,
+    attention_dropout_keep,
+    attention_mask_bias,
+    compute_dtype,
+    expand_kv,
+    varlen_slopes,
+    varlen_spans,
+)
 
 # --------------------------------------------------------------------------------------------
 # softmax

@@ -24,6 +24,12 @@ def compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def rms_norm_eps(x, eps):
+    """RMS norm's epsilon: ``eps``, or for None the machine epsilon of x's compute dtype (as
+    F.rms_norm since torch 2.6; 2.5 took a 16-bit x's own)."""
+    return torch.finfo(compute_dtype(x)).eps if eps is None else eps
+
+
 # --------------------------------------------------------------------------------------------
 # activations
 # --------------------------------------------------------------------------------------------

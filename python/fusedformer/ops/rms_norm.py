@@ -9,7 +9,7 @@ from fusedformer._backends.tables import RMS_NORM
 from fusedformer.ops._checks import as_rows, as_vector
 from fusedformer.ops._dispatch import call, custom_op, differentiable, reshaped
 from fusedformer.ops.layer_norm import lean_norm, plain_call, validate_norm
-from fusedformer.vocabulary import compute_dtype
+from fusedformer.vocabulary import compute_dtype, rms_norm_eps
 
 OP = RMS_NORM.name
 
@@ -91,10 +91,9 @@ def rms_norm(x: torch.Tensor, normalized_shape: int | Sequence[int], weight: tor
                 except Exception:  # refused: the full path's checks name the argument
                     pass
             elif plain_call(x, normalized_shape, weight, None, eps, residual) and x.numel():
-                eps = torch.finfo(compute_dtype(x)).eps if eps is None else eps
-                return lean_norm(x, residual, impl.rms_norm_inference, weight, eps)
+                return lean_norm(x, residual, impl.rms_norm_inference, weight, rms_norm_eps(x, eps))
     n_dims = validate_norm(OP, x, normalized_shape, weight, None, eps, residual)
-    eps = torch.finfo(compute_dtype(x)).eps if eps is None else float(eps)
+    eps = float(rms_norm_eps(x, eps))
     x2 = as_rows(x, n_dims)
     r2 = as_rows(residual, n_dims) if residual is not None else None
     w = as_vector(weight)

@@ -17,10 +17,16 @@ broadcast over batch and heads (in q's dtype or float32) and causal together wit
 """
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from fusedformer.vocabulary import attention_mask_bias, compute_dtype, expand_kv
 
 aten = torch.ops.aten
+
+# Whether the CPU flash kernel reads grouped-query heads: torch 2.13's does, torch 2.5's reads past
+# the end of k and v. Asked once, of torch's own choice for a grouped SDPA call.
+_KERNEL_READS_GQA = torch._fused_sdp_choice(torch.empty(1, 2, 1, 8), *[torch.empty(1, 1, 1, 8)] * 2,
+                                            enable_gqa=True) == SDPBackend.FLASH_ATTENTION.value
 
 
 def unsupported(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
@@ -83,6 +89,14 @@ def _unit_last_stride(*tensors):
             for t in tensors]
 
 
+def _kernel_kv(q, k, v):
+    """k and v as the kernel can read them: repeated to q's heads where it reads no grouped heads."""
+    if _KERNEL_READS_GQA or k.shape[1] == q.shape[1]:
+        return k, v
+    group = q.shape[1] // k.shape[1]
+    return expand_kv(k, group), expand_kv(v, group)
+
+
 def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     reason = unsupported(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
     if reason:
@@ -90,7 +104,8 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
     q, k, v, mask = _unit_last_stride(q, k, v, mask)
     # torch's Python binding: the same aten kernel as aten's op overload packet, ~20k instructions less per call
-    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, *_kernel_kv(q, k, v), 0.0, is_causal,
+                                                                 attn_mask=mask, scale=scale)
     _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
     return out, lse
 
@@ -101,7 +116,7 @@ def attention_lean(q, k, v, causal, scale):
     if not q.is_cpu:
         raise ValueError(f"attention (torch): {unsupported(q, k, v, None, causal, scale)}")
     q, k, v = _unit_last_stride(q, k, v)
-    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, *_kernel_kv(q, k, v), 0.0, causal, scale=scale)
     _fix_rows_without_scores(q, k, out, lse, None, causal, scale)
     return out
 
@@ -131,8 +146,11 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     # the kernel's own convention for empty rows (lse 0: all probabilities exp(-inf - 0) = 0),
     # which the forward replaced by the contract's -inf
     lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    kernel_k, kernel_v = _kernel_kv(q, k, v)
     dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        grad_out, q, kernel_k, kernel_v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    if kernel_k is not k:  # each kv head's gradient: the sum over the query heads it was repeated to
+        dk, dv = (d.reshape(*k.shape[:2], -1, *k.shape[2:]).sum(2) for d in (dk, dv))
     dbias = None
     if bias_requires_grad and bias is not None and bias.dtype != torch.bool:
         dbias = _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias)
