@@ -51,14 +51,15 @@ def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out):
 def norm_lean(x, normalized_shape, weight, bias, eps, rms):
     """y of a norm's lean call, x (..., N) normalized over its last dim: norm_forward on x's rows,
     as the full path runs it. The ops' lean path checked only eps (a float >= 0, or None for RMS
-    norm, made float32's epsilon by rms_norm_lean) and that there is no residual; this refuses
+    norm, made the full path's default by rms_norm_lean) and that there is no residual; this refuses
     every call but the plain one that ops/layer_norm's plain_call admits, and of those the ones
     the full path answers otherwise:
 
     - x's dtype not one the kernels take (an integer or complex x the full path refuses; float64,
       which it refuses for triton by name or runs on torch under ``auto``);
-    - normalized_shape not one int (alone or in a 1-tuple) equal to x's last dim, a 0-D x: other
-      valid shapes (several dims, a list) take the full path, the invalid ones are refused there;
+    - normalized_shape not one int (alone or in a 1-tuple) equal to x's last dim (a 0-D x has
+      none: its shape[-1] raises): other valid shapes (several dims, a list) take the full path,
+      the invalid ones (8.0 among them, equal to 8) are refused there;
     - an empty x: the op body answers it without the backend (norm_forward wants rows);
     - a weight or bias not a plain tensor of x's dtype, shape (N,) and device: another device is
       refused by the full path, another float dtype it passes to the kernels mixed (not here),
@@ -69,7 +70,7 @@ def norm_lean(x, normalized_shape, weight, bias, eps, rms):
     reshaped back (a view: y is contiguous)."""
     dtype, shape = x.dtype, x.shape
     n = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else normalized_shape
-    if dtype not in _DTYPES or not shape or type(n) is not int or shape[-1] != n or x.numel() == 0:
+    if dtype not in _DTYPES or type(n) is not int or shape[-1] != n or x.numel() == 0:  # 0-D: shape[-1] raises
         raise Refused
     if weight is not None or bias is not None:
         device, params = x.device, (n,)
