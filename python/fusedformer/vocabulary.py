@@ -14,6 +14,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+# The tensor types an op runs eagerly (its Python body, or a backend's lean entry); any other
+# subclass (fake, functional, a tracer's or a user's __torch_function__ type) takes the custom op.
+EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 # --------------------------------------------------------------------------------------------
 # the compute-dtype rule
 # --------------------------------------------------------------------------------------------
@@ -23,11 +28,6 @@ def compute_dtype(t):
     """The dtype math (and saved statistics: mean, rstd, lse) use for ``t``: float64 stays,
     everything else is float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-# The tensor types an op runs eagerly (its Python body, or a backend's lean entry); any other
-# subclass (fake, functional, a tracer's or a user's __torch_function__ type) takes the custom op.
-EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 # --------------------------------------------------------------------------------------------
