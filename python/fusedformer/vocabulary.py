@@ -1,6 +1,7 @@
-"""What every layer of fusedformer shares: the activations, the compute-dtype rule, the Philox
-dropout stream and the parity rule. Defined once here; the reference backend, the Triton and CUDA
-launchers, ops, nn, models, patch and the parity harness all import them from this module.
+"""What every layer of fusedformer shares: the activations, the compute-dtype rule, the tensor
+types run eagerly, the Philox dropout stream and the parity rule. Defined once here; the
+reference backend, the Triton and CUDA launchers, ops, nn, models, patch and the parity harness
+all import them from this module.
 
 It imports torch only (never triton or fusedformer._C), so any layer may use it.
 """
@@ -12,6 +13,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+# The tensor types an op runs eagerly (its Python body, or a backend's lean entry); any other
+# subclass (fake, functional, a tracer's or a user's __torch_function__ type) takes the custom op.
+EAGER_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
 
 # --------------------------------------------------------------------------------------------
 # the compute-dtype rule

@@ -76,9 +76,10 @@ def lean(name, params, returns):
     off, for the ops' lean path (``backends.lean_choice``). It takes what the op's lean path
     checked (the table says what, per family) and must raise, any exception, on every other call
     the op's full path would refuse or answer otherwise: the op then takes its full path, whose
-    checks name the argument (and whose selection may pick another backend). So only a backend
-    whose own checks are torch's (the torch backend) defines it; left out, it is None and the op
-    always takes its full path on that backend."""
+    checks name the argument (and whose selection may pick another backend). So a backend
+    defines it whose own checks are torch's (the torch backend), or that checks, before any
+    launch, what its kernels would not refuse (the triton backend); left out, it is None and the
+    op always takes its full path on that backend."""
     return Function(name, params, returns, fallback=lambda impl: None)
 
 

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES as _PLAIN
 
 
 _TRACED, _NO_GRAD, _GRAD = range(3)

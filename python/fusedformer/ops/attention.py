@@ -227,7 +227,8 @@ def _plain_call(query, key, value, dropout_p, is_causal, scale, enable_gqa):
             or key.ndim != 4 or value.ndim != 4 or key.device != device or value.device != device):
         return False
     (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = query.shape, key.shape, value.shape
-    return (b == bk == bv and d == dk == dv and lk == lv and hk == hv and (h == hk or enable_gqa and h % hk == 0)
+    return (b == bk == bv and d == dk == dv and lk == lv and hk == hv
+            and (h == hk or enable_gqa and hk > 0 and h % hk == 0)
             and b * h * lq * lk * d > 0)
 
 

@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from fusedformer._backends.triton._guards import Refused, before_sm80
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
 from fusedformer.vocabulary import dropout_threshold
@@ -27,8 +28,8 @@ def unsupported_inputs(q, v, op="attention"):
         return f"triton {op} supports float16, bfloat16 and float32, not {q.dtype} (use the reference backend)"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"triton {op} supports head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
-    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
-        return "bfloat16 attention needs an sm_80 or newer GPU"
+    if q.dtype is torch.bfloat16 and before_sm80(q):
+        return f"bfloat16 {op} needs an sm_80 or newer GPU"
     return None
 
 
@@ -127,6 +128,22 @@ def forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, 
 def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, window=(-1, -1), alibi_slopes=None):
     """See ``fusedformer.reference.attention_forward``: (out (B, H, Lq, Dv), lse (B, H, Lq) float32)."""
     return forward(q, k, v, bias, causal, scale, dropout_p, seed, window, alibi_slopes)
+
+
+def attention_lean(q, k, v, causal, scale):
+    """attention_forward's out for the ops' lean call: no mask, dropout, window or ALiBi, and
+    ops/attention's _plain_call told the rest valid (q, k, v 4-D plain tensors of one float
+    dtype on one device, one batch and head dim D = Dv > 0, k and v of one length and head
+    count dividing q's, nothing empty: the op body's empty answers and the reference's head dim
+    0 are never asked for here), scale a float. Left to refuse: what ``unsupported_inputs``
+    refuses (float64, which ``auto`` runs on the reference; a head dim over MAX_HEAD_DIM;
+    bfloat16 before sm_80). What passes is ``forward``'s plan and launches, without its checks
+    of what _plain_call has told."""
+    if unsupported_inputs(q, v):
+        raise Refused
+    out, _, launches = _plan_forward(q, k, v, None, causal, scale, 0.0, None, (-1, -1), None, None, None)
+    fwd_kernels.run(launches)
+    return out
 
 
 def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout_p=0.0, seed=None,

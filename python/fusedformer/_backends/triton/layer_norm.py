@@ -3,7 +3,9 @@ The launchers here also serve rms_norm.py: one set of kernels runs both norms.""
 
 import torch
 
+from fusedformer._backends.triton._guards import Refused
 from fusedformer.kernels import layer_norm as _k
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -44,6 +46,46 @@ def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out):
     db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
     return _k.norm_bwd(grad_y, x, unit_columns(weight), mean if mean is None else mean.contiguous(),
                        rstd.contiguous(), grad_residual_out, dx, dw, db)
+
+
+def norm_lean(x, normalized_shape, weight, bias, eps, rms):
+    """y of a norm's lean call, x (..., N) normalized over its last dim: norm_forward on x's rows,
+    as the full path runs it. The ops' lean path checked only eps (a float >= 0, or None for RMS
+    norm, made the full path's default by rms_norm_lean) and that there is no residual; this refuses
+    every call but the plain one that ops/layer_norm's plain_call admits, and of those the ones
+    the full path answers otherwise:
+
+    - x's dtype not one the kernels take (an integer or complex x the full path refuses; float64,
+      which it refuses for triton by name or runs on torch under ``auto``);
+    - normalized_shape not one int (alone or in a 1-tuple) equal to x's last dim (a 0-D x has
+      none: its shape[-1] raises): other valid shapes (several dims, a list) take the full path,
+      the invalid ones (8.0 among them, equal to 8) are refused there;
+    - an empty x: the op body answers it without the backend (norm_forward wants rows);
+    - a weight or bias not a plain tensor of x's dtype, shape (N,) and device: another device is
+      refused by the full path, another float dtype it passes to the kernels mixed (not here),
+      and a tensor subclass takes the custom op.
+
+    What passes is the full path's call: rows x.reshape(-1, N) (a view when the strides allow,
+    as the full path's), the same norm_forward (unit column strides, the kernel, its config), y
+    reshaped back (a view: y is contiguous)."""
+    dtype, shape = x.dtype, x.shape
+    n = normalized_shape[0] if type(normalized_shape) is tuple and len(normalized_shape) == 1 else normalized_shape
+    if dtype not in _DTYPES or type(n) is not int or shape[-1] != n or x.numel() == 0:  # 0-D: shape[-1] raises
+        raise Refused
+    if weight is not None or bias is not None:
+        device, params = x.device, (n,)
+        for t in (weight, bias):
+            if t is not None and not (type(t) in EAGER_TENSOR_TYPES and t.dtype is dtype and t.shape == params
+                                      and t.device == device):
+                raise Refused
+    if len(shape) == 2:  # rows already: no reshape round trip
+        return norm_forward(x, weight, bias, eps, None, rms)[0]
+    return norm_forward(x.reshape(-1, n), weight, bias, eps, None, rms)[0].reshape(shape)
+
+
+def layer_norm_lean(x, normalized_shape, weight, bias, eps):
+    """See norm_lean."""
+    return norm_lean(x, normalized_shape, weight, bias, eps, rms=False)
 
 
 def layer_norm_forward(x, weight, bias, eps, residual=None):

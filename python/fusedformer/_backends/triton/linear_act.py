@@ -22,25 +22,35 @@ import os
 
 import torch
 
+from fusedformer._backends.triton._guards import Refused, before_sm80
 from fusedformer.kernels import bias_act as bias_act_kernels
 from fusedformer.kernels import matmul_act as matmul_act_kernels
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PATHS = ("auto", "gemm", "epilogue")
+# os.environ.get encodes the name and decodes the value on every call (~8k instructions, more than
+# the rest of a lean call's checks); the mapping's own dict is always current and answers in one
+# lookup, the value decoded only when the variable is set
+_PATH_VARIABLE = os.environ.encodekey("FUSEDFORMER_LINEAR_ACT_PATH")
+_ENVIRONMENT = os.environ._data
 
 
 def unsupported(x, weight, bias, activation):
     """Why the triton kernels cannot run these forward arguments, or None."""
-    if x.dtype not in DTYPES:
-        return f"triton linear_act supports float16, bfloat16, float32 and float64, not {x.dtype}"
-    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] < 8:
+    dtype = x.dtype
+    if dtype not in DTYPES:
+        return f"triton linear_act supports float16, bfloat16, float32 and float64, not {dtype}"
+    if dtype is torch.bfloat16 and before_sm80(x):
         return "bfloat16 linear_act needs an sm_80 or newer GPU"
     return None
 
 
 def choose_path(x, path=None):
     """'gemm' or 'epilogue' for input x (see the module docstring)."""
-    path = path or os.environ.get("FUSEDFORMER_LINEAR_ACT_PATH") or "auto"
+    if not path:
+        path = _ENVIRONMENT.get(_PATH_VARIABLE)
+        path = os.environ.decodevalue(path) if path else "auto"
     if path not in PATHS:
         raise ValueError(f"linear_act (triton): path must be one of {PATHS}, got {path!r}")
     if x.dtype == torch.float64:
@@ -99,6 +109,24 @@ def linear_act_backward(grad_y, x, weight, bias, preact, activation):
 def linear_act_inference(x, weight, bias, activation):
     """y alone: the preact is never written."""
     return forward(x, weight, bias, activation, store_preact=False)[0]
+
+
+def linear_act_lean(x, weight, bias, activation):
+    """linear_act_inference for ff.linear_act's lean call, x (..., K) of any rank. The op's
+    plain_call told the call valid (float tensors of one dtype on x's device, shapes matching, a
+    fused activation, an even weight height for a gated one) and non-empty (the full path sends
+    empty ones to the reference). Left to refuse: what ``forward`` refuses by ``unsupported``
+    (float64 runs here, as on the full path; bfloat16 before sm_80 does not, and ``auto`` then
+    runs it on torch), and a weight or bias of a tensor subclass (plain_call takes any
+    isinstance; the full path sends a subclass through the custom op). What passes is the full
+    path's call: rows x.reshape(-1, K), the same ``forward`` without the preact, y viewed back."""
+    if type(weight) not in EAGER_TENSOR_TYPES or bias is not None and type(bias) not in EAGER_TENSOR_TYPES:
+        raise Refused
+    shape = x.shape
+    if len(shape) == 2:
+        return forward(x, weight, bias, activation, store_preact=False)[0]
+    y = forward(x.reshape(-1, shape[-1]), weight, bias, activation, store_preact=False)[0]
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 def linear_act_recompute(grad_y, x, weight, bias, activation):

@@ -1,7 +1,10 @@
 """Triton RMS norm: the rms_norm rows of backends.py's op table (same contract as reference.py),
 on the layer norm kernels with their RMS switch (mean=None)."""
 
-from fusedformer._backends.triton.layer_norm import norm_backward, norm_forward, unsupported_dtype
+import torch
+
+from fusedformer._backends.triton.layer_norm import norm_backward, norm_forward, norm_lean, unsupported_dtype
+from fusedformer.vocabulary import compute_dtype
 
 
 def unsupported(x, weight, eps, residual):
@@ -11,6 +14,14 @@ def unsupported(x, weight, eps, residual):
 def rms_norm_forward(x, weight, eps, residual=None):
     y, res_out, _, rstd = norm_forward(x, weight, None, eps, residual, rms=True)
     return y, res_out, rstd
+
+
+def rms_norm_lean(x, normalized_shape, weight, eps):
+    """See layer_norm.norm_lean; eps None is the full path's default, the epsilon of the dtype
+    the math runs in."""
+    if eps is None:
+        eps = torch.finfo(compute_dtype(x)).eps
+    return norm_lean(x, normalized_shape, weight, None, eps, rms=True)
 
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):

@@ -2,6 +2,7 @@
 
 import torch
 
+from fusedformer._backends.triton._guards import Refused
 from fusedformer.kernels import softmax as _k
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -25,6 +26,21 @@ def softmax_forward(x, dim):
         return y
     x = _in_place_layout(x, dim, y)
     return _k.softmax_fwd(x, y, dim)
+
+
+def softmax_lean(x, dim):
+    """softmax_forward for ff.softmax's lean call (any tensor, an int dim, nothing checked).
+    Refuses, so that the full path answers (or raises), what softmax_forward would not answer as
+    the full path does: a dtype the kernels do not take (the full path refuses it, or ``auto``
+    runs it on torch), a dim out of range (refused; and an empty tensor, which softmax_forward
+    answers without looking at dim, must not pass with one), a 0-D tensor (the op reshapes it).
+    That suffices: there is no other tensor to check, an empty x gets the op body's answer
+    (a contiguous empty tensor of x's shape and dtype), and any layout the kernels cannot read
+    softmax_forward copies, as on the full path."""
+    ndim = x.ndim
+    if x.dtype not in _DTYPES or not -ndim <= dim < ndim:
+        raise Refused
+    return softmax_forward(x, dim % ndim)  # the full path's normalized dim
 
 
 def softmax_backward(grad_y, y, dim):
