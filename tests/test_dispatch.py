@@ -254,6 +254,8 @@ REFUSED_CALLS = {
     "rms_norm_float8": lambda: ff.rms_norm(torch.randn(2, 8).to(torch.float8_e4m3fn), (8,)),
     "rms_norm_weight_dtype": lambda: ff.rms_norm(torch.randn(2, 8), (8,), torch.ones(8, dtype=torch.int32)),
     "rms_norm_negative_eps": lambda: ff.rms_norm(torch.randn(2, 8), (8,), eps=-1e-6),
+    "attention_zero_kv_heads": lambda: ff.scaled_dot_product_attention(
+        torch.randn(1, 2, 3, 4), *(torch.randn(1, 0, 3, 4),) * 2, enable_gqa=True),
     # the torch backend's kernel is a CPU one: its lean entry refuses another device itself
     "attention_torch_off_cpu": lambda: ff.scaled_dot_product_attention(
         *(torch.randn(1, 2, 3, 4, device="meta"),) * 3, backend="torch"),

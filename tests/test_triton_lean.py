@@ -4,10 +4,9 @@ the full path answers bit for bit (values, dtype, shape, strides), and refuses, 
 a kernel, every call the full path refuses or answers otherwise; the full path then gives its
 own answer or error. On a CPU the kernels run interpreted (tests/conftest.py)."""
 
+import fusedformer as ff
 import pytest
 import torch
-
-import fusedformer as ff
 from fusedformer._backends.tables import FAMILIES
 
 triton = pytest.importorskip("triton")

@@ -62,7 +62,7 @@ VARLEN_ATTENTION = _family(
 
 SOFTMAX = _family("softmax", Function("softmax_forward", "x, dim", "y"),
                   Function("softmax_backward", "grad_y, y, dim", "dx"), unsupported("x, dim"),
-                  # any tensor and int dim, unchecked (torch.softmax's own checks)
+                  # any tensor and int dim, unchecked by the op (the entry refuses what it cannot answer)
                   lean("softmax_lean", "x, dim", "y"))
 
 
@@ -78,7 +78,7 @@ def _norm_family(name, weights, stats, grads):
         # y (and the residual stream) alone, for eager calls that need no gradient: no statistics kept
         Function(f"{name}_inference", args, "(y, residual_out)",
                  fallback=lambda impl: lambda *a: getattr(impl, forward)(*a)[:2]),
-        # the public call without residual, unchecked but for eps (a float >= 0): torch's own checks
+        # the public call without residual, unchecked by the op but for eps (a float >= 0)
         lean(f"{name}_lean", f"x, normalized_shape, {weights}, eps", "y"))
 
 

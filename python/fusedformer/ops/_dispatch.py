@@ -17,7 +17,6 @@ import torch
 
 from fusedformer.vocabulary import EAGER_TENSOR_TYPES as _PLAIN
 
-
 _TRACED, _NO_GRAD, _GRAD = range(3)
 
 

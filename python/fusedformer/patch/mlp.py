@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fusedformer.nn.feed_forward import mlp
 from fusedformer.ops import linear_act
 from fusedformer.patch.verify import close, eval_no_grad, float_param, has_hooks, wrapped_forward
-from fusedformer.vocabulary import gated_activation
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES, gated_activation
 
 ACT_NAMES = ("act_fn", "act", "activation_fn", "activation", "act_func", "intermediate_act_fn")
 GATED = (("gate_proj", "up_proj", "down_proj"), ("wi_0", "wi_1", "wo"), ("w1", "w3", "w2"))
@@ -75,7 +75,6 @@ def _weights(module, names, stacked):
     return (*stacked(wg, bg, wu, bu), w2, b2)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class StackedGate:
@@ -93,7 +92,7 @@ class StackedGate:
         tensors = (wg, bg, wu, bu) if bg is not None else (wg, wu)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or torch.compiler.is_compiling():
             return _cat(wg, bg, wu, bu)
-        if any(type(t) not in _PLAIN for t in tensors):  # sharded or fake parameters: no storage to tell by
+        if any(type(t) not in EAGER_TENSOR_TYPES for t in tensors):  # sharded or fake parameters: no storage to tell by
             return _cat(wg, bg, wu, bu)
         key = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
         if self.key is None or self.key[0] != key or any(a is not b for a, b in zip(self.key[1], tensors)):

@@ -1,10 +1,8 @@
 """Triton RMS norm: the rms_norm rows of backends.py's op table (same contract as reference.py),
 on the layer norm kernels with their RMS switch (mean=None)."""
 
-import torch
-
 from fusedformer._backends.triton.layer_norm import norm_backward, norm_forward, norm_lean, unsupported_dtype
-from fusedformer.vocabulary import compute_dtype
+from fusedformer.vocabulary import rms_norm_eps
 
 
 def unsupported(x, weight, eps, residual):
@@ -17,11 +15,8 @@ def rms_norm_forward(x, weight, eps, residual=None):
 
 
 def rms_norm_lean(x, normalized_shape, weight, eps):
-    """See layer_norm.norm_lean; eps None is the full path's default, the epsilon of the dtype
-    the math runs in."""
-    if eps is None:
-        eps = torch.finfo(compute_dtype(x)).eps
-    return norm_lean(x, normalized_shape, weight, None, eps, rms=True)
+    """See layer_norm.norm_lean."""
+    return norm_lean(x, normalized_shape, weight, None, rms_norm_eps(x, eps), rms=True)
 
 
 def rms_norm_backward(grad_y, x, weight, rstd, grad_residual_out=None):
