@@ -1,16 +1,21 @@
 """A patched BERT's attention gets the mask Hugging Face's own sdpa path gets: none for an
 all-ones padding mask (a float mask there would take the slower masked kernel and its gradient
-path), the same bool mask with padding."""
+path), the same bool mask with padding. Under transformers 4.x BERT's attention module calls
+torch's SDPA itself (no AttentionInterface), so ff.patch leaves it: the patched model's own SDPA
+call must then get the unpatched model's mask."""
 
 import copy
 
 import fusedformer as ff
 import pytest
 import torch
+from packaging.version import Version
 
 transformers = pytest.importorskip("transformers")
 from fusedformer.patch import hf as _hf  # noqa: E402
 from transformers.integrations import sdpa_attention  # noqa: E402
+
+TF5 = Version(transformers.__version__).major >= 5
 
 
 def _tiny_bert():
@@ -47,12 +52,18 @@ def test_patched_bert_attention_gets_hf_sdpa_mask(monkeypatch, padded):
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
         got = patched(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-    assert len(masks["sdpa"]) == len(masks["fusedformer"]) == 1
-    (hf_mask,), (ff_mask,) = masks["sdpa"], masks["fusedformer"]
-    if padded:
-        assert ff_mask.dtype == hf_mask.dtype == torch.bool and torch.equal(ff_mask, hf_mask)
-    else:
-        assert ff_mask is None and hf_mask is None
+    if TF5:
+        assert len(masks["sdpa"]) == len(masks["fusedformer"]) == 1
+        (hf_mask,), (patched_mask,) = masks["sdpa"], masks["fusedformer"]
+    else:  # 4.x: BertSdpaSelfAttention, left by ff.patch, calls torch's SDPA in both models
+        assert len(masks["sdpa"]) == 2 and not masks["fusedformer"]
+        hf_mask, patched_mask = masks["sdpa"]
+    if not padded:
+        assert patched_mask is None and hf_mask is None
+    elif TF5:
+        assert patched_mask.dtype == hf_mask.dtype == torch.bool and torch.equal(patched_mask, hf_mask)
+    else:  # 4.x BERT adds its padding as a float mask (the dtype's minimum at padded keys)
+        assert patched_mask.dtype == hf_mask.dtype == torch.float32 and torch.equal(patched_mask, hf_mask)
     torch.testing.assert_close(got, expected)
 
 
