@@ -13,22 +13,21 @@ the kernels' prune rules fit their tiles into.
    Warm the shapes up before capturing to get tuned configs in the graph.
 """
 
-import functools
 
 import torch
 import triton
+from fusedformer.kernels import _device
 from triton.runtime import autotuner
 
 SMEM_SM90 = 227 * 1024  # opt-in shared memory per block: what the prune rules fit tiles into
 SMEM_SM80 = 163 * 1024
 
 
-@functools.cache
 def smem_limit(device):
     """Opt-in shared memory per block of ``device`` (sm_90's when it is not a CUDA device)."""
     if device.type != "cuda":
         return SMEM_SM90
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return _device.properties(device).shared_memory_per_block_optin
 
 
 def capturing():

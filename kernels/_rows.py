@@ -10,6 +10,7 @@ so a call costs a dict lookup, and Triton compiles once per distinct choice, not
 import torch
 import triton
 import triton.language as tl
+from fusedformer.kernels import _device
 
 # Programs per launch: grid axis 0 allows 2^31 - 1; kernels walk their tiles with a grid-stride
 # loop, so capping the grid never drops rows (tests lower this to exercise the loop).
@@ -31,7 +32,6 @@ MAX_BLOCK_M = 64
 PARTIAL_TRAFFIC = 0.05
 
 _configs = {}
-_sm_counts = {}
 
 
 def next_pow2(n):
@@ -71,12 +71,8 @@ def persistent_programs(n_tiles, n_rows, elem_bytes, device):
     """Programs G of a persistent backward that keeps per-program partial sums: 1 to 4 per SM
     (4 "SMs" on the CPU interpreter), bounded by PARTIAL_TRAFFIC. A pure function of the shape
     and the device, so the reduction order, and the result, never change between runs."""
-    key = str(device)
-    sms = _sm_counts.get(key)
-    if sms is None:
-        dev = torch.device(device)
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-        _sm_counts[key] = sms
+    device = torch.device(device)
+    sms = _device.properties(device).multi_processor_count if device.type == "cuda" else 4
     per_sm = int(PARTIAL_TRAFFIC * 3 * n_rows * elem_bytes / 8 / sms)
     return max(1, min(n_tiles, sms * max(1, min(4, per_sm))))
 

@@ -17,10 +17,9 @@ recompiles the kernel; its autotune key buckets the keys per split (see decode_k
 
 import functools
 
-import torch
 import triton
 import triton.language as tl
-from fusedformer.kernels import _autotune
+from fusedformer.kernels import _autotune, _device
 from fusedformer.kernels import attention_common as common
 from fusedformer.kernels import attention_resources as resources
 from fusedformer.kernels.attention_common import (
@@ -276,7 +275,7 @@ L2_BYTES = 50 * 1024 * 1024  # an H100's L2 (H200: the same); the CPU stand-in o
 def l2_section(device, Lk, D, Dv, elt):
     """(b, head) pairs per forward launch section: as many as keep their K and V in half of L2,
     so the row blocks of a section reread them from L2 however they are ordered."""
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else L2_BYTES
+    l2 = _device.properties(device).L2_cache_size if device.type == "cuda" else L2_BYTES
     return max(1, l2 // 2 // max(1, Lk * (D + Dv) * elt))
 
 

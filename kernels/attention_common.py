@@ -15,7 +15,7 @@ the device before the kernel gets a fresh mask on every replay.
 import torch
 import triton
 import triton.language as tl
-from fusedformer.kernels import interpreted  # noqa: F401 (the attention kernels import it from here)
+from fusedformer.kernels import _device, interpreted  # noqa: F401 (the attention kernels import interpreted from here)
 from fusedformer.kernels.matmul_act import USE_TMA as TMA_ENABLED
 
 LOG2E = 1.4426950408889634
@@ -286,7 +286,7 @@ TMA_ROWS = {"Q": "BLOCK_M", "dOut": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}
 
 def tma_capable(device):
     """TMA descriptors are used on sm_90+ unless FUSEDFORMER_TMA=0 (the GEMM's switch)."""
-    return TMA_ENABLED and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return TMA_ENABLED and device.type == "cuda" and _device.properties(device).major >= 9
 
 
 def tma_eligible(t):

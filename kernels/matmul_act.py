@@ -32,14 +32,13 @@ are TMA too (OUT_TMA); else masked pointer loads, where rows and columns past th
 slices, mode, gated, dtypes) and the choice is cached in memory and on disk (triton's cache dir).
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _autotune
+from . import _autotune, _device
 from .bias_act import (
     act_fn,
     act_grad_fn,
@@ -237,9 +236,8 @@ _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2
 _INTERPRETER_SMS = 16
 
 
-@functools.cache
 def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return _device.properties(index).multi_processor_count
 
 
 def _programs_available(x):
@@ -271,7 +269,7 @@ def tma_eligible(x, weight):
 
 def _want_tma(x, weight, use_tma):
     if use_tma is None:
-        use_tma = (USE_TMA and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        use_tma = USE_TMA and x.is_cuda and _device.properties(x.device).major >= 9
     return bool(use_tma) and tma_eligible(x, weight)
 
 

@@ -2,6 +2,8 @@
 against the float64 reference and the row-block path. Shape legend: B batch, H/Hkv heads,
 G = H // Hkv, Lq/Lk lengths, D head dim."""
 
+import types
+
 import fusedformer as ff
 import pytest
 import torch
@@ -149,3 +151,21 @@ def test_varlen_half_precision_and_validation():
     with pytest.raises(TypeError, match="max_seqlen_k"):
         ff.varlen_attention(q, k, v, cu_q, cu_k, 17, 8.0)
 
+
+
+def test_device_facts_are_read_once_per_gpu(monkeypatch):
+    """The launchers' per-call device questions (TMA on sm_90+, the L2-sized causal sections, SM
+    counts) are answered from one read of torch's properties per GPU (kernels/_device.py)."""
+    from fusedformer.kernels import _device, attention_common
+
+    asked = []
+    h100 = types.SimpleNamespace(major=9, L2_cache_size=50 << 20, multi_processor_count=132)
+    monkeypatch.setattr(_device, "_properties", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: asked.append(i) or h100)
+    monkeypatch.setattr(attention_common, "TMA_ENABLED", True)
+    gpu = torch.device("cuda", 0)
+    for _ in range(3):
+        assert attention_common.tma_capable(gpu)
+        assert fwd_kernels.l2_section(gpu, 4096, 128, 128, 2) == (25 << 20) // (4096 * 256 * 2)
+        assert tri._sm_count(gpu) == 132
+    assert asked == [0]

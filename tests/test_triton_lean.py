@@ -4,6 +4,8 @@ the full path answers bit for bit (values, dtype, shape, strides), and refuses, 
 a kernel, every call the full path refuses or answers otherwise; the full path then gives its
 own answer or error. On a CPU the kernels run interpreted (tests/conftest.py)."""
 
+import types
+
 import fusedformer as ff
 import pytest
 import torch
@@ -15,8 +17,14 @@ from fusedformer._backends.triton import _guards  # noqa: E402  (imports no trit
 from fusedformer._backends.triton import attention as triton_attention  # noqa: E402
 from fusedformer._backends.triton import linear_act as triton_linear_act  # noqa: E402
 from fusedformer._backends.triton_floors import floor_reason  # noqa: E402
+from fusedformer.kernels import (  # noqa: E402
+    _device,  # noqa: E402
+    bias_act,
+    layer_norm,
+    matmul_act,
+    softmax,
+)
 from fusedformer.kernels import attention as attention_kernels  # noqa: E402
-from fusedformer.kernels import bias_act, layer_norm, matmul_act, softmax  # noqa: E402
 from fusedformer.ops import _dispatch  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,19 +252,17 @@ def test_lean_linear_act_takes_the_path_the_variable_names(path, monkeypatch, la
 
 
 def test_capability_is_asked_once_per_gpu(monkeypatch):
-    """before_sm80 asks torch for a GPU's compute capability once, and answers from it."""
+    """before_sm80 asks torch for a GPU's properties once (kernels/_device.py), and answers from them."""
     asked = []
-    monkeypatch.setattr(_guards, "_capability_major", {})
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or ((7, 5) if i else (9, 0)))
+    monkeypatch.setattr(_device, "_properties", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: asked.append(i) or types.SimpleNamespace(major=7 if i else 9))
 
     class OnGpu:
         is_cuda = True
 
         def __init__(self, index):
-            self.index = index
-
-        def get_device(self):
-            return self.index
+            self.device = torch.device("cuda", index)
 
     assert [_guards.before_sm80(OnGpu(i)) for i in (0, 1, 0, 1)] == [False, True, False, True]
     assert asked == [0, 1]

@@ -5,6 +5,7 @@ elements) and a stream handle; everything they assume is checked here first."""
 import torch
 
 from fusedformer import backends
+from fusedformer.kernels import _device
 
 # codes of csrc/common.cuh's ff::DType
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -171,7 +172,7 @@ class launch_context:
 
 
 def num_sms(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device.properties(device).multi_processor_count
 
 
 def weight_vector(t):

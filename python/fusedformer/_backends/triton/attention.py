@@ -6,11 +6,11 @@ Inputs arrive as (B, H, L, D) views of any strides; nothing is copied. Short que
 path. dQ, dK, dV and dbias are deterministic (no atomics; see kernels/attention_backward.py).
 """
 
-import functools
 
 import torch
 
 from fusedformer._backends.triton._guards import Refused, before_sm80
+from fusedformer.kernels import _device
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
 from fusedformer.vocabulary import dropout_threshold
@@ -61,9 +61,8 @@ def _slopes(alibi_slopes):
     return None if alibi_slopes is None else alibi_slopes.to(torch.float32)
 
 
-@functools.cache
 def _sm_count(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _device.properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def decode_splits(B, Hkv, G, Lq, Lk, device):
