@@ -304,11 +304,15 @@ def forward_rows_config(n_rows, N, elem_bytes):
 
 
 def softmax_fwd(x, y, dim):
-    """y[:] = softmax(x, dim). x: fp16/bf16/fp32, any strides with at most two row groups after
-    collapsing (see ``collapse``); y: any layout of x's shape and dtype. Returns y."""
+    """y[:] = softmax(x, dim). x: fp16/bf16/fp32, read through its strides when they collapse to
+    at most two row groups (see ``collapse``), else from a contiguous copy; y: contiguous, or any
+    layout of x's shape and dtype that collapses with x. Returns y."""
     desc = collapse(x.shape, dim, x, y)
+    if desc is None:  # one layout check per call: the caller need not make its own
+        x = x.contiguous()
+        desc = collapse(x.shape, dim, x, y)
     if desc is None:
-        raise ValueError("softmax_fwd: x's layout has more than two row groups; pass x.contiguous()")
+        raise ValueError("softmax_fwd: y's layout has more than two row groups; pass a contiguous y")
     n_a, n_b, N, ((sxa, sxb, sxc), (sya, syb, syc)) = desc
     if _use_columns(n_b, sxb, sxc):
         block_b, block_n, single, warps = _columns_config(n_b, N)
@@ -325,11 +329,15 @@ def softmax_fwd(x, y, dim):
 
 
 def softmax_bwd(grad_y, y, dx, dim):
-    """dx[:] = y * (grad_y - sum(grad_y * y, dim)). Same layout rules as ``softmax_fwd``; grad_y
-    may be broadcast (stride 0). Returns dx."""
+    """dx[:] = y * (grad_y - sum(grad_y * y, dim)). Same layout rules as ``softmax_fwd`` (grad_y
+    and y copied contiguous when they do not collapse together); grad_y may be broadcast (stride
+    0). Returns dx."""
     desc = collapse(y.shape, dim, grad_y, y, dx)
+    if desc is None:  # one layout check per call: the caller need not make its own
+        grad_y, y = grad_y.contiguous(), y.contiguous()
+        desc = collapse(y.shape, dim, grad_y, y, dx)
     if desc is None:
-        raise ValueError("softmax_bwd: grad_y/y layouts have more than two common row groups; pass contiguous")
+        raise ValueError("softmax_bwd: dx's layout has more than two row groups; pass a contiguous dx")
     n_a, n_b, N, (sd, sy, sx) = desc
     if _use_columns(n_b, sy[1], sy[2]):
         block_b, block_n, single, warps = _columns_config(n_b, N)

@@ -85,14 +85,16 @@ def test_strided_inputs_are_read_in_place():
 
 def test_launchers_take_negative_dims_and_refuse_other_shapes(device):
     """The kernel launchers, called directly: a negative dim counts from the end, as torch's (it
-    once indexed out of bounds), and a dim out of range or a tensor of another shape is refused
-    before any launch."""
+    once indexed out of bounds), a layout the kernels cannot read is copied, and a dim out of
+    range or a tensor of another shape is refused before any launch."""
     x = torch.randn(5, 37, device=device)
     y = ksoftmax.softmax_fwd(x, torch.empty_like(x), -1)
     torch.testing.assert_close(y, torch.softmax(x, -1))
     dy, y = torch.randn_like(x), torch.softmax(x, -2)
     dx = ksoftmax.softmax_bwd(dy, y, torch.empty_like(x), -2)
     torch.testing.assert_close(dx, torch._softmax_backward_data(dy, y, -2, x.dtype))
+    t = torch.randn(2, 3, 4, 5, device=device).permute(0, 2, 1, 3)  # three row groups: read from a copy
+    torch.testing.assert_close(ksoftmax.softmax_fwd(t, torch.empty(t.shape, device=device), -1), torch.softmax(t, -1))
     with pytest.raises(ValueError, match="dim 2 is out of range"):
         ksoftmax.softmax_fwd(x, torch.empty_like(x), 2)
     with pytest.raises(ValueError, match="every tensor must have shape"):

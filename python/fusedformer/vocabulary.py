@@ -30,6 +30,13 @@ def compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def empty_dense(t):
+    """An uninitialized contiguous tensor of t's shape, dtype and device, for a kernel to fill:
+    empty_like with contiguous_format is half the host cost of torch.empty(t.shape, dtype=,
+    device=) (9k instructions against 21k: no torch.device object, no keyword parsing)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def rms_norm_eps(x, eps):
     """RMS norm's epsilon: ``eps``, or for None the machine epsilon of x's compute dtype (as
     F.rms_norm since torch 2.6; 2.5 took a 16-bit x's own)."""

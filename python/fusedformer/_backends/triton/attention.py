@@ -13,7 +13,7 @@ from fusedformer._backends.triton._guards import Refused, before_sm80
 from fusedformer.kernels import _device
 from fusedformer.kernels import attention as fwd_kernels
 from fusedformer.kernels import attention_backward as bwd_kernels
-from fusedformer.vocabulary import dropout_threshold
+from fusedformer.vocabulary import dropout_threshold, empty_dense
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -152,11 +152,9 @@ def attention_backward(grad_out, q, k, v, bias, out, lse, causal, scale, dropout
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = empty_dense(q), empty_dense(k), empty_dense(v)
     want_dbias = bias_requires_grad and bias is not None and bias.is_floating_point()
-    dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if want_dbias else None
+    dbias = empty_dense(bias) if want_dbias else None
     if Lk == 0 or Lq == 0 or B * H == 0:
         for t in (dq, dk, dv, dbias):
             if t is not None:

@@ -5,7 +5,7 @@ import torch
 
 from fusedformer._backends.triton._guards import Refused
 from fusedformer.kernels import layer_norm as _k
-from fusedformer.vocabulary import EAGER_TENSOR_TYPES
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES, empty_dense
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,8 +31,8 @@ def norm_forward(x, weight, bias, eps, residual, rms):
     """(y, residual_out, mean, rstd) of x (M, N) > 0 elements; mean is None for RMS norm."""
     M, N = x.shape
     x, residual = unit_columns(x), unit_columns(residual)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    res_out = torch.empty((M, N), dtype=residual.dtype, device=x.device) if residual is not None else None
+    y = empty_dense(x)  # x is (M, N)
+    res_out = empty_dense(residual) if residual is not None else None
     mean = None if rms else torch.empty(M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     return _k.norm_fwd(x, unit_columns(weight), unit_columns(bias), float(eps), residual, y, res_out, mean, rstd)
@@ -41,9 +41,9 @@ def norm_forward(x, weight, bias, eps, residual, rms):
 def norm_backward(grad_y, x, weight, bias, mean, rstd, grad_residual_out):
     """(dx, dweight, dbias) of x (M, N) > 0 elements; mean is None for RMS norm."""
     x, grad_y, grad_residual_out = unit_columns(x), unit_columns(grad_y), unit_columns(grad_residual_out)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else None
-    db = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
+    dx = empty_dense(x)
+    dw = empty_dense(weight) if weight is not None else None
+    db = empty_dense(bias) if bias is not None else None
     return _k.norm_bwd(grad_y, x, unit_columns(weight), mean if mean is None else mean.contiguous(),
                        rstd.contiguous(), grad_residual_out, dx, dw, db)
 

@@ -4,6 +4,7 @@ import torch
 
 from fusedformer._backends.triton._guards import Refused
 from fusedformer.kernels import softmax as _k
+from fusedformer.vocabulary import empty_dense
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -14,18 +15,11 @@ def unsupported(x, dim):
     return None
 
 
-def _in_place_layout(t, dim, *others):
-    """t itself when the kernels can read it through strides, else a contiguous copy (only for
-    layouts with more than two row groups, e.g. a permuted 4-D tensor)."""
-    return t if _k.collapse(t.shape, dim, t, *others) is not None else t.contiguous()
-
-
 def softmax_forward(x, dim):
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = empty_dense(x)
     if x.numel() == 0:
         return y
-    x = _in_place_layout(x, dim, y)
-    return _k.softmax_fwd(x, y, dim)
+    return _k.softmax_fwd(x, y, dim)  # reads x through its strides, or copies a layout it cannot
 
 
 def softmax_lean(x, dim):
@@ -44,10 +38,7 @@ def softmax_lean(x, dim):
 
 
 def softmax_backward(grad_y, y, dim):
-    dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    dx = empty_dense(y)
     if y.numel() == 0:
         return dx
-    grad_y = grad_y.to(y.dtype)
-    if _k.collapse(y.shape, dim, grad_y, y, dx) is None:
-        grad_y, y = grad_y.contiguous(), y.contiguous()
-    return _k.softmax_bwd(grad_y, y, dx, dim)
+    return _k.softmax_bwd(grad_y.to(y.dtype), y, dx, dim)  # copies layouts it cannot read
