@@ -16,7 +16,6 @@ triton = pytest.importorskip("triton")
 from fusedformer._backends.triton import _guards  # noqa: E402  (imports no triton, but runs only with it)
 from fusedformer._backends.triton import attention as triton_attention  # noqa: E402
 from fusedformer._backends.triton import linear_act as triton_linear_act  # noqa: E402
-from fusedformer._backends.triton_floors import floor_reason  # noqa: E402
 from fusedformer.kernels import (  # noqa: E402
     _device,  # noqa: E402
     bias_act,
@@ -36,10 +35,6 @@ LAUNCHERS = ((softmax, "softmax_fwd"), (layer_norm, "norm_fwd"), (matmul_act, "m
 class Sub(torch.Tensor):
     """A tensor subclass: the full path sends it through the custom op (and answers a Sub)."""
 
-
-def _family_floor(family):
-    reason = floor_reason(family, triton.__version__)
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def _inputs(dtype):
@@ -124,8 +119,6 @@ def launches(monkeypatch):
 @pytest.mark.parametrize("name", sorted(LEAN_CALLS))
 def test_lean_entry_answers_as_the_full_path(name, dtype, no_mode, launches):
     family, call = LEAN_CALLS[name]
-    if floor_reason(family, triton.__version__):
-        pytest.skip(floor_reason(family, triton.__version__))
     t = _inputs(dtype)
     with ff.use_backend("triton"):
         full = call(t)  # grad mode on: the full path
@@ -200,8 +193,6 @@ def test_lean_entry_refuses_without_launching(name, monkeypatch, launches):
     """The entry is reached, raises and launches nothing; the call then ends as with grad on:
     the same error (type and message) or the same answer (empty inputs, mixed dtypes, subclasses)."""
     family, call, setup = REFUSED_CALLS[name]
-    if floor_reason(family, triton.__version__):
-        pytest.skip(floor_reason(family, triton.__version__))
     if setup:
         setup(monkeypatch)
     impl, _ = FAMILIES[family].load("triton")
@@ -240,7 +231,6 @@ def test_zero_kv_heads_with_gqa_get_the_full_paths_error():
         assert str(lean.value) == str(full.value)
 
 
-@_family_floor("linear_act")
 @pytest.mark.parametrize("path", ["gemm", "epilogue"])
 def test_lean_linear_act_takes_the_path_the_variable_names(path, monkeypatch, launches):
     """FUSEDFORMER_LINEAR_ACT_PATH is read on every call, the lean one too."""

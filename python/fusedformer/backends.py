@@ -94,9 +94,8 @@ def requested_backend(backend=None):
     entries = _contexts.entries
     if entries:
         return entries[-1][0]
-    env = _ENVIRONMENT.get(_BACKEND_VARIABLE)  # see _BACKEND_VARIABLE
+    env = environment_value(_BACKEND_VARIABLE)
     if env:
-        env = os.environ.decodevalue(env)
         _check_name(env, "FUSEDFORMER_BACKEND")
         return env
     return "auto"
@@ -126,7 +125,9 @@ def _triton_floor_reason(family):
 
 
 def triton_interpreted():
-    from fusedformer.kernels import interpreted  # the kernel layer's answer (imports no triton)
+    # the kernel layer's answer; imported here, as importing fusedformer.kernels under
+    # TRITON_INTERPRET=1 patches triton's interpreter, which only a triton run needs
+    from fusedformer.kernels import interpreted
 
     return interpreted()
 
@@ -211,8 +212,15 @@ _UNKNOWN = object()
 # os.environ.get encodes the name and decodes the value on every call: ~8k instructions, a third
 # of a small op's whole torch call. The mapping's own dict (what os.environ reads and writes, so
 # always current) answers with one lookup; the value is decoded only when the variable is set.
-_BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
 _ENVIRONMENT = os.environ._data
+_BACKEND_VARIABLE = os.environ.encodekey("FUSEDFORMER_BACKEND")
+
+
+def environment_value(encoded_name):
+    """The value of the environment variable ``os.environ.encodekey(name)``, or None: what
+    os.environ.get(name) answers, for code that asks on every call."""
+    value = _ENVIRONMENT.get(encoded_name)
+    return os.environ.decodevalue(value) if value is not None else None
 # module-level names: each saves lean_choice two attribute lookups per call. Dynamo still knows
 # them for what they are (it recognizes the function objects, not the names).
 _grad_enabled = torch.is_grad_enabled
@@ -299,6 +307,8 @@ def _lean_implementation(family, requested, device):
                 break
             if device.type == "cuda":
                 _report_pass_over(family, name, reason)
+        else:  # no backend runs on the device: the full path says so
+            return None
     elif requested in BACKENDS and unsupported_reason(requested, family, device) is None:
         name = requested
     else:

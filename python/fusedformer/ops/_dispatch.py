@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from fusedformer.vocabulary import EAGER_TENSOR_TYPES as _PLAIN
+from fusedformer.vocabulary import EAGER_TENSOR_TYPES
 
 _TRACED, _NO_GRAD, _GRAD = range(3)
 
@@ -29,7 +29,7 @@ def _mode(args):
     grad_enabled = torch.is_grad_enabled()  # first: without it no requires_grad needs reading
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN:
+            if type(a) not in EAGER_TENSOR_TYPES:
                 return _TRACED
             if grad_enabled and a.requires_grad:
                 mode = _GRAD

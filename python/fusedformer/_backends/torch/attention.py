@@ -102,12 +102,7 @@ def attention_forward(q, k, v, bias, causal, scale, dropout_p=0.0, seed=None, wi
     if reason:
         raise ValueError(f"attention (torch): {reason}")
     mask, is_causal = _kernel_mask(q, k, bias, causal, window, alibi_slopes)
-    q, k, v, mask = _unit_last_stride(q, k, v, mask)
-    # torch's Python binding: the same aten kernel as aten's op overload packet, ~20k instructions less per call
-    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, *_kernel_kv(q, k, v), 0.0, is_causal,
-                                                                 attn_mask=mask, scale=scale)
-    _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
-    return out, lse
+    return _flash_forward(q, k, v, mask, is_causal, scale)
 
 
 def attention_lean(q, k, v, causal, scale):
@@ -115,10 +110,17 @@ def attention_lean(q, k, v, causal, scale):
     checked the rest), without its support check: only the device is left to refuse."""
     if not q.is_cpu:
         raise ValueError(f"attention (torch): {unsupported(q, k, v, None, causal, scale)}")
-    q, k, v = _unit_last_stride(q, k, v)
-    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, *_kernel_kv(q, k, v), 0.0, causal, scale=scale)
-    _fix_rows_without_scores(q, k, out, lse, None, causal, scale)
-    return out
+    return _flash_forward(q, k, v, None, causal, scale)[0]
+
+
+def _flash_forward(q, k, v, mask, is_causal, scale):
+    """(out, lse) of torch's CPU flash kernel, with the contract's empty and NaN rows."""
+    q, k, v, mask = _unit_last_stride(q, k, v, mask)
+    # torch's Python binding: the same aten kernel as aten's op overload packet, ~20k instructions less per call
+    out, lse = torch._scaled_dot_product_flash_attention_for_cpu(q, *_kernel_kv(q, k, v), 0.0, is_causal,
+                                                                 attn_mask=mask, scale=scale)
+    _fix_rows_without_scores(q, k, out, lse, mask, is_causal, scale)
+    return out, lse
 
 
 def _bias_gradient(grad_out, q, k, v, mask, is_causal, scale, bias):

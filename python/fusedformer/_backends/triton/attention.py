@@ -6,7 +6,6 @@ Inputs arrive as (B, H, L, D) views of any strides; nothing is copied. Short que
 path. dQ, dK, dV and dbias are deterministic (no atomics; see kernels/attention_backward.py).
 """
 
-
 import torch
 
 from fusedformer._backends.triton._guards import Refused, before_sm80

@@ -23,17 +23,15 @@ import os
 import torch
 
 from fusedformer._backends.triton._guards import Refused, before_sm80
+from fusedformer.backends import environment_value
 from fusedformer.kernels import bias_act as bias_act_kernels
 from fusedformer.kernels import matmul_act as matmul_act_kernels
 from fusedformer.vocabulary import EAGER_TENSOR_TYPES
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PATHS = ("auto", "gemm", "epilogue")
-# os.environ.get encodes the name and decodes the value on every call (~8k instructions, more than
-# the rest of a lean call's checks); the mapping's own dict is always current and answers in one
-# lookup, the value decoded only when the variable is set
+# read per call through backends.environment_value (os.environ.get costs ~8k instructions a call)
 _PATH_VARIABLE = os.environ.encodekey("FUSEDFORMER_LINEAR_ACT_PATH")
-_ENVIRONMENT = os.environ._data
 
 
 def unsupported(x, weight, bias, activation):
@@ -48,9 +46,7 @@ def unsupported(x, weight, bias, activation):
 
 def choose_path(x, path=None):
     """'gemm' or 'epilogue' for input x (see the module docstring)."""
-    if not path:
-        path = _ENVIRONMENT.get(_PATH_VARIABLE)
-        path = os.environ.decodevalue(path) if path else "auto"
+    path = path or environment_value(_PATH_VARIABLE) or "auto"
     if path not in PATHS:
         raise ValueError(f"linear_act (triton): path must be one of {PATHS}, got {path!r}")
     if x.dtype == torch.float64:
